@@ -1,0 +1,21 @@
+"""BEiT training engine. Public API: `create_model`, `list_models`, `load_checkpoint`.
+
+Imported lazily (PEP 562) so that light submodules such as `engine.data` or `engine.config` do not pull in the
+model and kernel stack, e.g. in DataLoader worker processes.
+"""
+
+import importlib
+
+_EXPORTS = {
+    "create_model": "engine.factory",
+    "list_models": "engine.factory",
+    "load_checkpoint": "engine.checkpoint",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'engine' has no attribute {name!r}")

@@ -1,0 +1,82 @@
+"""Install the `engine` and `kernels` packages.
+
+The native data-path extension (`engine.data._native_masking`, built from `csrc/` by `CMakeLists.txt`) is optional:
+it is built when CMake and a C++ compiler are present, and the pure-Python path is used otherwise
+(`engine.data.masking` logs which one is in use).
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name: str):
+        super().__init__(name, sources=[])
+
+
+class OptionalCMakeBuild(build_ext):
+    """Builds the CMake extension; a missing toolchain or a failed build only warns."""
+
+    def run(self):
+        for ext in self.extensions:
+            try:
+                self.build_cmake(ext)
+            except (OSError, subprocess.CalledProcessError) as err:
+                print(f"[setup.py] WARNING: native extension {ext.name} not built ({err}); "
+                      "the pure-Python masking path will be used.", file=sys.stderr)
+
+    def build_cmake(self, ext: CMakeExtension):
+        if shutil.which("cmake") is None:
+            raise OSError("cmake not found")
+        import pybind11
+
+        out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
+        build_dir = Path(self.build_temp).resolve() / ext.name
+        build_dir.mkdir(parents=True, exist_ok=True)
+        subprocess.check_call([
+            "cmake", str(ROOT),
+            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+            f"-DPYTHON_MODULE_SUFFIX={sysconfig.get_config_var('EXT_SUFFIX')}",
+            "-DCMAKE_BUILD_TYPE=Release",
+        ], cwd=build_dir)
+        subprocess.check_call(["cmake", "--build", ".", "-j", str(os.cpu_count() or 1)], cwd=build_dir)
+
+
+setup(
+    name="beit-engine",
+    version="0.1.0",
+    description="Kernel-optimised BEiT pretraining and fine-tuning engine (Triton kernels, DeepSpeed ZeRO)",
+    long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*"]),
+    package_data={"engine": ["data/assets/**/*"]},
+    include_package_data=True,
+    ext_modules=[CMakeExtension("engine.data._native_masking")],
+    cmdclass={"build_ext": OptionalCMakeBuild},
+    install_requires=[
+        "torch>=2.5",
+        "triton",
+        "deepspeed",
+        "numpy",
+        "pillow",
+        "safetensors",
+        "tqdm",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "ruff"],
+        "flash": ["flash-attn"],
+        "apex": ["apex"],
+    },
+)
