@@ -1,0 +1,360 @@
+"""Image datasets: IDX files (MNIST / Fashion-MNIST), image folders, and the Fashion-MNIST subset shipped here.
+
+Every dataset returns samples `(PIL.Image in RGB mode, int label)`; unlabelled images have label -1. `classes`
+lists the class names (index = label; empty for unlabelled data).
+
+`build_dataset(data_path, split)` is the single entry point. `data_path` is one of:
+- "embedded:fashion_mnist": the first 6000 train / 1000 test Fashion-MNIST images shipped in `assets/` (demo);
+- "fashion_mnist_full": the full 60000 / 10000 set of the Debian package `dataset-fashion-mnist`
+  (installed at /usr/share/datasets/fashion-mnist/);
+- a directory holding `{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]` files;
+- an image folder: class subfolders (labels = folder names sorted, as torchvision's ImageFolder) or a flat folder
+  of images (unlabelled pretraining). When the folder has a subfolder named after the split (`train`, or `test` /
+  `val` for split "test") that subfolder is used, as in the official BEiT fine-tuning layout.
+
+Bad files in an image folder. Files whose extension is not an image extension are ignored (listed in
+`ignored_files`). A file with an image extension that PIL cannot identify is skipped when the folder is scanned
+(header check; counted in `num_skipped`). A file that passes the header check but fails to decode later (e.g. a
+truncated JPEG) is replaced, with a warning, by the next decodable file of the SAME class (cyclically), and counted
+in the `num_skipped` of the process that read it. Why this choice: the dataset length and every index→file mapping
+stay fixed, so labels never shift, the sampler's shards and a resumed run stay valid, and a bad file deep in an
+epoch never crashes a long run; a fully verified decode of every file up front would cost a full read of the data.
+"""
+
+from __future__ import annotations
+
+import bisect
+import gzip
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+logger = logging.getLogger(__name__)
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                         "Ankle boot")
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+EMBEDDED_PREFIX = "embedded:"
+Split = Literal["train", "test"]
+
+# IDX header: two zero bytes, a type code, the number of dimensions, then one big-endian uint32 per dimension.
+_IDX_UBYTE = 0x08
+_IDX_PREFIXES = {"train": ("train",), "test": ("t10k", "test")}
+_FOLDER_SPLITS = {"train": ("train",), "test": ("test", "val")}
+
+
+def _check_split(split: str) -> None:
+    if split not in _IDX_PREFIXES:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Reads an IDX file of unsigned bytes (raw or gzip-compressed) → uint8 array of the shape in its header.
+
+    Raises ValueError naming the file when the magic number, type code or data size is wrong.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"IDX file not found: {path}")
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":  # gzip magic, whatever the file name says
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as err:
+            raise ValueError(f"{path}: corrupt gzip data ({err}); re-download or re-extract the file") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+        raise ValueError(f"{path}: not an IDX file (bad magic {raw[:4].hex() or 'empty'}; expected 0000 then type "
+                         f"and rank bytes, e.g. 00000803 for images, 00000801 for labels)")
+    type_code, ndim = raw[2], raw[3]
+    if type_code != _IDX_UBYTE:
+        raise ValueError(f"{path}: IDX type code 0x{type_code:02x} is not supported, only unsigned bytes (0x08)")
+    header_size = 4 + 4 * ndim
+    if ndim == 0 or len(raw) < header_size:
+        raise ValueError(f"{path}: truncated IDX header (rank {ndim}, {len(raw)} bytes)")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    expected = int(np.prod(shape, dtype=np.int64))
+    if len(raw) - header_size != expected:
+        raise ValueError(f"{path}: IDX size mismatch: header says shape {shape} ({expected} bytes) but the file holds "
+                         f"{len(raw) - header_size} data bytes; the file is truncated or not an IDX file")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header_size).reshape(shape)
+
+
+def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
+    """Writes a uint8 array as an IDX file, gzip-compressed when `path` ends in .gz (tests, tools)."""
+    array = np.ascontiguousarray(array)
+    if array.dtype != np.uint8 or array.ndim == 0:
+        raise ValueError(f"write_idx needs a uint8 array of rank >= 1, got {array.dtype} of rank {array.ndim}")
+    header = bytes([0, 0, _IDX_UBYTE, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    data = header + array.tobytes()
+    Path(path).write_bytes(gzip.compress(data) if str(path).endswith(".gz") else data)
+
+
+class IdxDataset:
+    """Images and labels from a pair of IDX files (MNIST / Fashion-MNIST format), held in memory.
+
+    Args:
+        images_file: IDX of uint8 images [n, H, W] (grayscale) or [n, H, W, 3] (RGB), raw or .gz.
+        labels_file: IDX of uint8 labels [n].
+        classes: class names (index = label); None → "0", "1", ... up to the largest label.
+    """
+
+    def __init__(self, images_file: str | os.PathLike, labels_file: str | os.PathLike,
+                 classes: Sequence[str] | None = None):
+        self.images = read_idx(images_file)  # [n, H, W] or [n, H, W, 3] uint8
+        self.labels = read_idx(labels_file)  # [n] uint8
+        if self.images.ndim not in (3, 4) or (self.images.ndim == 4 and self.images.shape[-1] != 3):
+            raise ValueError(f"{images_file}: expected images of shape [n, H, W] or [n, H, W, 3], "
+                             f"got {self.images.shape}")
+        if self.labels.ndim != 1:
+            raise ValueError(f"{labels_file}: expected labels of shape [n], got {self.labels.shape}")
+        if len(self.images) != len(self.labels):
+            raise ValueError(f"IDX size mismatch: {images_file} has {len(self.images)} images but {labels_file} has "
+                             f"{len(self.labels)} labels; pair files of the same split")
+        if len(self.images) == 0:
+            raise ValueError(f"{images_file}: holds no images")
+        num_classes = int(self.labels.max()) + 1
+        self.classes = list(classes) if classes is not None else [str(i) for i in range(num_classes)]
+        if len(self.classes) < num_classes:
+            raise ValueError(f"{labels_file}: label {num_classes - 1} has no name among {len(self.classes)} classes")
+        self.num_skipped = 0  # IDX samples cannot be corrupt one by one; kept for a uniform dataset interface
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        pixels = self.images[index]  # [H, W] or [H, W, 3]
+        image = Image.fromarray(pixels, "L" if pixels.ndim == 2 else "RGB")
+        return image.convert("RGB"), int(self.labels[index])
+
+    @property
+    def targets(self) -> list[int]:
+        return self.labels.tolist()
+
+
+def _find_idx_pair(directory: Path, split: str) -> tuple[Path, Path]:
+    for prefix in _IDX_PREFIXES[split]:
+        for suffix in (".gz", ""):
+            images = directory / f"{prefix}-images-idx3-ubyte{suffix}"
+            labels = directory / f"{prefix}-labels-idx1-ubyte{suffix}"
+            if images.is_file() and labels.is_file():
+                return images, labels
+    names = " or ".join(f"{p}-images-idx3-ubyte[.gz] + {p}-labels-idx1-ubyte[.gz]" for p in _IDX_PREFIXES[split])
+    raise FileNotFoundError(f"{directory}: no IDX files for split {split!r} (looked for {names})")
+
+
+def _is_idx_dir(directory: Path) -> bool:
+    return any(directory.glob("*-idx[0-9]-ubyte*"))
+
+
+def _idx_dir_dataset(directory: Path, split: str, classes: Sequence[str] | None = None) -> IdxDataset:
+    images, labels = _find_idx_pair(directory, split)
+    classes_file = directory / "classes.txt"
+    if classes is None and classes_file.is_file():
+        classes = classes_file.read_text().splitlines()
+    return IdxDataset(images, labels, classes)
+
+
+def embedded_dataset(name: str = "fashion_mnist", split: Split = "train") -> IdxDataset:
+    """A dataset shipped in `engine/data/assets/` (no download): "fashion_mnist" = the first 6000 train and the
+    first 1000 test images of Fashion-MNIST (28x28 grayscale, returned as RGB), 10 classes."""
+    _check_split(split)
+    directory = ASSETS_DIR / name
+    if name != "fashion_mnist" or not directory.is_dir():
+        raise ValueError(f"unknown embedded dataset {name!r}; available: 'fashion_mnist'")
+    return _idx_dir_dataset(directory, split, FASHION_MNIST_CLASSES)
+
+
+def fashion_mnist_full(split: Split = "train", directory: str | os.PathLike = FASHION_MNIST_SYSTEM_DIR) -> IdxDataset:
+    """The full Fashion-MNIST (60000 train / 10000 test) from the Debian package `dataset-fashion-mnist`."""
+    _check_split(split)
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"full Fashion-MNIST not found at {directory}; install it with `apt-get install "
+                                f"dataset-fashion-mnist`, or use data_path='embedded:fashion_mnist' (6000/1000 subset)")
+    return _idx_dir_dataset(directory, split, FASHION_MNIST_CLASSES)
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def _has_image_extension(name: str) -> bool:
+    return name.lower().endswith(IMG_EXTENSIONS)
+
+
+def _header_ok(path: str) -> bool:
+    """True when PIL identifies the file as an image (reads the header only, not the pixels)."""
+    try:
+        with Image.open(path):
+            return True
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        return False
+
+
+class ImageFolderDataset:
+    """Images under `root`, with labels from class subfolders or unlabelled (label -1) from a flat folder.
+
+    Args:
+        root: the folder.
+        layout: "classes" (one subfolder per class, searched recursively, labels = sorted folder names), "flat"
+            (image files directly in root, label -1), or "auto": "classes" when root has a (non-hidden) subfolder,
+            else "flat".
+        check_headers: identify every file with PIL when scanning, so undecodable files are dropped up front
+            (reads file headers only; turn off for very large folders on slow storage, bad files are then
+            replaced lazily, see the module docstring).
+
+    Attributes: `classes`, `samples` (list of (path, label)), `ignored_files` (non-image extensions),
+    `skipped_files` (files dropped by the header check), `num_skipped` (those plus files that failed to decode
+    later in this process).
+    """
+
+    def __init__(self, root: str | os.PathLike, layout: Literal["auto", "classes", "flat"] = "auto",
+                 check_headers: bool = True):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder not found: {self.root} (data_path should be an image folder, a "
+                                    f"directory of IDX files, 'embedded:fashion_mnist' or 'fashion_mnist_full')")
+        if layout not in ("auto", "classes", "flat"):
+            raise ValueError(f"layout must be 'auto', 'classes' or 'flat', got {layout!r}")
+        subfolders = sorted(e.name for e in os.scandir(self.root) if e.is_dir() and not _is_hidden(e.name))
+        if layout == "auto":
+            layout = "classes" if subfolders else "flat"
+        self.layout = layout
+        self.check_headers = check_headers
+        self.ignored_files: list[str] = []
+        self.skipped_files: list[str] = []
+        self._num_failed_loads = 0
+
+        if layout == "classes":
+            if not subfolders:
+                raise ValueError(f"{self.root}: layout 'classes' needs one subfolder per class, found none")
+            self.classes = subfolders
+            self.samples = []
+            for label, name in enumerate(subfolders):
+                files = self._scan(self.root / name, recursive=True)
+                if not files:
+                    raise ValueError(f"{self.root / name}: class folder {name!r} holds no readable image "
+                                     f"({', '.join(IMG_EXTENSIONS)}); add images or remove the folder")
+                self.samples += [(path, label) for path in files]
+            loose = [e.path for e in os.scandir(self.root) if e.is_file() and not _is_hidden(e.name)]
+            if loose:
+                logger.warning("%s: %d file(s) directly in the root of a class-folder dataset are ignored",
+                               self.root, len(loose))
+                self.ignored_files += sorted(loose)
+        else:
+            self.classes = []
+            self.samples = [(path, -1) for path in self._scan(self.root, recursive=False)]
+            if not self.samples:
+                raise ValueError(f"{self.root}: no readable image files ({', '.join(IMG_EXTENSIONS)}) found")
+
+        if self.ignored_files:
+            logger.info("%s: ignored %d non-image file(s), e.g. %s", self.root, len(self.ignored_files),
+                        self.ignored_files[0])
+        if self.skipped_files:
+            logger.warning("%s: skipped %d file(s) that are not decodable images, e.g. %s", self.root,
+                           len(self.skipped_files), self.skipped_files[0])
+        # label → positions of its samples in self.samples, to replace a file that fails to decode by its class-mate
+        self._positions_by_label: dict[int, list[int]] = {}
+        for position, (_, label) in enumerate(self.samples):
+            self._positions_by_label.setdefault(label, []).append(position)
+
+    def _scan(self, folder: Path, recursive: bool) -> list[str]:
+        """Sorted image paths under `folder`; records ignored and header-failing files."""
+        if recursive:
+            paths = [os.path.join(directory, name)
+                     for directory, subdirs, names in sorted(os.walk(folder, followlinks=True))
+                     if not any(_is_hidden(part) for part in Path(directory).relative_to(folder).parts)
+                     for name in sorted(names) if not _is_hidden(name)]
+        else:
+            paths = sorted(e.path for e in os.scandir(folder) if e.is_file() and not _is_hidden(e.name))
+        images = []
+        for path in paths:
+            if not _has_image_extension(path):
+                self.ignored_files.append(path)
+            elif self.check_headers and not _header_ok(path):
+                self.skipped_files.append(path)
+            else:
+                images.append(path)
+        return images
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self.skipped_files) + self._num_failed_loads
+
+    @property
+    def targets(self) -> list[int]:
+        return [label for _, label in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        path, label = self.samples[index]
+        image = self._load(path)
+        if image is None:
+            image = self._load_class_mate(index, label)
+        return image, label
+
+    def _load(self, path: str) -> Image.Image | None:
+        """The decoded RGB image, or None (warned and counted) when the file cannot be decoded."""
+        try:
+            with Image.open(path) as image:
+                return image.convert("RGB")
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
+            self._num_failed_loads += 1
+            logger.warning("cannot decode %s (%s); using the next image of the same class instead", path, err)
+            return None
+
+    def _load_class_mate(self, index: int, label: int) -> Image.Image:
+        """The first decodable image after sample `index` among the samples of `label`, cyclically."""
+        positions = self._positions_by_label[label]  # ascending
+        start = bisect.bisect_left(positions, index)
+        for offset in range(1, len(positions)):
+            image = self._load(self.samples[positions[(start + offset) % len(positions)]][0])
+            if image is not None:
+                return image
+        raise RuntimeError(f"{self.root}: no image of class {label} ({self._class_name(label)}) could be decoded; "
+                           f"check the files of that class")
+
+    def _class_name(self, label: int) -> str:
+        return self.classes[label] if label >= 0 else "unlabelled"
+
+
+def _image_folder_for_split(root: Path, split: str) -> ImageFolderDataset:
+    for name in _FOLDER_SPLITS[split]:
+        if (root / name).is_dir():
+            return ImageFolderDataset(root / name)
+    if split == "train":
+        return ImageFolderDataset(root)
+    raise FileNotFoundError(f"{root}: no {' or '.join(_FOLDER_SPLITS[split])} subfolder for split {split!r}")
+
+
+def build_dataset(data_path: str | os.PathLike = "embedded:fashion_mnist",
+                  split: Split = "train") -> IdxDataset | ImageFolderDataset:
+    """The dataset named by `data_path` (see the module docstring) for `split` ("train" or "test").
+
+    Raises FileNotFoundError / ValueError with the fix before any training starts when the path is wrong, empty or
+    holds mismatched files.
+    """
+    _check_split(split)
+    spec = str(data_path)
+    if spec.startswith(EMBEDDED_PREFIX):
+        return embedded_dataset(spec[len(EMBEDDED_PREFIX):], split)
+    if spec == "fashion_mnist_full":
+        return fashion_mnist_full(split)
+    root = Path(spec).expanduser()
+    if not root.exists():
+        raise FileNotFoundError(f"data_path {spec!r} does not exist; use an image folder, a directory of IDX files, "
+                                f"'embedded:fashion_mnist' or 'fashion_mnist_full'")
+    if not root.is_dir():
+        raise ValueError(f"data_path {spec!r} is a file; point it at the folder that holds the data")
+    if _is_idx_dir(root):
+        return _idx_dir_dataset(root, split)
+    return _image_folder_for_split(root, split)

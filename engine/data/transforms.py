@@ -1,0 +1,300 @@
+"""Image transforms of BEiT pretraining (two views from one crop), fine-tuning (timm's train pipeline) and eval.
+
+PIL + numpy + torch only; the sampling algorithms follow torchvision (ColorJitter, RandomResizedCrop) and timm
+(RandAugment, RandomErasing).
+
+Randomness: every transform is called as `transform(img, rng)` and draws ONLY from `rng`, a `random.Random`
+(torch noise, for random erasing, comes from a torch.Generator seeded from `rng`). The MIM / classification
+datasets pass an rng seeded from (seed, epoch, index), which makes a sample independent of worker count and call
+order. With `rng=None` a fresh `random.Random` is seeded from Python's global `random` module, so `random.seed(s)`
+makes such calls reproducible.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageEnhance
+
+from engine.data.randaugment import RandAugment
+
+# The official default for pretraining and fine-tuning (--imagenet_default_mean_and_std off); fine-tuning and eval
+# must use the statistics the model was pretrained with.
+BEIT_DEFAULT_MEAN = (0.5, 0.5, 0.5)
+BEIT_DEFAULT_STD = (0.5, 0.5, 0.5)
+IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)  # used for the official IN-1k pretraining and fine-tuning
+IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
+LOGIT_LAPLACE_EPS = 0.1  # DALL-E map_pixels: x → (1 - 2·eps)·x + eps, i.e. 0.8x + 0.1
+
+_INTERPOLATIONS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+Box = tuple[int, int, int, int]  # (top, left, height, width) in pixels of the input image
+
+
+def resolve_rng(rng: random.Random | None) -> random.Random:
+    """`rng`, or a fresh generator seeded from Python's global `random` state when None."""
+    return rng if rng is not None else random.Random(random.getrandbits(64))
+
+
+def pil_interpolation(name: str) -> Image.Resampling:
+    if name not in _INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {sorted(_INTERPOLATIONS)}, got {name!r}")
+    return _INTERPOLATIONS[name]
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image → float32 [3, H, W] in [0, 1] (torchvision ToTensor)."""
+    pixels = np.array(img.convert("RGB"), dtype=np.uint8)  # [H, W, 3], a writable copy
+    return torch.from_numpy(pixels).permute(2, 0, 1).float().div_(255.0)
+
+
+def normalize(tensor: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """[3, H, W] → (x - mean) / std per channel."""
+    mean_t = torch.tensor(mean, dtype=tensor.dtype).view(-1, 1, 1)
+    std_t = torch.tensor(std, dtype=tensor.dtype).view(-1, 1, 1)
+    return (tensor - mean_t) / std_t
+
+
+def map_pixels(tensor: torch.Tensor, eps: float = LOGIT_LAPLACE_EPS) -> torch.Tensor:
+    """DALL-E dVAE input scaling: [0, 1] → [eps, 1 - eps]."""
+    return (1 - 2 * eps) * tensor + eps
+
+
+def _check_positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def _check_range(name: str, value: Sequence[float], lowest: float = 0.0) -> tuple[float, float]:
+    if len(value) != 2 or not lowest < value[0] <= value[1]:
+        raise ValueError(f"{name} must be (low, high) with {lowest} < low <= high, got {value!r}")
+    return float(value[0]), float(value[1])
+
+
+def _check_mean_std(mean: Sequence[float], std: Sequence[float]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise ValueError(f"mean and std need 3 values each, std > 0; got mean={mean!r}, std={std!r}")
+    return tuple(map(float, mean)), tuple(map(float, std))
+
+
+class ColorJitter:
+    """torchvision ColorJitter without hue: brightness, contrast, saturation factors drawn in [1 - s, 1 + s]
+    and applied in a random order (PIL ImageEnhance, as torchvision does for PIL images)."""
+
+    def __init__(self, brightness: float = 0.4, contrast: float = 0.4, saturation: float = 0.4):
+        strengths = (brightness, contrast, saturation)
+        if any(s < 0 for s in strengths):
+            raise ValueError(f"color jitter strengths must be >= 0, got {strengths}")
+        # zero strength → the op is skipped (no random draw), as torchvision does
+        self.enhancers = [(enhancer, s) for enhancer, s in zip(
+            (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color), strengths) if s > 0]
+
+    def __call__(self, img: Image.Image, rng: random.Random | None = None) -> Image.Image:
+        rng = resolve_rng(rng)
+        for enhancer, strength in rng.sample(self.enhancers, len(self.enhancers)):
+            img = enhancer(img).enhance(rng.uniform(max(0.0, 1 - strength), 1 + strength))
+        return img
+
+
+def random_resized_crop_box(width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float],
+                            rng: random.Random) -> Box:
+    """torchvision RandomResizedCrop.get_params: up to 10 draws of (area fraction in `scale`, log-uniform aspect
+    w/h in `ratio`) that fit the image, else a centre crop of the whole image clamped to the ratio range."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        w, h = int(round(height * ratio[1])), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def resized_crop(img: Image.Image, box: Box, size: int, interpolation: Image.Resampling) -> Image.Image:
+    """Crops `box` (top, left, height, width) and resizes it to size x size."""
+    top, left, h, w = box
+    return img.crop((left, top, left + w, top + h)).resize((size, size), interpolation)
+
+
+def _horizontal_flip(img: Image.Image, probability: float, rng: random.Random) -> Image.Image:
+    return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.random() < probability else img
+
+
+class PretrainTransform:
+    """BEiT pretraining views: ColorJitter → horizontal flip → ONE RandomResizedCrop box giving two views.
+
+    Args:
+        input_size: patch-view side (BEiT: 224), resampled bicubic.
+        second_input_size: tokenizer-view side (BEiT: 112), resampled with `second_interpolation`.
+        color_jitter: brightness = contrast = saturation strength (0 disables).
+        scale, ratio: RandomResizedCrop area-fraction and aspect (w/h) ranges.
+        mean, std: patch-view normalisation (default 0.5; IMAGENET_DEFAULT_MEAN / _STD for the ImageNet option).
+        interpolation, second_interpolation: resampling of the two views.
+        hflip: horizontal flip probability.
+
+    `transform(img, rng)` → (patch_view float [3, input_size, input_size] normalised,
+    tokenizer_view float [3, second_input_size, second_input_size] in [0.1, 0.9] after map_pixels).
+    `augment` + `views_from_box` are the two halves, exposed so the crop box can be inspected.
+    """
+
+    def __init__(self, input_size: int = 224, second_input_size: int = 112, color_jitter: float = 0.4,
+                 scale: Sequence[float] = (0.08, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3),
+                 mean: Sequence[float] = BEIT_DEFAULT_MEAN, std: Sequence[float] = BEIT_DEFAULT_STD,
+                 interpolation: str = "bicubic", second_interpolation: str = "lanczos", hflip: float = 0.5):
+        self.input_size = _check_positive_int("input_size", input_size)
+        self.second_input_size = _check_positive_int("second_input_size", second_input_size)
+        self.color_jitter = ColorJitter(color_jitter, color_jitter, color_jitter)
+        self.scale = _check_range("scale", scale)
+        self.ratio = _check_range("ratio", ratio)
+        self.mean, self.std = _check_mean_std(mean, std)
+        self.interpolation = pil_interpolation(interpolation)
+        self.second_interpolation = pil_interpolation(second_interpolation)
+        self.hflip = hflip
+
+    def augment(self, img: Image.Image, rng: random.Random | None = None) -> tuple[Image.Image, Box]:
+        """Colour jitter and flip `img`, then draw the crop box: → (augmented image, (top, left, height, width))."""
+        rng = resolve_rng(rng)
+        img = _horizontal_flip(self.color_jitter(img.convert("RGB"), rng), self.hflip, rng)
+        return img, random_resized_crop_box(img.width, img.height, self.scale, self.ratio, rng)
+
+    def views_from_box(self, img: Image.Image, box: Box) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both views of the same `box` of `img` → (patch_view [3, S, S], tokenizer_view [3, s, s])."""
+        patch = resized_crop(img, box, self.input_size, self.interpolation)
+        tokenizer = resized_crop(img, box, self.second_input_size, self.second_interpolation)
+        return normalize(to_tensor(patch), self.mean, self.std), map_pixels(to_tensor(tokenizer))
+
+    def __call__(self, img: Image.Image, rng: random.Random | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.views_from_box(*self.augment(img, rng))
+
+
+class RandomErasing:
+    """timm RandomErasing on a normalised [C, H, W] tensor: with probability `probability`, erase one rectangle
+    of area fraction U(min_area, max_area) and log-uniform aspect in [min_aspect, 1/min_aspect] (10 attempts).
+
+    mode "pixel": per-pixel N(0, 1) noise; "rand": one N(0, 1) colour per channel; "const": zeros.
+    """
+
+    def __init__(self, probability: float = 0.25, mode: str = "pixel", min_area: float = 0.02,
+                 max_area: float = 1 / 3, min_aspect: float = 0.3):
+        if mode not in ("pixel", "rand", "const"):
+            raise ValueError(f"random erasing mode must be 'pixel', 'rand' or 'const', got {mode!r}")
+        if not 0 <= probability <= 1:
+            raise ValueError(f"random erasing probability must be in [0, 1], got {probability}")
+        self.probability = probability
+        self.mode = mode
+        self.area = _check_range("random erasing area", (min_area, max_area))
+        self.log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))
+
+    def __call__(self, tensor: torch.Tensor, rng: random.Random | None = None) -> torch.Tensor:
+        """[C, H, W] → the same tensor, erased in place (or untouched)."""
+        rng = resolve_rng(rng)
+        if rng.random() > self.probability:
+            return tensor
+        channels, img_h, img_w = tensor.shape
+        for _ in range(10):
+            target_area = rng.uniform(*self.area) * img_h * img_w
+            aspect = math.exp(rng.uniform(*self.log_aspect))
+            h = int(round(math.sqrt(target_area * aspect)))
+            w = int(round(math.sqrt(target_area / aspect)))
+            if w < img_w and h < img_h:
+                top, left = rng.randint(0, img_h - h), rng.randint(0, img_w - w)
+                tensor[:, top:top + h, left:left + w] = self._fill((channels, h, w), tensor.dtype, rng)
+                break
+        return tensor
+
+    def _fill(self, shape: tuple[int, int, int], dtype: torch.dtype, rng: random.Random) -> torch.Tensor:
+        if self.mode == "const":
+            return torch.zeros(shape, dtype=dtype)
+        generator = torch.Generator().manual_seed(rng.getrandbits(63))
+        noise_shape = shape if self.mode == "pixel" else (shape[0], 1, 1)
+        return torch.randn(noise_shape, generator=generator, dtype=dtype).expand(shape)
+
+
+class FinetuneTransform:
+    """timm's training transform as BEiT fine-tuning builds it: RandomResizedCrop (bicubic) → horizontal flip →
+    RandAugment (or, only when auto_augment is None/"", ColorJitter, as timm) → tensor → normalise →
+    RandomErasing.
+
+    `transform(img, rng)` → float [3, input_size, input_size].
+    """
+
+    def __init__(self, input_size: int = 224, scale: Sequence[float] = (0.08, 1.0),
+                 ratio: Sequence[float] = (3 / 4, 4 / 3), hflip: float = 0.5, color_jitter: float = 0.4,
+                 auto_augment: str | None = "rand-m9-mstd0.5-inc1", re_prob: float = 0.25, re_mode: str = "pixel",
+                 mean: Sequence[float] = BEIT_DEFAULT_MEAN, std: Sequence[float] = BEIT_DEFAULT_STD,
+                 interpolation: str = "bicubic"):
+        self.input_size = _check_positive_int("input_size", input_size)
+        self.scale = _check_range("scale", scale)
+        self.ratio = _check_range("ratio", ratio)
+        self.hflip = hflip
+        self.mean, self.std = _check_mean_std(mean, std)
+        self.interpolation = pil_interpolation(interpolation)
+        if auto_augment:
+            fill = tuple(min(255, round(255 * m)) for m in self.mean)  # timm: geometric ops fill with the mean
+            self.color_op = RandAugment(auto_augment, fill=fill, interpolation=interpolation)
+        else:
+            self.color_op = ColorJitter(color_jitter, color_jitter, color_jitter)
+        self.random_erasing = RandomErasing(re_prob, re_mode) if re_prob > 0 else None
+
+    def __call__(self, img: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
+        rng = resolve_rng(rng)
+        img = img.convert("RGB")
+        box = random_resized_crop_box(img.width, img.height, self.scale, self.ratio, rng)
+        img = _horizontal_flip(resized_crop(img, box, self.input_size, self.interpolation), self.hflip, rng)
+        tensor = normalize(to_tensor(self.color_op(img, rng)), self.mean, self.std)
+        return self.random_erasing(tensor, rng) if self.random_erasing is not None else tensor
+
+
+def default_crop_pct(input_size: int) -> float:
+    """BEiT eval crop fraction: 224/256 below 384 pixels, 1.0 (no crop) at 384 and above."""
+    return 224 / 256 if input_size < 384 else 1.0
+
+
+class EvalTransform:
+    """Resize the shorter side to floor(input_size / crop_pct) (bicubic) → centre crop input_size → normalise.
+
+    Deterministic; takes (and ignores) an rng for a uniform transform interface. Unlike the official code, which
+    squashes the image to a square at >= 384, a non-square image keeps its aspect ratio and is centre-cropped.
+    `transform(img)` → float [3, input_size, input_size].
+    """
+
+    def __init__(self, input_size: int = 224, crop_pct: float | None = None,
+                 mean: Sequence[float] = BEIT_DEFAULT_MEAN, std: Sequence[float] = BEIT_DEFAULT_STD,
+                 interpolation: str = "bicubic"):
+        self.input_size = _check_positive_int("input_size", input_size)
+        self.crop_pct = default_crop_pct(input_size) if crop_pct is None else crop_pct
+        if not 0 < self.crop_pct <= 1:
+            raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
+        self.resize_size = math.floor(input_size / self.crop_pct)
+        self.mean, self.std = _check_mean_std(mean, std)
+        self.interpolation = pil_interpolation(interpolation)
+
+    def __call__(self, img: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
+        img = img.convert("RGB")
+        short, long = sorted(img.size)
+        new_long = int(self.resize_size * long / short)  # torchvision Resize(int): shorter side → size
+        new_size = (self.resize_size, new_long) if img.width <= img.height else (new_long, self.resize_size)
+        img = img.resize(new_size, self.interpolation)
+        top = int(round((img.height - self.input_size) / 2.0))
+        left = int(round((img.width - self.input_size) / 2.0))
+        img = img.crop((left, top, left + self.input_size, top + self.input_size))
+        return normalize(to_tensor(img), self.mean, self.std)
