@@ -1,0 +1,71 @@
+"""Model registry: `create_model(name, **overrides)` builds a registered BEiT with the official argument names.
+
+`*_8k_vocab` names are pretraining (masked image modelling) models with a shared relative position bias; the others
+are classification models with per-layer tables and mean pooling, as in the official fine-tuning code.
+"""
+
+import difflib
+
+import torch.nn as nn
+
+from engine.model import BeitEncoder, BeitForImageClassification, BeitForMaskedImageModeling
+
+# name: (dim, depth, heads, layer scale) as in the official README (layer scale 0.1 up to Base, 1e-5 for Large)
+_SIZES = {
+    "tiny": (192, 12, 3, 0.1),
+    "small": (384, 12, 6, 0.1),
+    "base": (768, 12, 12, 0.1),
+    "large": (1024, 24, 16, 1e-5),
+}
+_COMMON = dict(in_chans=3, mlp_ratio=4.0, drop_path_rate=0.0, use_abs_pos_emb=False, attn_impl="sdpa",
+               init_std=0.02, grad_checkpointing=False)
+_MIM = dict(use_rel_pos_bias=False, use_shared_rel_pos_bias=True, vocab_size=8192)
+_CLASSIFIER = dict(use_rel_pos_bias=True, use_shared_rel_pos_bias=False, num_classes=1000, use_mean_pooling=True)
+
+
+def _arch(size: str, img_size: int, patch_size: int) -> dict:
+    embed_dim, depth, num_heads, layer_scale = _SIZES[size]
+    return dict(_COMMON, img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
+                num_heads=num_heads, layer_scale_init_value=layer_scale)
+
+
+def _registry() -> dict[str, tuple[type[BeitEncoder], dict]]:
+    models = {}
+    for size in _SIZES:
+        models[f"beit_{size}_patch16_224_8k_vocab"] = (BeitForMaskedImageModeling, dict(_arch(size, 224, 16), **_MIM))
+        models[f"beit_{size}_patch16_224"] = (BeitForImageClassification, dict(_arch(size, 224, 16), **_CLASSIFIER))
+    for size, img_size in (("base", 384), ("large", 384), ("large", 512)):
+        models[f"beit_{size}_patch16_{img_size}"] = (BeitForImageClassification,
+                                                     dict(_arch(size, img_size, 16), **_CLASSIFIER))
+    # small-image variants that train on a CPU in seconds (CIFAR-sized inputs, 8x8 token grid)
+    models["beit_tiny_patch4_32_8k_vocab"] = (BeitForMaskedImageModeling, dict(_arch("tiny", 32, 4), **_MIM))
+    models["beit_tiny_patch4_32"] = (BeitForImageClassification, dict(_arch("tiny", 32, 4), **_CLASSIFIER))
+    return models
+
+
+_MODELS = _registry()
+
+
+def list_models() -> list[str]:
+    """Registered model names, sorted."""
+    return sorted(_MODELS)
+
+
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=3)
+    return f" (did you mean {', '.join(close)}?)" if close else ""
+
+
+def create_model(name: str, **overrides) -> nn.Module:
+    """Build a registered BEiT. Overrides use the official argument names (e.g. `img_size=384`,
+    `drop_path_rate=0.1`, `num_classes=100`, `attn_impl="triton"`); `name` must be registered, so
+    `create_model(**model.config)` rebuilds a model with the same architecture."""
+    if name not in _MODELS:
+        raise ValueError(f"unknown model {name!r}{_did_you_mean(str(name), list_models())}; "
+                         f"registered models: {', '.join(list_models())}")
+    model_cls, defaults = _MODELS[name]
+    unknown = sorted(set(overrides) - set(defaults))
+    if unknown:
+        hints = "".join(_did_you_mean(key, sorted(defaults)) for key in unknown)
+        raise ValueError(f"unknown argument(s) {unknown} for {name!r}{hints}; valid: {', '.join(sorted(defaults))}")
+    return model_cls(name=name, **{**defaults, **overrides})
