@@ -1,0 +1,67 @@
+"""Model-level benchmark: forward+backward of a BEiT pretraining model (block stack + masked LM loss) per attn_impl.
+
+    python benchmarks/bench_block.py   # GPU: BEiT-B/L MIM at 224 with 4 blocks, bf16 autocast
+                                       # CPU: a tiny 2-block model, triton path through the interpreter
+Rows go to benchmarks/results/block.jsonl (ms per step, images/s, peak MB).
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import append_rows, environment, measure_ms, peak_memory_mb, use_interpreter_on_cpu  # noqa: E402
+
+ON_CPU = use_interpreter_on_cpu()
+
+import torch  # noqa: E402
+
+import engine  # noqa: E402
+
+GPU_SHAPES = [  # name, model, batch, overrides
+    ("beit_base_224_depth4", "beit_base_patch16_224_8k_vocab", 64, {"depth": 4}),
+    ("beit_large_224_depth4", "beit_large_patch16_224_8k_vocab", 64, {"depth": 4}),
+]
+CPU_SHAPES = [("tiny_cpu", "beit_tiny_patch4_32_8k_vocab", 2,
+               {"img_size": 16, "depth": 2, "vocab_size": 64, "embed_dim": 64, "num_heads": 2})]
+IMPLS = ("triton", "sdpa", "eager")
+
+
+def bench_one(attn_impl: str, shape, device: str) -> dict:
+    _, model_name, batch, overrides = shape
+    model = engine.create_model(model_name, attn_impl=attn_impl, **overrides).to(device)
+    side = model.patch_embed.patch_shape
+    img_size = model.config["img_size"]
+    images = torch.randn(batch, 3, img_size, img_size, device=device)
+    mask = torch.rand(batch, side[0] * side[1], device=device) < 0.4
+    labels = torch.randint(0, model.config["vocab_size"], mask.shape, device=device)
+
+    def step():
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            loss, _ = model.forward_loss(images, mask, labels)
+        loss.backward()
+
+    median, p20, p80 = measure_ms(step, device)
+    return {"ms": median, "ms_p20": p20, "ms_p80": p80, "images_per_s": batch / median * 1e3,
+            "peak_mb": peak_memory_mb(step, device), "batch": batch, "model": model_name, **overrides}
+
+
+def main() -> None:
+    device = "cpu" if ON_CPU else "cuda"
+    env = environment(device)
+    rows = []
+    for shape in CPU_SHAPES if ON_CPU else GPU_SHAPES:
+        for attn_impl in IMPLS:
+            row = {"bench": "block", "shape": shape[0], "provider": attn_impl, "mode": "fwd+bwd",
+                   "dtype": "float32" if ON_CPU else "bf16-autocast", **env}
+            if ON_CPU and attn_impl == "triton":
+                row["note"] = "Triton interpreter on CPU: correctness only, not a speed figure"
+            try:
+                row.update(bench_one(attn_impl, shape, device))
+            except Exception as error:  # one failing provider must not hide the others
+                row["error"] = f"{type(error).__name__}: {error}"[:300]
+            rows.append(row)
+    append_rows("block", rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""Benchmark the fused masked LM loss vs `F.cross_entropy(lm_head(x[mask]), labels[mask])`.
+
+    python benchmarks/bench_masked_lm_loss.py   # GPU: BEiT-B/L pretraining heads (196 patches, 75 masked, V=8192)
+                                                # CPU: one tiny fp32 shape, ours through Triton's interpreter
+Rows go to benchmarks/results/masked_lm_loss.jsonl (ms, peak MB; fwd and fwd+bwd). The fused path computes its
+gradients in the forward, so its fwd time already contains most of the backward work.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import append_rows, environment, measure_ms, peak_memory_mb, use_interpreter_on_cpu  # noqa: E402
+
+ON_CPU = use_interpreter_on_cpu()
+
+import torch  # noqa: E402
+
+import kernels  # noqa: E402
+
+GPU_SHAPES = [("beit_base_224", 256, 196, 768, 8192, 75), ("beit_large_224", 256, 196, 1024, 8192, 75)]
+CPU_SHAPES = [("tiny_cpu", 2, 16, 32, 64, 6)]  # name, batch, patches, channels, vocab, masked per image
+PROVIDERS = {"ours": kernels.masked_lm_loss, "torch": kernels.masked_lm_loss_ref}
+
+
+def bench_one(provider, mode: str, shape, device: str, dtype: torch.dtype) -> dict:
+    _, batch, tokens, channels, vocab, masked = shape
+    hidden = torch.randn(batch, tokens, channels, device=device, dtype=dtype, requires_grad=True)
+    weight = (torch.randn(vocab, channels, device=device) * channels**-0.5).to(dtype).requires_grad_()
+    bias = torch.zeros(vocab, device=device, dtype=dtype, requires_grad=True)
+    mask = torch.rand(batch, tokens, device=device).argsort(dim=1) < masked  # exactly `masked` per image
+    labels = torch.randint(0, vocab, (batch, tokens), device=device)
+    if mode == "fwd":
+        fn = lambda: provider(hidden, mask, weight, bias, labels)  # noqa: E731
+    else:
+        fn = lambda: provider(hidden, mask, weight, bias, labels)[0].backward()  # noqa: E731
+    median, p20, p80 = measure_ms(fn, device)
+    return {"ms": median, "ms_p20": p20, "ms_p80": p80, "peak_mb": peak_memory_mb(fn, device), "batch": batch,
+            "tokens": tokens, "channels": channels, "vocab": vocab, "masked_per_image": masked}
+
+
+def main() -> None:
+    device = "cpu" if ON_CPU else "cuda"
+    dtype = torch.float32 if ON_CPU else torch.bfloat16
+    env = environment(device)
+    rows = []
+    for shape in CPU_SHAPES if ON_CPU else GPU_SHAPES:
+        for name, provider in PROVIDERS.items():
+            for mode in ("fwd", "fwd+bwd"):
+                row = {"bench": "masked_lm_loss", "shape": shape[0], "provider": name, "mode": mode,
+                       "dtype": str(dtype).removeprefix("torch."), **env}
+                if ON_CPU and name == "ours":
+                    row["note"] = "Triton interpreter on CPU: correctness only, not a speed figure"
+                try:
+                    row.update(bench_one(provider, mode, shape, device, dtype))
+                except Exception as error:  # one failing provider must not hide the others
+                    row["error"] = f"{type(error).__name__}: {error}"[:300]
+                rows.append(row)
+    append_rows("masked_lm_loss", rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""Benchmark the relative position bias gather (`[R, H]` table → `[H, N, N]`): ours vs PyTorch indexing.
+
+    python benchmarks/bench_rel_pos_bias.py   # GPU: BEiT-B/L at 224 and 384; CPU: one tiny shape (interpreter)
+Rows go to benchmarks/results/rel_pos_bias.jsonl (ms, GB/s over the bias bytes written (fwd) or read (bwd)).
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import append_rows, environment, measure_ms, peak_memory_mb, use_interpreter_on_cpu  # noqa: E402
+
+ON_CPU = use_interpreter_on_cpu()
+
+import torch  # noqa: E402
+
+import kernels  # noqa: E402
+from engine.pos_embed import relative_position_index  # noqa: E402
+
+GPU_SHAPES = [("beit_base_224", 12, 14), ("beit_large_224", 16, 14), ("beit_base_384", 12, 24),
+              ("beit_large_384", 16, 24)]  # name, heads, token grid side
+CPU_SHAPES = [("tiny_cpu", 2, 4)]
+PROVIDERS = {"ours": kernels.rel_pos_bias, "torch": kernels.rel_pos_bias_ref}
+
+
+def bench_one(provider, mode: str, shape, device: str) -> dict:
+    _, heads, side = shape
+    index = relative_position_index((side, side)).to(device)
+    table = torch.randn(int(index.max()) + 1, heads, device=device, requires_grad=True)
+    grad = torch.randn(heads, *index.shape, device=device)
+    if mode == "fwd":
+        fn = lambda: provider(table, index)  # noqa: E731
+    else:
+        fn = lambda: provider(table, index).backward(grad)  # noqa: E731
+    median, p20, p80 = measure_ms(fn, device)
+    moved_bytes = grad.numel() * 4 * (1 if mode == "fwd" else 2)
+    return {"ms": median, "ms_p20": p20, "ms_p80": p80, "gbps": moved_bytes / median / 1e6,
+            "peak_mb": peak_memory_mb(fn, device), "heads": heads, "tokens": index.shape[0]}
+
+
+def main() -> None:
+    device = "cpu" if ON_CPU else "cuda"
+    env = environment(device)
+    rows = []
+    for shape in CPU_SHAPES if ON_CPU else GPU_SHAPES:
+        for name, provider in PROVIDERS.items():
+            for mode in ("fwd", "fwd+bwd"):
+                row = {"bench": "rel_pos_bias", "shape": shape[0], "provider": name, "mode": mode, "dtype": "float32",
+                       **env}
+                if ON_CPU and name == "ours":
+                    row["note"] = "Triton interpreter on CPU: correctness only, not a speed figure"
+                try:
+                    row.update(bench_one(provider, mode, shape, device))
+                except Exception as error:  # one failing provider must not hide the others
+                    row["error"] = f"{type(error).__name__}: {error}"[:300]
+                rows.append(row)
+    append_rows("rel_pos_bias", rows)
+
+
+if __name__ == "__main__":
+    main()

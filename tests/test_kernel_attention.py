@@ -1,0 +1,175 @@
+"""rel_pos_attention: outputs and q/k/v/table gradients against the float64 reference.
+
+Tolerances follow flash-attn: the kernel's error against float64 must stay within 2× (forward) / 3× (gradients) of
+PyTorch's own error at the same precision, with floors of 1e-5 (fp32) and 2e-2 (half). CPU runs go through Triton's
+interpreter at small shapes (fp32/fp16: the interpreter mis-computes bf16 dots); CUDA runs add full shapes and bf16.
+"""
+
+import pytest
+import torch
+
+import kernels
+from engine.pos_embed import relative_position_index
+from kernels.rel_pos_attention import RelPosAttentionFunction, rel_pos_attention_ref
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+cuda_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+FLOOR = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+
+
+def make_case(batch, heads, tokens, head_dim, dtype, index_kind="random", grid=None):
+    """q, k, v (requires grad), an fp32 table and an `[N, N]` index."""
+    if index_kind == "beit":
+        index = relative_position_index(grid)  # BEiT: N = h·w + 1 with CLS
+        tokens = index.shape[0]
+    else:
+        index = torch.randint(0, 2 * tokens + 3, (tokens, tokens))
+    num_rows = int(index.max()) + 1
+    q, k, v = (torch.randn(batch, heads, tokens, head_dim, device=DEVICE, dtype=dtype).requires_grad_()
+               for _ in range(3))
+    table = (torch.randn(num_rows, heads, device=DEVICE) * 2).requires_grad_()
+    return q, k, v, table, index.to(DEVICE)
+
+
+def attention_and_grads(fn, q, k, v, table, index, grad_out, **kwargs):
+    inputs = [t for t in (q, k, v, table) if t is not None]
+    out = fn(q, k, v, table, index, **kwargs)
+    return out, torch.autograd.grad(out, inputs, grad_out)
+
+
+def max_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert not torch.isnan(a).any(), "NaN in kernel result"
+    return (a.double() - b.double()).abs().max().item()
+
+
+def check_against_reference(q, k, v, table, index, deterministic=False):
+    grad_out = torch.randn_like(q)
+    out, grads = attention_and_grads(kernels.rel_pos_attention, q, k, v, table, index, grad_out,
+                                     deterministic=deterministic)
+    leaves64 = [t.detach().double().requires_grad_() if t is not None else None for t in (q, k, v, table)]
+    out64, grads64 = attention_and_grads(rel_pos_attention_ref, *leaves64, index, grad_out.double())
+    leaves_low = [t.detach().clone().requires_grad_() if t is not None else None for t in (q, k, v, table)]
+    out_low, grads_low = attention_and_grads(rel_pos_attention_ref, *leaves_low, index, grad_out,
+                                             upcast=False, reorder_ops=True)
+    floor = FLOOR[q.dtype]
+    assert max_error(out, out64) <= 2 * max_error(out_low, out64) + floor, "forward"
+    names = ["dq", "dk", "dv", "dtable"]
+    for name, grad, grad64, grad_low in zip(names, grads, grads64, grads_low):
+        error, torch_error = max_error(grad, grad64), max_error(grad_low, grad64)
+        assert error <= 3 * torch_error + floor, f"{name}: kernel error {error:.3g} vs torch {torch_error:.3g}"
+
+
+@pytest.mark.parametrize(
+    "batch, heads, tokens, head_dim",
+    [(1, 1, 1, 32), (2, 2, 17, 32), (1, 2, 64, 64), (2, 1, 17, 80)],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_matches_reference_random_index(batch, heads, tokens, head_dim, dtype):
+    check_against_reference(*make_case(batch, heads, tokens, head_dim, dtype))
+
+
+def test_matches_reference_beit_index_n197():
+    check_against_reference(*make_case(1, 2, 0, 32, torch.float32, "beit", grid=(14, 14)))
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_beit_index_small_grid(deterministic):
+    check_against_reference(*make_case(2, 2, 0, 32, torch.float32, "beit", grid=(4, 4)), deterministic=deterministic)
+
+
+def test_plain_attention_without_table():
+    q, k, v, _, _ = make_case(2, 2, 17, 32, torch.float32)
+    check_against_reference(q, k, v, None, None)
+
+
+def test_non_contiguous_qkv_from_packed_projection():
+    batch, heads, tokens, head_dim = 2, 2, 17, 32
+    qkv = torch.randn(batch, tokens, 3, heads, head_dim, device=DEVICE).permute(2, 0, 3, 1, 4)  # [3, B, H, N, D]
+    q, k, v = (t.requires_grad_() for t in qkv.unbind(0))
+    _, _, _, table, index = make_case(batch, heads, tokens, head_dim, torch.float32)
+    check_against_reference(q, k, v, table, index)
+
+
+def test_deterministic_table_grad_is_bitwise_repeatable():
+    q, k, v, table, index = make_case(3, 2, 17, 32, torch.float32)
+    grad_out = torch.randn_like(q)
+    runs = [attention_and_grads(kernels.rel_pos_attention, q, k, v, table, index, grad_out, deterministic=True)[1][3]
+            for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_every_output_element_is_written(monkeypatch):
+    """Poison every buffer the launchers allocate with NaN: unwritten elements would surface as NaN."""
+    real_empty = torch.empty
+
+    def poisoned_empty(*args, **kwargs):
+        return real_empty(*args, **kwargs).fill_(float("nan"))
+
+    monkeypatch.setattr(torch, "empty", poisoned_empty)
+    q, k, v, table, index = make_case(2, 2, 17, 80, torch.float32)
+    out, grads = attention_and_grads(kernels.rel_pos_attention, q, k, v, table, index, torch.ones_like(q))
+    for tensor in (out, *grads):
+        assert not torch.isnan(tensor).any()
+
+
+def test_functional_matches_function_apply():
+    q, k, v, table, index = make_case(1, 2, 17, 32, torch.float32)
+    functional = kernels.rel_pos_attention(q, k, v, table, index, scale=0.3, deterministic=True)
+    applied = RelPosAttentionFunction.apply(q, k, v, table, index, 0.3, True)
+    assert torch.equal(functional, applied)
+
+
+def test_half_inputs_with_fp32_table_give_fp32_table_grad():
+    q, k, v, table, index = make_case(1, 1, 17, 32, torch.float16)
+    out = kernels.rel_pos_attention(q, k, v, table, index)
+    (grad_table,) = torch.autograd.grad(out.float().sum(), [table])
+    assert out.dtype == torch.float16 and grad_table.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"q_shape": (2, 2, 5, 32), "k_shape": (2, 2, 6, 32)}, "must all be"),
+        ({"index_shape": (4, 4)}, "rel_index must be"),
+        ({"table_shape": (9, 3)}, "bias_table must be"),
+    ],
+)
+def test_bad_input_raises_clear_error(kwargs, message):
+    q = torch.randn(kwargs.get("q_shape", (2, 2, 5, 32)))
+    k = torch.randn(kwargs.get("k_shape", (2, 2, 5, 32)))
+    table = torch.randn(kwargs.get("table_shape", (9, 2)))
+    index = torch.zeros(kwargs.get("index_shape", (5, 5)), dtype=torch.long)
+    with pytest.raises(ValueError, match=message):
+        kernels.rel_pos_attention(q, k, q, table, index)
+
+
+def test_cpu_without_interpreter_uses_reference(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q, k, v, table, index = (t.detach().cpu() for t in make_case(1, 2, 17, 32, torch.float32))
+    torch.testing.assert_close(kernels.rel_pos_attention(q, k, v, table, index),
+                               rel_pos_attention_ref(q, k, v, table, index))
+
+
+def test_torch_compile_traces_custom_ops():
+    """aot_eager exercises dynamo + fake kernels + autograd without needing a C++ compile."""
+    q, k, v, table, index = make_case(1, 2, 17, 32, torch.float32)
+    compiled = torch.compile(kernels.rel_pos_attention, backend="aot_eager", fullgraph=True)
+    out = compiled(q, k, v, table, index, deterministic=False)
+    torch.testing.assert_close(out, kernels.rel_pos_attention(q, k, v, table, index))
+    out.sum().backward()
+    assert table.grad is not None and torch.isfinite(table.grad).all()
+
+
+@cuda_only
+@pytest.mark.parametrize("tokens", [197, 577, 1025])
+@pytest.mark.parametrize("head_dim", [32, 64, 80, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_full_shapes_cuda(tokens, head_dim, dtype):
+    check_against_reference(*make_case(4, 6, tokens, head_dim, dtype))
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_beit_large_224_cuda(dtype):
+    check_against_reference(*make_case(8, 16, 0, 64, dtype, "beit", grid=(14, 14)), deterministic=True)

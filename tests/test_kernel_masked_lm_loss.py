@@ -1,0 +1,126 @@
+"""masked_lm_loss: loss, accuracy and hidden/weight/bias gradients against the float64 reference."""
+
+import pytest
+import torch
+
+import kernels
+from kernels.masked_lm_loss import MaskedLMLossFunction
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+cuda_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+FLOOR = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+
+
+def make_case(batch, tokens, channels, vocab, dtype, mask_ratio, with_bias=True):
+    hidden = torch.randn(batch, tokens, channels, device=DEVICE, dtype=dtype).requires_grad_()
+    weight = (torch.randn(vocab, channels, device=DEVICE) * channels**-0.5).to(dtype).requires_grad_()
+    bias = torch.randn(vocab, device=DEVICE, dtype=dtype).requires_grad_() if with_bias else None
+    mask = torch.rand(batch, tokens, device=DEVICE) < mask_ratio
+    labels = torch.randint(0, vocab, (batch, tokens), device=DEVICE)
+    labels[~mask] = -1  # never read: an out-of-range label at an unmasked position must not matter
+    return hidden, mask, weight, bias, labels
+
+
+def loss_and_grads(fn, hidden, mask, weight, bias, labels):
+    leaves = [t for t in (hidden, weight, bias) if t is not None]
+    loss, accuracy = fn(hidden, mask, weight, bias, labels)
+    return loss, accuracy, torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
+
+
+def max_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert not torch.isnan(a).any(), "NaN in kernel result"
+    return (a.double() - b.double()).abs().max().item()
+
+
+def check_against_reference(hidden, mask, weight, bias, labels):
+    loss, accuracy, grads = loss_and_grads(kernels.masked_lm_loss, hidden, mask, weight, bias, labels)
+    leaves64 = [t.detach().double().requires_grad_() if t is not None else None for t in (hidden, weight, bias)]
+    loss64, accuracy64, grads64 = loss_and_grads(kernels.masked_lm_loss_ref, leaves64[0], mask, leaves64[1],
+                                                 leaves64[2], labels)
+    leaves_low = [t.detach().clone().requires_grad_() if t is not None else None for t in (hidden, weight, bias)]
+    loss_low, _, grads_low = loss_and_grads(kernels.masked_lm_loss_ref, leaves_low[0], mask, leaves_low[1],
+                                            leaves_low[2], labels)
+    floor = FLOOR[hidden.dtype]
+    assert max_error(loss, loss64) <= 2 * max_error(loss_low, loss64) + floor
+    assert accuracy.item() == pytest.approx(accuracy64.item(), abs=1.5 / max(int(mask.sum()), 1))
+    for name, grad, grad64, grad_low in zip(["hidden", "weight", "bias"], grads, grads64, grads_low):
+        error, torch_error = max_error(grad, grad64), max_error(grad_low, grad64)
+        assert error <= 3 * torch_error + floor, f"d{name}: kernel error {error:.3g} vs torch {torch_error:.3g}"
+
+
+@pytest.mark.parametrize(
+    "batch, tokens, channels, vocab, mask_ratio",
+    [(2, 17, 32, 50, 0.4), (1, 16, 32, 64, 0.75), (3, 9, 16, 33, 1.0), (1, 1, 32, 7, 1.0)],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_matches_reference(batch, tokens, channels, vocab, mask_ratio, dtype):
+    check_against_reference(*make_case(batch, tokens, channels, vocab, dtype, mask_ratio))
+
+
+def test_without_bias():
+    check_against_reference(*make_case(2, 17, 32, 50, torch.float32, 0.5, with_bias=False))
+
+
+def test_several_chunks_and_large_vocab_blocks():
+    """vocab ≫ channels makes chunks of a few rows, so chunk edges fall inside the masked rows."""
+    check_against_reference(*make_case(2, 20, 16, 300, torch.float32, 0.6))
+
+
+def test_zero_masked_tokens_give_zero_loss_and_gradients():
+    hidden, mask, weight, bias, labels = make_case(2, 17, 32, 50, torch.float32, 0.0)
+    loss, accuracy, grads = loss_and_grads(kernels.masked_lm_loss, hidden, mask, weight, bias, labels)
+    assert loss.item() == 0.0 and accuracy.item() == 0.0
+    for grad in grads:
+        assert torch.count_nonzero(grad) == 0
+
+
+def test_accuracy_counts_argmax_hits():
+    hidden, mask, weight, bias, labels = make_case(2, 17, 32, 50, torch.float32, 0.5)
+    logits = hidden @ weight.t() + bias
+    labels = torch.where(mask, logits.argmax(-1), labels)  # every masked token predicted right
+    _, accuracy = kernels.masked_lm_loss(hidden, mask, weight, bias, labels)
+    assert accuracy.item() == 1.0
+
+
+def test_out_of_range_label_at_masked_position_gives_nan_loss():
+    hidden, mask, weight, bias, labels = make_case(1, 8, 16, 10, torch.float32, 1.0)
+    labels[0, 3] = 10
+    loss, _ = kernels.masked_lm_loss(hidden, mask, weight, bias, labels)
+    assert torch.isnan(loss)
+
+
+def test_every_gradient_element_is_written(monkeypatch):
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(float("nan")))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: real_empty_like(*a, **k).fill_(float("nan")))
+    hidden, mask, weight, bias, labels = make_case(2, 17, 32, 50, torch.float32, 0.4)
+    loss, accuracy, grads = loss_and_grads(kernels.masked_lm_loss, hidden, mask, weight, bias, labels)
+    for tensor in (loss, accuracy, *grads):
+        assert not torch.isnan(tensor).any()
+
+
+def test_functional_matches_function_apply():
+    case = make_case(2, 17, 32, 50, torch.float32, 0.4)
+    assert torch.equal(kernels.masked_lm_loss(*case)[0], MaskedLMLossFunction.apply(*case)[0])
+
+
+def test_cpu_without_interpreter_uses_reference(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    hidden, mask, weight, bias, labels = (t.detach().cpu() for t in make_case(2, 17, 32, 50, torch.float32, 0.4))
+    torch.testing.assert_close(kernels.masked_lm_loss(hidden, mask, weight, bias, labels),
+                               kernels.masked_lm_loss_ref(hidden, mask, weight, bias, labels))
+
+
+def test_bad_shapes_raise_clear_error():
+    hidden, mask, weight, bias, labels = make_case(2, 17, 32, 50, torch.float32, 0.4)
+    with pytest.raises(ValueError, match="weight must be"):
+        kernels.masked_lm_loss(hidden, mask, weight[:, :16], bias, labels)
+    with pytest.raises(ValueError, match="bool_masked_pos and labels"):
+        kernels.masked_lm_loss(hidden, mask[:, :5], weight, bias, labels)
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_beit_shapes_cuda(dtype):
+    check_against_reference(*make_case(16, 196, 768, 8192, dtype, 75 / 196))

@@ -1,0 +1,49 @@
+"""rel_pos_bias: Triton gather and deterministic table gradient against the PyTorch reference."""
+
+import pytest
+import torch
+
+import kernels
+from engine.pos_embed import relative_position_index
+from kernels.rel_pos_bias import RelPosBiasFunction
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+
+
+@pytest.mark.parametrize("index_kind", ["beit", "random"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else []))
+def test_matches_reference(index_kind, dtype):
+    index = relative_position_index((7, 9)) if index_kind == "beit" else torch.randint(0, 40, (33, 33))
+    index = index.to(DEVICE)
+    table = torch.randn(int(index.max()) + 1, 3, device=DEVICE, dtype=dtype, requires_grad=True)
+    bias = kernels.rel_pos_bias(table, index)
+    reference = kernels.rel_pos_bias_ref(table, index)
+    assert torch.equal(bias, reference)  # a gather is exact
+    grad = torch.randn_like(bias)
+    (dtable,) = torch.autograd.grad(bias, table, grad)
+    (dtable64,) = torch.autograd.grad(kernels.rel_pos_bias_ref(table.double(), index), table, grad.double())
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2 * dtable64.abs().max().item()
+    torch.testing.assert_close(dtable.double(), dtable64.double(), atol=tolerance, rtol=1e-3)
+
+
+def test_table_grad_is_bitwise_repeatable_and_fills_unused_rows():
+    index = torch.randint(0, 20, (17, 17), device=DEVICE)
+    table = torch.randn(30, 4, device=DEVICE, requires_grad=True)  # rows 20..29 never indexed
+    grad = torch.randn(4, 17, 17, device=DEVICE)
+    runs = [torch.autograd.grad(kernels.rel_pos_bias(table, index), table, grad)[0] for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])
+    assert torch.count_nonzero(runs[0][20:]) == 0
+
+
+def test_functional_matches_function_apply():
+    index = relative_position_index((4, 4)).to(DEVICE)
+    table = torch.randn(int(index.max()) + 1, 2, device=DEVICE)
+    assert torch.equal(kernels.rel_pos_bias(table, index), RelPosBiasFunction.apply(table, index))
+
+
+def test_bad_input_raises_clear_error():
+    with pytest.raises(ValueError, match="bias_table must be"):
+        kernels.rel_pos_bias(torch.randn(5), torch.zeros(3, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="rel_index must be"):
+        kernels.rel_pos_bias(torch.randn(5, 2), torch.zeros(3, 3))
