@@ -339,19 +339,22 @@ class BeitForMaskedImageModeling(BeitEncoder):
         hidden = self.forward_features(images, bool_masked_pos)  # [B, L, C]
         return self.lm_head(hidden[self._flat_mask(bool_masked_pos, hidden.shape[0])])  # [M, V]
 
-    def forward_loss(self, images: torch.Tensor, bool_masked_pos: torch.Tensor,
-                     labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_loss(self, images: torch.Tensor, bool_masked_pos: torch.Tensor, labels: torch.Tensor,
+                     max_masked_per_image: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean cross-entropy over masked patches and the accuracy of the argmax token.
 
         labels `[B, L]` (or `[B, h, w]`) visual-token ids, read only at masked positions. No masked patch gives a
-        loss of 0, never NaN.
+        loss of 0, never NaN. `max_masked_per_image` (the masking generator's `num_masking_patches`, which it never
+        exceeds) lets the fused loss run its LM-head GEMMs on B × that many rows instead of all B × L.
         """
         hidden = self.forward_features(images, bool_masked_pos)  # [B, L, C]
         mask = self._flat_mask(bool_masked_pos, hidden.shape[0])
         if labels.numel() != mask.numel() or labels.shape[0] != mask.shape[0]:
             raise ValueError(f"labels must have one token id per patch, shape {list(mask.shape)}, "
                              f"got {list(labels.shape)}")
-        return self.masked_lm_loss(hidden, mask, self.lm_head.weight, self.lm_head.bias, labels.reshape(mask.shape))
+        max_masked = None if max_masked_per_image is None else mask.shape[0] * max_masked_per_image
+        return self.masked_lm_loss(hidden, mask, self.lm_head.weight, self.lm_head.bias, labels.reshape(mask.shape),
+                                   max_masked)
 
 
 class BeitForImageClassification(BeitEncoder):

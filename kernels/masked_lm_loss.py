@@ -9,11 +9,14 @@ place over the logits) → grad_hidden rows = dlogits @ W, grad_weight/grad_bias
 computed in the forward; the backward only scales them by the incoming gradient. The fp32 `[M, V]` logits are never
 held: at most one `[chunk, V]` logits tile in the compute dtype is alive.
 
-Limits and costs: with no host sync the number of masked rows is unknown on the host, so all `B*N` rows go through
-the GEMMs and rows past the count contribute exactly zero (≈ N / masked-count × the masked-only GEMM work: 2.6× at
-BEiT's 75 of 196). grad_weight accumulates each chunk's `dlogitsᵀ @ x` product (computed in the compute dtype) in
-fp32. A label outside `[0, V)` at a masked position gives a NaN loss (a device-side signal, no sync); labels at
-unmasked positions are never read. The weight is cast to the hidden dtype for the GEMMs (autocast-style).
+Limits and costs: with no host sync the number of masked rows is unknown on the host. Without a bound all `B*N`
+rows go through the GEMMs and rows past the count contribute exactly zero (≈ N / masked-count × the masked-only GEMM
+work: 2.6× at BEiT's 75 of 196). Pass `max_masked` (a static upper bound on the masked count, e.g. B × the masking
+generator's `num_masking_patches`, which it never exceeds) to run the GEMMs on that many rows only; a count above the
+bound fails a device-side assertion rather than giving a wrong loss. grad_weight accumulates each chunk's
+`dlogitsᵀ @ x` product (computed in the compute dtype) in fp32. A label outside `[0, V)` at a masked position gives
+a NaN loss (a device-side signal, no sync); labels at unmasked positions are never read. The weight is cast to the
+hidden dtype for the GEMMs (autocast-style).
 Dispatch: Triton for CUDA tensors or under `TRITON_INTERPRET=1`, `masked_lm_loss_ref` for CPU tensors otherwise.
 """
 
@@ -31,15 +34,19 @@ def masked_lm_loss_ref(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     labels: torch.Tensor,
+    max_masked: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pure-PyTorch reference (float64-capable; boolean indexing syncs with the host).
 
     hidden `[B, N, C]` patch tokens, bool_masked_pos `[B, N]`, weight `[V, C]`, bias `[V]` or None, labels `[B, N]`
     (read only at masked positions). Returns (mean cross-entropy over masked tokens, fraction of masked tokens whose
-    argmax equals the label). Zero masked tokens give a loss of 0 with zero gradients, never NaN.
+    argmax equals the label). Zero masked tokens give a loss of 0 with zero gradients, never NaN. `max_masked` is
+    checked like in the fused path (a count above the bound is an error) but does not change the result.
     """
     mask = bool_masked_pos.bool()
     rows = hidden[mask]  # [M, C]
+    if max_masked is not None and rows.shape[0] > max_masked:
+        raise RuntimeError(f"masked_lm_loss: more masked tokens than max_masked ({rows.shape[0]} > {max_masked})")
     targets = labels[mask].long()  # [M]
     logits = F.linear(rows, weight, bias).float() if rows.dtype != torch.float64 else F.linear(rows, weight, bias)
     count = max(rows.shape[0], 1)  # an empty mask divides a zero sum by one instead of averaging over nothing
@@ -104,25 +111,29 @@ def masked_lm_loss_forward(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     labels: torch.Tensor,
+    max_masked: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused forward. Returns loss [], accuracy [] (fp32), grad_hidden `[B, N, C]` (hidden dtype),
     grad_weight `[V, C]` and grad_bias `[V]` (fp32; `[0]` when bias is None), all for a unit loss gradient."""
     batch, tokens, channels = hidden.shape
     vocab = weight.shape[0]
-    total = batch * tokens
-    flat_mask = bool_masked_pos.reshape(total).bool()  # [B*N]
+    flat_mask = bool_masked_pos.reshape(batch * tokens).bool()  # [B*N]
     order = torch.argsort((~flat_mask).to(torch.int8), stable=True)  # [B*N] masked rows first, row-major kept
     count = flat_mask.sum()  # [] int64, stays on device
-    rows = hidden.reshape(total, channels)  # [B*N, C]
-    targets = labels.reshape(total)[order].long()  # [B*N] labels in compacted order
+    total = batch * tokens if max_masked is None else max(0, min(batch * tokens, max_masked))  # rows through the GEMMs
+    if total < batch * tokens:
+        torch._assert_async(count <= total, "masked_lm_loss: more masked tokens than max_masked")
+    rows = hidden.reshape(batch * tokens, channels)  # [B*N, C]
+    order = order[:total]  # [T] the rows that can be masked, in compacted order
+    targets = labels.reshape(batch * tokens)[order].long()  # [T] labels in compacted order
     head_weight = weight.to(hidden.dtype)
     head_bias = bias.to(hidden.dtype) if bias is not None else None
     loss_rows = torch.empty(total, device=hidden.device, dtype=torch.float32)
     correct_rows = torch.empty(total, device=hidden.device, dtype=torch.float32)
-    grad_rows = torch.empty(total, channels, device=hidden.device, dtype=hidden.dtype)  # compacted order
+    grad_rows = torch.empty(total, channels, device=hidden.device, dtype=hidden.dtype)  # [T, C] compacted order
     grad_weight = torch.zeros(vocab, channels, device=hidden.device, dtype=torch.float32)
     grad_bias = torch.zeros(vocab if bias is not None else 0, device=hidden.device, dtype=torch.float32)
-    chunk = _chunk_rows(total, vocab, channels)
+    chunk = _chunk_rows(max(total, 1), vocab, channels)
     for start in range(0, total, chunk):
         stop = min(start + chunk, total)
         x = rows.index_select(0, order[start:stop])  # [c, C]
@@ -135,7 +146,8 @@ def masked_lm_loss_forward(
         grad_weight += (logits.t() @ x).float()
         if bias is not None:
             grad_bias += logits.float().sum(dim=0)
-    grad_hidden = torch.empty_like(rows).index_copy_(0, order, grad_rows).view(batch, tokens, channels)
+    # rows never gathered (past the bound) are unmasked: their gradient is zero
+    grad_hidden = torch.zeros_like(rows).index_copy_(0, order, grad_rows).view(batch, tokens, channels)
     denominator = count.clamp(min=1).float()
     return loss_rows.sum() / denominator, correct_rows.sum() / denominator, grad_hidden, grad_weight, grad_bias
 
@@ -147,12 +159,13 @@ def _fwd_op(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     labels: torch.Tensor,
+    max_masked: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return masked_lm_loss_forward(hidden, bool_masked_pos, weight, bias, labels)
+    return masked_lm_loss_forward(hidden, bool_masked_pos, weight, bias, labels, max_masked)
 
 
 @_fwd_op.register_fake
-def _fwd_fake(hidden, bool_masked_pos, weight, bias, labels):
+def _fwd_fake(hidden, bool_masked_pos, weight, bias, labels, max_masked=None):
     scalar = hidden.new_empty((), dtype=torch.float32)
     grad_bias = hidden.new_empty((weight.shape[0] if bias is not None else 0,), dtype=torch.float32)
     grad_weight = weight.new_empty(weight.shape, dtype=torch.float32)
@@ -163,9 +176,9 @@ class MaskedLMLossFunction(torch.autograd.Function):
     """Gradients are computed in the forward; the backward scales them by the loss gradient."""
 
     @staticmethod
-    def forward(ctx, hidden, bool_masked_pos, weight, bias, labels):
+    def forward(ctx, hidden, bool_masked_pos, weight, bias, labels, max_masked=None):
         loss, accuracy, grad_hidden, grad_weight, grad_bias = torch.ops.kernels.masked_lm_loss_fwd(
-            hidden, bool_masked_pos, weight, bias, labels
+            hidden, bool_masked_pos, weight, bias, labels, max_masked
         )
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.weight_dtype = weight.dtype
@@ -179,7 +192,7 @@ class MaskedLMLossFunction(torch.autograd.Function):
         grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
         grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
         grad_bias = (grad_bias * grad_loss).to(ctx.bias_dtype) if ctx.bias_dtype is not None else None
-        return grad_hidden, None, grad_weight, grad_bias, None
+        return grad_hidden, None, grad_weight, grad_bias, None, None
 
 
 def _check_inputs(hidden, bool_masked_pos, weight, bias, labels) -> None:
@@ -203,14 +216,18 @@ def masked_lm_loss(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     labels: torch.Tensor,
+    max_masked: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused masked LM loss → (loss [], accuracy []), no device→host sync, differentiable in hidden, weight, bias.
 
     hidden `[B, N, C]` patch tokens (no CLS), bool_masked_pos `[B, N]`, weight `[V, C]`, bias `[V]` or None,
     labels `[B, N]` (read only at masked positions). Zero masked tokens give loss 0 with zero gradients.
+    `max_masked`: optional static bound on the number of masked tokens in the batch (see the module docstring).
     CPU tensors without `TRITON_INTERPRET=1` run `masked_lm_loss_ref`.
     """
     _check_inputs(hidden, bool_masked_pos, weight, bias, labels)
+    if max_masked is not None and max_masked < 0:
+        raise ValueError(f"max_masked must be a non-negative bound on the masked count, got {max_masked}")
     if not use_triton("masked_lm_loss", hidden):
-        return masked_lm_loss_ref(hidden, bool_masked_pos, weight, bias, labels)
-    return MaskedLMLossFunction.apply(hidden, bool_masked_pos, weight, bias, labels)
+        return masked_lm_loss_ref(hidden, bool_masked_pos, weight, bias, labels, max_masked)
+    return MaskedLMLossFunction.apply(hidden, bool_masked_pos, weight, bias, labels, max_masked)

@@ -124,3 +124,22 @@ def test_bad_shapes_raise_clear_error():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_beit_shapes_cuda(dtype):
     check_against_reference(*make_case(16, 196, 768, 8192, dtype, 75 / 196))
+
+
+def test_max_masked_bound_limits_rows_and_matches_reference():
+    hidden, mask, weight, bias, labels = make_case(3, 17, 32, 50, torch.float32, 0.4)
+    bound = int(mask.sum()) + 2  # a static bound the count never exceeds, like B × num_masking_patches
+    bounded = lambda *args: kernels.masked_lm_loss(*args, max_masked=bound)  # noqa: E731
+    loss, accuracy, grads = loss_and_grads(bounded, hidden, mask, weight, bias, labels)
+    loss_ref, accuracy_ref, grads_ref = loss_and_grads(kernels.masked_lm_loss, hidden, mask, weight, bias, labels)
+    torch.testing.assert_close(loss, loss_ref)
+    assert accuracy.item() == accuracy_ref.item()
+    for grad, grad_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(grad, grad_ref)
+
+
+def test_max_masked_below_the_count_fails_instead_of_a_wrong_loss():
+    hidden, mask, weight, bias, labels = make_case(2, 17, 32, 50, torch.float32, 1.0)
+    with pytest.raises(RuntimeError, match="more masked tokens than max_masked"):
+        loss, _ = kernels.masked_lm_loss(hidden, mask, weight, bias, labels, max_masked=5)
+        loss.item()
