@@ -1,0 +1,181 @@
+"""A plain, linear training loop for a small DALL-E-style dVAE tokenizer (see `dvae.py` for the objective).
+
+Writes to `output_dir`: config.json, metrics.json (held-out reconstruction MSE / PSNR, codebook usage and
+perplexity, wall time), reconstructions.png (originals next to their hard-token reconstructions) and `tokenizer/`,
+the directory the pretraining recipe loads (tokenizer.json + encoder/decoder safetensors).
+"""
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from engine.config import save_config
+from engine.data.datasets import build_dataset
+from engine.tokenizer.dalle import DalleDecoder, DalleEncoder
+from engine.tokenizer.dvae import DiscreteVAE, ReconLoss, gumbel_temperature, kl_weight
+from engine.tokenizer.io import save_tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TokenizerTrainConfig:
+    # data: any `engine.data.build_dataset` path; images are resized (shorter side) and centre-cropped
+    data_path: str = "embedded:fashion_mnist"
+    input_size: int = 28
+    max_train_images: int = 60000  # images are held in memory as uint8
+    eval_images: int = 512  # held-out ("test" split) images for the reports
+    # architecture (DALL-E defaults: 4, 256, 2, 8192, 128)
+    group_count: int = 3
+    n_hid: int = 32
+    n_blk_per_group: int = 1
+    vocab_size: int = 512
+    n_init: int = 32
+    # objective
+    recon_loss: ReconLoss = "logit_laplace"
+    hard_gumbel: bool = False
+    temperature_start: float = 1.0
+    temperature_end: float = 1 / 16
+    temperature_anneal_steps: int = 1500
+    kl_max_weight: float = 0.01
+    kl_warmup_steps: int = 500
+    # optimisation
+    steps: int = 2000
+    batch_size: int = 64
+    lr: float = 2e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    weight_decay: float = 1e-4
+    grad_clip: float = 1.0
+    # run
+    device: str = "auto"  # "auto" = cuda when available, else cpu
+    num_threads: int = 0  # CPU threads for torch; 0 keeps torch's default
+    seed: int = 0
+    log_every: int = 100
+    output_dir: str = "runs/tokenizer"
+
+
+def images_to_uint8(dataset, input_size: int, limit: int) -> torch.Tensor:
+    """First `limit` samples of a (PIL image, label) dataset → uint8 [N, 3, S, S] (short side resized, centre crop)."""
+    arrays = []
+    for i in range(min(len(dataset), limit)):
+        image = dataset[i][0].convert("RGB")
+        if image.size != (input_size, input_size):
+            scale = input_size / min(image.size)
+            w, h = max(input_size, round(image.width * scale)), max(input_size, round(image.height * scale))
+            left, top = (w - input_size) // 2, (h - input_size) // 2
+            image = image.resize((w, h), Image.BICUBIC).crop((left, top, left + input_size, top + input_size))
+        arrays.append(np.asarray(image))
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def learning_rate(step: int, cfg: TokenizerTrainConfig) -> float:
+    """Linear warmup, then cosine decay to `min_lr` at the last step."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def evaluate(vae: DiscreteVAE, images_u8: torch.Tensor, device: torch.device, batch_size: int = 256) -> dict:
+    """Hard-token reconstructions of held-out uint8 images [N, 3, S, S] → metrics (+ the reconstructions)."""
+    vae.eval()
+    recons, ids = [], []
+    for chunk in images_u8.split(batch_size):
+        recon, chunk_ids = vae.reconstruct(chunk.to(device).float() / 255)
+        recons.append(recon.cpu())
+        ids.append(chunk_ids.cpu())
+    vae.train()
+    recon, ids = torch.cat(recons), torch.cat(ids)
+    mse = torch.mean((recon - images_u8.float() / 255) ** 2).item()
+    usage = torch.bincount(ids.flatten(), minlength=vae.encoder.vocab_size).float()
+    p = usage / usage.sum()
+    entropy = -(p[p > 0] * p[p > 0].log()).sum().item()
+    return {"mse": mse, "psnr": 10 * math.log10(1 / max(mse, 1e-12)), "perplexity": math.exp(entropy),
+            "codebook_used": (usage > 0).float().mean().item(), "reconstructions": recon}
+
+
+def save_comparison_grid(originals: torch.Tensor, recons: torch.Tensor, path: Path, columns: int = 8,
+                         scale: int = 3) -> None:
+    """Writes a PNG of pairs (original | reconstruction), `columns` pairs per row; images [N, 3, S, S] in [0, 1]."""
+    pairs = torch.stack([originals, recons], dim=1)  # [N, 2, 3, S, S]
+    n, s = pairs.shape[0] - pairs.shape[0] % columns, pairs.shape[-1]
+    pad = torch.nn.functional.pad(pairs[:n], (1, 1, 1, 1), value=1.0)  # white border between images
+    grid = pad.reshape(n // columns, columns * 2, 3, s + 2, s + 2).permute(0, 3, 1, 4, 2)  # [rows, S, cols, S, 3]
+    array = (grid.reshape(n // columns * (s + 2), columns * 2 * (s + 2), 3) * 255).round().byte().numpy()
+    image = Image.fromarray(array)
+    image.resize((image.width * scale, image.height * scale), Image.NEAREST).save(path)
+
+
+def _build_vae(cfg: TokenizerTrainConfig) -> DiscreteVAE:
+    arch = dict(group_count=cfg.group_count, n_hid=cfg.n_hid, n_blk_per_group=cfg.n_blk_per_group,
+                vocab_size=cfg.vocab_size)
+    if cfg.input_size % 2 ** (cfg.group_count - 1):
+        raise ValueError(f"input_size {cfg.input_size} must be divisible by 2^(group_count-1) = "
+                         f"{2 ** (cfg.group_count - 1)}")
+    return DiscreteVAE(DalleEncoder(**arch), DalleDecoder(n_init=cfg.n_init, **arch), cfg.recon_loss,
+                       cfg.hard_gumbel)
+
+
+def train_tokenizer(cfg: TokenizerTrainConfig) -> dict:
+    """Trains, evaluates and saves a tokenizer; returns the final metrics."""
+    torch.manual_seed(cfg.seed)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    torch.set_flush_denormal(True)  # low-temperature softmaxes underflow to denormals, which crawl on CPUs
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if cfg.device == "auto" else cfg.device)
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out_dir / "config.json")
+
+    train_u8 = images_to_uint8(build_dataset(cfg.data_path, "train"), cfg.input_size, cfg.max_train_images)
+    held_u8 = images_to_uint8(build_dataset(cfg.data_path, "test"), cfg.input_size, cfg.eval_images)
+    vae = _build_vae(cfg).to(device)
+    grid = cfg.input_size // vae.encoder.downsample
+    logger.info("dVAE on %s: %.2fM params, %d train / %d held-out images of %d px → %dx%d tokens, vocab %d",
+                device, sum(p.numel() for p in vae.parameters()) / 1e6, len(train_u8), len(held_u8),
+                cfg.input_size, grid, grid, cfg.vocab_size)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    start = tick = time.perf_counter()
+    for step in range(cfg.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, cfg)
+        tau = gumbel_temperature(step, cfg.temperature_anneal_steps, cfg.temperature_start, cfg.temperature_end)
+        beta = kl_weight(step, cfg.kl_warmup_steps, cfg.kl_max_weight)
+        batch = train_u8[torch.randint(len(train_u8), (cfg.batch_size,), generator=generator)]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out = vae(batch.to(device).float() / 255, tau, beta)
+        if not torch.isfinite(out["loss"]):
+            raise FloatingPointError(f"non-finite loss at step {step}: lower --lr or --kl_max_weight")
+        optimizer.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip)
+        optimizer.step()
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            dt, tick = time.perf_counter() - tick, time.perf_counter()
+            logger.info("step %5d | loss %.4f | recon %.4f | kl %.3f | tau %.3f | beta %.4f | lr %.2e | grad %.2f | "
+                        "%.0f img/s", step + 1, out["loss"].item(), out["recon"].item(), out["kl"].item(), tau, beta,
+                        optimizer.param_groups[0]["lr"], grad_norm.item(), cfg.log_every * cfg.batch_size / dt)
+    train_seconds = time.perf_counter() - start
+
+    metrics = evaluate(vae, held_u8, device)
+    recon = metrics.pop("reconstructions")
+    save_comparison_grid(held_u8[:32].float() / 255, recon[:32], out_dir / "reconstructions.png")
+    metrics.update(train_seconds=train_seconds, steps=cfg.steps, token_grid=[grid, grid], input_size=cfg.input_size,
+                   vocab_size=cfg.vocab_size)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    save_tokenizer(out_dir / "tokenizer", vae.encoder, cfg.input_size, vae.decoder)
+    logger.info("held-out: mse %.4f | psnr %.2f dB | codebook used %.1f%% | perplexity %.1f | %.0f s → %s",
+                metrics["mse"], metrics["psnr"], 100 * metrics["codebook_used"], metrics["perplexity"],
+                train_seconds, out_dir / "tokenizer")
+    return metrics

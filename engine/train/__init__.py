@@ -1,0 +1,1 @@
+"""Training: DeepSpeed loop, schedules, parameter groups, atomic checkpoints, metrics (see `pretrain`/`finetune`)."""

@@ -1,0 +1,130 @@
+"""Training metrics: metrics.jsonl, TensorBoard (when importable), a tqdm bar on rank 0, and a PNG of the curves."""
+
+import json
+import logging
+import math
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def _finite_or_none(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def truncate_after(path: str | Path, step: int) -> None:
+    """Drops rows logged after `step` by a run that died before its next checkpoint (they will be redone)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in rows if json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+class MetricsLogger:
+    """Rank-0 sink for per-step metrics. On other ranks every method is a no-op."""
+
+    def __init__(self, output_dir: str | Path, enabled: bool, total_steps: int, start_step: int, progress: bool):
+        self.enabled = enabled
+        self.path = Path(output_dir) / METRICS_FILE
+        self.bar = None
+        self.tb = None
+        if not enabled:
+            return
+        truncate_after(self.path, start_step)
+        if progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(Path(output_dir) / "tensorboard"), purge_step=start_step + 1)
+        except ImportError:
+            logger.info("tensorboard is not installed; metrics go to %s only", self.path)
+
+    def advance(self, steps: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(steps)
+
+    def log(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        row = {k: _finite_or_none(v) for k, v in row.items()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tb.add_scalar(f"train/{key}", value, row["step"])
+        if self.bar is not None:
+            shown = {k: row[k] for k in ("loss", "mlm_acc", "acc1", "lr", "img_per_s") if row.get(k) is not None}
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+        else:
+            logger.info("step %d %s", row["step"], {k: v for k, v in row.items() if k != "step"})
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_curves(rows: list[dict], png_path: str | Path, keys: tuple[str, ...] = ("loss", "mlm_acc")) -> Path:
+    """One panel per key against step. matplotlib when installed, else a plain PIL drawing, so the PNG always exists."""
+    png_path = Path(png_path)
+    series = {k: [(r["step"], r[k]) for r in rows if r.get(k) is not None] for k in keys}
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        _plot_with_pil(series, png_path)
+        return png_path
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.5))
+    for ax, (key, points) in zip(axes if len(keys) > 1 else [axes], series.items()):
+        if points:
+            ax.plot(*zip(*points))
+        ax.set_xlabel("step")
+        ax.set_title(key)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return png_path
+
+
+def _plot_with_pil(series: dict[str, list[tuple[int, float]]], png_path: Path) -> None:
+    from PIL import Image, ImageDraw
+
+    panel_w, panel_h, pad = 420, 300, 40
+    image = Image.new("RGB", (panel_w * len(series), panel_h), "white")
+    draw = ImageDraw.Draw(image)
+    for i, (key, points) in enumerate(series.items()):
+        x0, x1, y0, y1 = i * panel_w + pad, (i + 1) * panel_w - 10, panel_h - pad, 25
+        draw.rectangle([x0, y1, x1, y0], outline="black")
+        draw.text((x0, 5), key, fill="black")
+        if len(points) < 2:
+            continue
+        steps, values = zip(*points)
+        lo, hi = min(values), max(values)
+        span_v, span_s = (hi - lo) or 1.0, (steps[-1] - steps[0]) or 1
+        xy = [(x0 + (s - steps[0]) / span_s * (x1 - x0), y0 - (v - lo) / span_v * (y0 - y1)) for s, v in points]
+        draw.line(xy, fill="royalblue", width=2)
+        draw.text((x0, y0 + 5), f"step {steps[0]}..{steps[-1]}", fill="black")
+        draw.text((x1 - 120, y1 + 3), f"max {hi:.4g}", fill="black")
+        draw.text((x1 - 120, y0 - 15), f"min {lo:.4g}", fill="black")
+    image.save(png_path)

@@ -1,0 +1,67 @@
+"""Fine-tuning on the embedded labelled images with a tiny model: a run from pretrained weights (mixup + EMA),
+resume exactness, linear probe (frozen backbone)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from engine.checkpoint import save_pretrained
+from engine.config import apply_overrides
+from engine.factory import create_model
+from engine.train.metrics import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--depth=2", "--batch_size=16", "--epochs=1", "--max_steps=4", "--log_every=1", "--num_workers=0",
+        "--progress=false", "--eval_batch_size=500", "--mixup=0.8", "--cutmix=1.0", "--seed=1"]
+
+
+@pytest.fixture(scope="module")
+def pretrained_dir(tmp_path_factory) -> Path:
+    """A random MIM model saved in our format: stands in for the pretraining demo's export."""
+    torch.manual_seed(0)
+    model = create_model("beit_tiny_patch4_32_8k_vocab", img_size=28, depth=2, vocab_size=64)
+    return save_pretrained(model, tmp_path_factory.mktemp("pretrained") / "weights")
+
+
+def run(output_dir: Path, *extra: str) -> dict:
+    sys.path.insert(0, str(ROOT / "recipes"))
+    from finetune_demo import config
+
+    from engine.train.finetune import run_finetuning
+
+    return run_finetuning(apply_overrides(config(), [*TINY, f"--output_dir={output_dir}", *extra]))
+
+
+def test_finetune_from_pretrained_with_mixup_and_ema(pretrained_dir, tmp_path):
+    summary = run(tmp_path, f"--finetune={pretrained_dir}", "--model_ema=true", "--model_ema_decay=0.5")
+    evals = summary["evals"]
+    assert len(evals) == 1 and 0 <= evals[0]["acc1"] <= evals[0]["acc5"] <= 100 and "ema_acc1" in evals[0]
+    assert (tmp_path / "best" / "model.safetensors").is_file() and (tmp_path / "final" / "config.json").is_file()
+    assert (tmp_path / "latest").is_file() and (tmp_path / "curves.png").is_file()
+    final = load_file(tmp_path / "final" / "model.safetensors")
+    pretrained = load_file(pretrained_dir / "model.safetensors")
+    # the shared table was expanded into every block, then trained
+    assert final["blocks.1.attn.relative_position_bias_table"].shape == \
+        pretrained["rel_pos_bias.relative_position_bias_table"].shape
+
+
+def test_finetune_resume_is_exact(pretrained_dir, tmp_path):
+    reference = tmp_path / "reference"
+    run(reference, f"--finetune={pretrained_dir}")
+    resumed = tmp_path / "resumed"
+    run(resumed, f"--finetune={pretrained_dir}", "--max_steps=2")
+    run(resumed, f"--finetune={pretrained_dir}")
+    losses = [[r["loss"] for r in read_metrics(out / "metrics.jsonl")] for out in (reference, resumed)]
+    assert losses[0] == losses[1] and len(losses[0]) == 4
+
+
+def test_linear_probe_trains_only_the_head(pretrained_dir, tmp_path):
+    run(tmp_path, f"--finetune={pretrained_dir}", "--linear_probe=true", "--max_steps=2", "--layer_decay=none")
+    final = load_file(tmp_path / "final" / "model.safetensors")
+    pretrained = load_file(pretrained_dir / "model.safetensors")
+    assert torch.equal(final["blocks.0.mlp.fc1.weight"], pretrained["blocks.0.mlp.fc1.weight"])
+    assert torch.equal(final["patch_embed.proj.weight"], pretrained["patch_embed.proj.weight"])
+    assert "head.weight" in final

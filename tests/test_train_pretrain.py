@@ -1,0 +1,135 @@
+"""Single-process pretraining on the embedded data with a tiny model and a random stand-in tokenizer: a short run,
+resume exactness, SIGKILL + restart, atomic `latest`, export, bad configs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.config import apply_overrides
+from engine.tokenizer import save_tokenizer
+from engine.tokenizer.dalle import DalleEncoder
+from engine.train.checkpointing import complete_checkpoints, latest_checkpoint
+from engine.train.metrics import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "pretrain_demo.py"
+# Subprocesses run the plain PyTorch kernel paths (conftest's TRITON_INTERPRET would make them crawl).
+SUBPROCESS_ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+TINY = ["--depth=2", "--batch_size=16", "--epochs=2", "--max_steps=6", "--log_every=1", "--num_workers=0",
+        "--progress=false", "--drop_path=0.1", "--warmup_steps=2", "--seed=3"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """A randomly initialised 28 px → 7×7 tokenizer (vocab 64): labels without training one."""
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("tokenizer")
+    save_tokenizer(out, DalleEncoder(group_count=3, n_hid=16, n_blk_per_group=1, vocab_size=64), input_size=28)
+    return out
+
+
+def demo_config(tokenizer_dir: Path, output_dir: Path, *extra: str):
+    sys.path.insert(0, str(RECIPE.parent))
+    from pretrain_demo import config
+
+    return apply_overrides(config(), [*TINY, f"--tokenizer={tokenizer_dir}", f"--output_dir={output_dir}", *extra])
+
+
+def run_in_process(tokenizer_dir: Path, output_dir: Path, *extra: str) -> dict:
+    from engine.train.pretrain import run_pretraining
+
+    return run_pretraining(demo_config(tokenizer_dir, output_dir, *extra))
+
+
+def losses(output_dir: Path) -> dict[int, float]:
+    return {row["step"]: row["loss"] for row in read_metrics(output_dir / "metrics.jsonl")}
+
+
+@pytest.fixture(scope="module")
+def reference_run(tokenizer_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("reference")
+    run_in_process(tokenizer_dir, out)
+    return out
+
+
+def test_short_run_writes_everything(reference_run):
+    rows = read_metrics(reference_run / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    for key in ("loss", "mlm_acc", "lr", "wd", "grad_norm", "img_per_s"):
+        assert all(r[key] is not None for r in rows), key
+    assert rows[0]["lr"] == 0.0 and rows[-1]["loss"] < rows[0]["loss"]
+    assert rows[0]["mfu"] is None  # CPU: no peak to compare with
+    for name in ("config.json", "deepspeed_config.json", "curves.png", "pretrained/model.safetensors",
+                 "pretrained/config.json", "latest"):
+        assert (reference_run / name).exists(), name
+    assert json.loads((reference_run / "deepspeed_config.json").read_text())["gradient_clipping"] == 3.0
+    assert latest_checkpoint(reference_run).name == "ckpt-6"
+
+
+def test_exported_weights_load(reference_run):
+    from engine.checkpoint import create_model_from_checkpoint
+
+    model = create_model_from_checkpoint(reference_run / "pretrained")
+    assert model.config["depth"] == 2 and model.config["vocab_size"] == 64
+
+
+def test_resume_is_exact(tokenizer_dir, reference_run, tmp_path):
+    run_in_process(tokenizer_dir, tmp_path, "--max_steps=3")
+    assert latest_checkpoint(tmp_path).name == "ckpt-3"
+    run_in_process(tokenizer_dir, tmp_path)  # same command with max_steps=6: resumes at step 3
+    assert losses(tmp_path) == losses(reference_run)
+
+
+def test_resume_with_other_batch_is_a_clear_error(tokenizer_dir, reference_run, tmp_path):
+    run_in_process(tokenizer_dir, tmp_path, "--max_steps=1", "--save_every=1")
+    with pytest.raises(ValueError, match="global batch=16"):
+        run_in_process(tokenizer_dir, tmp_path, "--batch_size=8")
+
+
+def test_missing_tokenizer_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--tokenizer"):
+        run_in_process(tmp_path / "nowhere", tmp_path)
+
+
+@pytest.mark.slow
+def test_sigkill_then_restart_reproduces_losses(tokenizer_dir, reference_run, tmp_path):
+    args = [sys.executable, str(RECIPE), *TINY, f"--tokenizer={tokenizer_dir}", f"--output_dir={tmp_path}",
+            "--save_every=2", "--max_steps=6"]
+    log = open(tmp_path / "killed_run.log", "w")
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=log, env=SUBPROCESS_ENV)
+    deadline = time.time() + 240
+    while time.time() < deadline and max(losses(tmp_path), default=0) < 3:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)  # mid-run: after step 3's log, around the step-4 save
+    proc.wait()
+    log.close()
+    assert max(losses(tmp_path), default=0) >= 3, (tmp_path / "killed_run.log").read_text()[-3000:]
+    for ckpt in complete_checkpoints(tmp_path):  # whatever `latest` names is complete
+        assert (ckpt / "mp_rank_00_model_states.pt").is_file() and (ckpt / "rng_state_rank0.pt").is_file()
+    restarted = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env=SUBPROCESS_ENV)
+    assert restarted.returncode == 0, restarted.stderr[-3000:]
+    assert losses(tmp_path) == losses(reference_run)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_cleanly(tokenizer_dir, tmp_path):
+    args = [sys.executable, str(RECIPE), *TINY, f"--tokenizer={tokenizer_dir}", f"--output_dir={tmp_path}",
+            "--save_every=0", "--max_steps=1000"]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=SUBPROCESS_ENV)
+    deadline = time.time() + 240
+    while time.time() < deadline and max(losses(tmp_path), default=0) < 2:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert "stopped by SIGTERM" in stderr
+    ckpt = latest_checkpoint(tmp_path)
+    assert ckpt is not None and int(ckpt.name.split("-")[1]) >= 2
