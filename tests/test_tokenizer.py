@@ -282,7 +282,7 @@ def test_training_steps_lower_the_loss(recon_loss):
 
 
 def test_train_tokenizer_writes_a_loadable_tokenizer(tmp_path):
-    cfg = TokenizerTrainConfig(steps=3, batch_size=4, max_train_images=32, eval_images=16, log_every=1,
+    cfg = TokenizerTrainConfig(input_size=28, steps=3, batch_size=4, max_train_images=32, eval_images=16, log_every=1,
                                output_dir=str(tmp_path / "run"), num_threads=1, **TINY)
     metrics = train_tokenizer(cfg)
     assert {"mse", "psnr", "codebook_used", "perplexity", "train_seconds"} <= metrics.keys()

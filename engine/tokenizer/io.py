@@ -28,6 +28,7 @@ def _atomic_write(path: Path, write) -> None:
     """Calls write(tmp_path) then renames over `path`, so readers never see a half-written file."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     write(tmp)
+    os.chmod(tmp, 0o644)  # safetensors creates files readable by their owner only; tokenizers are shared
     os.replace(tmp, path)
 
 
