@@ -37,7 +37,7 @@ def config() -> FinetuneConfig:
                           smoothing=0.1, imagenet_mean_std=False),
         optim=OptimSettings(lr=2e-3, min_lr=1e-6, warmup_epochs=0.5, weight_decay=0.05, clip_grad=3.0,
                             layer_decay=0.75),
-        run=RunSettings(output_dir="runs/finetune_demo", epochs=3, batch_size=64, precision="fp32", zero_stage=0,
+        run=RunSettings(output_dir="runs/finetune_demo", epochs=2, batch_size=64, precision="fp32", zero_stage=0,
                         num_workers=1, save_every=0, log_every=10),
         extras=FinetuneExtras(eval_every=1),
     )

@@ -4,8 +4,11 @@
     deepspeed --num_gpus 2 recipes/pretrain_demo.py              # two ranks (gloo + DeepSpeed's CPU accelerator)
 
 Model: beit_tiny_patch4_32_8k_vocab at 28 px with 4 px patches → a 7×7 grid, ~20 of 49 patches masked (blocks of at
-least 4). Labels: a small DALL-E-style dVAE (28 px → 7×7 tokens, vocab 512). Without `--tokenizer` it is trained first
-with recipes/train_tokenizer.py's settings and cached in `<output_dir>/tokenizer_run/tokenizer`, so a rerun reuses it.
+least 4); 6 blocks instead of tiny's 12 (`--depth`) so that two epochs take a few minutes on 2 cores. Labels: a small
+DALL-E-style dVAE on the tokenizer view (the same crop at the tokenizer's input size, 14 px → 7×7 tokens with
+recipes/train_tokenizer.py's current settings). Without `--tokenizer` it is trained first with
+recipes/train_tokenizer.py's settings (for `--tokenizer_steps` steps) and cached in
+`<output_dir>/tokenizer_run/tokenizer`, so a rerun reuses it.
 LR: the absolute `--lr` (1e-3 at global batch 64; blr is unused when lr is set).
 """
 
@@ -13,22 +16,31 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from engine.config import apply_overrides  # noqa: E402
+from engine.tokenizer import read_tokenizer_config  # noqa: E402
 from engine.train.pretrain import run_pretraining  # noqa: E402
 from engine.train.settings import ModelSettings, OptimSettings, PretrainConfig, PretrainData, RunSettings  # noqa: E402
 
 TOKENIZER_CONFIG = "tokenizer.json"  # written last by engine.tokenizer.save_tokenizer: its presence means complete
 
 
-def config() -> PretrainConfig:
-    return PretrainConfig(
+@dataclass
+class DemoConfig(PretrainConfig):
+    # Steps of the demo tokenizer when it has to be trained (None: recipes/train_tokenizer.py's own setting). Its
+    # warmup, temperature-anneal and KL-warmup lengths are scaled by the same factor, keeping the schedule's shape.
+    tokenizer_steps: int | None = None
+
+
+def config() -> DemoConfig:
+    return DemoConfig(
         model=ModelSettings(model="beit_tiny_patch4_32_8k_vocab", input_size=28, depth=6, drop_path=0.0,
                             layer_scale_init_value=0.1, attn_impl="sdpa"),
-        data=PretrainData(data_path="embedded:fashion_mnist", tokenizer="", second_input_size=28,
+        data=PretrainData(data_path="embedded:fashion_mnist", tokenizer="", second_input_size=14,
                           num_mask_patches=20, min_mask_patches=4, min_crop_scale=0.35, imagenet_mean_std=False),
         optim=OptimSettings(lr=1e-3, min_lr=1e-5, warmup_steps=20, weight_decay=0.05, clip_grad=3.0),
         run=RunSettings(output_dir="runs/pretrain_demo", epochs=2, batch_size=64, precision="fp32", zero_stage=0,
@@ -36,7 +48,7 @@ def config() -> PretrainConfig:
     )
 
 
-def ensure_tokenizer(cfg: PretrainConfig) -> None:
+def ensure_tokenizer(cfg: DemoConfig) -> None:
     """Trains the demo tokenizer once (rank 0; other ranks wait for it) unless --tokenizer was given."""
     if cfg.data.tokenizer:
         return
@@ -57,6 +69,11 @@ def ensure_tokenizer(cfg: PretrainConfig) -> None:
 
     tok_cfg = tokenizer_config()
     tok_cfg.data_path, tok_cfg.output_dir, tok_cfg.seed = cfg.data.data_path, str(run_dir), cfg.run.seed
+    if cfg.tokenizer_steps is not None:
+        factor = cfg.tokenizer_steps / tok_cfg.steps
+        for key in ("warmup_steps", "temperature_anneal_steps", "kl_warmup_steps"):
+            setattr(tok_cfg, key, max(1, round(getattr(tok_cfg, key) * factor)))
+        tok_cfg.steps = cfg.tokenizer_steps
     print(f"training the demo tokenizer ({tok_cfg.steps} steps) into {tokenizer_dir} ...")
     train_tokenizer(tok_cfg)
 
@@ -77,6 +94,7 @@ if __name__ == "__main__":
     started = time.time()
     cfg = apply_overrides(config(), sys.argv[1:])
     ensure_tokenizer(cfg)
+    cfg.data.second_input_size = read_tokenizer_config(cfg.data.tokenizer)["input_size"]  # the view it was trained on
     summary = run_pretraining(cfg)
     if summary.get("first"):
         print_summary(summary, started)

@@ -17,7 +17,10 @@ from engine.train.runtime import init_distributed
 from engine.train.settings import OptimSettings, RunSettings
 
 ROOT = Path(__file__).resolve().parent.parent
-SUBPROCESS_ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+# Subprocesses run the plain PyTorch kernel paths (conftest's TRITON_INTERPRET would make them crawl) and must not
+# inherit the 1-rank process group that an in-process run of this session exported (RANK, MASTER_PORT, ...).
+_NOT_INHERITED = {"TRITON_INTERPRET", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+SUBPROCESS_ENV = {k: v for k, v in os.environ.items() if k not in _NOT_INHERITED}
 COMMON = ["--depth=2", "--epochs=2", "--max_steps=4", "--log_every=1", "--num_workers=0", "--progress=false",
           "--drop_path=0.0", "--warmup_steps=1", "--seed=5", "--save_every=0"]
 
@@ -52,7 +55,7 @@ def tokenizer_dir(tmp_path_factory) -> Path:
 
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("tokenizer")
-    save_tokenizer(out, DalleEncoder(group_count=3, n_hid=16, n_blk_per_group=1, vocab_size=64), input_size=28)
+    save_tokenizer(out, DalleEncoder(group_count=2, n_hid=16, n_blk_per_group=1, vocab_size=64), input_size=14)
     return out
 
 

@@ -20,18 +20,20 @@ from engine.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "pretrain_demo.py"
-# Subprocesses run the plain PyTorch kernel paths (conftest's TRITON_INTERPRET would make them crawl).
-SUBPROCESS_ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+# Subprocesses run the plain PyTorch kernel paths (conftest's TRITON_INTERPRET would make them crawl) and must not
+# inherit the 1-rank process group that an in-process run of this session exported (RANK, MASTER_PORT, ...).
+_NOT_INHERITED = {"TRITON_INTERPRET", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+SUBPROCESS_ENV = {k: v for k, v in os.environ.items() if k not in _NOT_INHERITED}
 TINY = ["--depth=2", "--batch_size=16", "--epochs=2", "--max_steps=6", "--log_every=1", "--num_workers=0",
         "--progress=false", "--drop_path=0.1", "--warmup_steps=2", "--seed=3"]
 
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory) -> Path:
-    """A randomly initialised 28 px → 7×7 tokenizer (vocab 64): labels without training one."""
+    """A randomly initialised 14 px → 7×7 tokenizer (vocab 64), as the demo's: labels without training one."""
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("tokenizer")
-    save_tokenizer(out, DalleEncoder(group_count=3, n_hid=16, n_blk_per_group=1, vocab_size=64), input_size=28)
+    save_tokenizer(out, DalleEncoder(group_count=2, n_hid=16, n_blk_per_group=1, vocab_size=64), input_size=14)
     return out
 
 
@@ -122,14 +124,40 @@ def test_sigkill_then_restart_reproduces_losses(tokenizer_dir, reference_run, tm
 def test_sigterm_saves_and_exits_cleanly(tokenizer_dir, tmp_path):
     args = [sys.executable, str(RECIPE), *TINY, f"--tokenizer={tokenizer_dir}", f"--output_dir={tmp_path}",
             "--save_every=0", "--max_steps=1000"]
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env=SUBPROCESS_ENV)
-    deadline = time.time() + 240
-    while time.time() < deadline and max(losses(tmp_path), default=0) < 2:
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 0, stderr[-2000:]
-    assert "stopped by SIGTERM" in stderr
+    log_path = tmp_path / "run.log"
+    with open(log_path, "w") as log:  # a file, not a pipe: a full pipe buffer would block the run
+        proc = subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=log, env=SUBPROCESS_ENV)
+        deadline = time.time() + 240
+        while time.time() < deadline and max(losses(tmp_path), default=0) < 2:
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    log_text = log_path.read_text()
+    assert proc.returncode == 0, log_text[-2000:]
+    assert "stopped by SIGTERM" in log_text
     ckpt = latest_checkpoint(tmp_path)
     assert ckpt is not None and int(ckpt.name.split("-")[1]) >= 2
+
+
+class _DyingEngine:
+    """Writes part of a checkpoint, then dies as a SIGKILL mid-save would."""
+
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+        (Path(save_dir) / tag).mkdir(parents=True)
+        (Path(save_dir) / tag / "mp_rank_00_model_states.pt").write_bytes(b"partial")
+        raise KeyboardInterrupt("killed mid-save")
+
+
+def test_latest_never_names_an_incomplete_checkpoint(tmp_path):
+    from engine.train.checkpointing import remove_incomplete, save_checkpoint
+
+    (tmp_path / "ckpt-2").mkdir()
+    (tmp_path / "latest").write_text("ckpt-2\n")
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(_DyingEngine(), tmp_path, 4, {}, rank=0)
+    assert (tmp_path / "ckpt-4.tmp").is_dir() and not (tmp_path / "ckpt-4").exists()
+    assert latest_checkpoint(tmp_path) == tmp_path / "ckpt-2"
+    remove_incomplete(tmp_path)
+    assert not (tmp_path / "ckpt-4.tmp").exists()
+    (tmp_path / "latest").write_text("ckpt-9\n")  # stale pointer (e.g. edited by hand): newest complete one wins
+    assert latest_checkpoint(tmp_path) == tmp_path / "ckpt-2"
