@@ -77,13 +77,15 @@ def bench_one(cfg: BenchConfig, attn_impl: str, compiled: bool, with_tokenizer: 
     torch.manual_seed(0)
     model = _build_model(cfg, attn_impl, on_gpu)
     tokenizer = _build_tokenizer(model, device)
-    wrapper = MaskedImageModelingLoss(torch.compile(model) if compiled else model)
+    grid = model.patch_embed.patch_shape
+    num_masked = round(0.4 * grid[0] * grid[1])  # 75 of 196 at 224 px
+    wrapper = MaskedImageModelingLoss(model, num_masked)
+    if compiled:
+        wrapper.compile()
     run = RunSettings(batch_size=cfg.batch_size, precision=cfg.precision, zero_stage=0)
     optimizer = build_optimizer(param_groups(model, 0.05), 1e-4, device.type)
     engine, *_ = deepspeed.initialize(model=wrapper, optimizer=optimizer,
                                       config=build_deepspeed_config(run, OptimSettings(clip_grad=3.0), 1))
-    grid = model.patch_embed.patch_shape
-    num_masked = round(0.4 * grid[0] * grid[1])  # 75 of 196 at 224 px
     masking = MaskingGenerator(grid, num_masked, min_num_patches=min(16, num_masked // 4))
     masks = torch.from_numpy(masking.batch(0, 0, range(cfg.batch_size)).reshape(cfg.batch_size, -1)).to(device)
     img = model.config["img_size"]

@@ -298,7 +298,8 @@ def test_triton_without_the_kernel_is_a_clear_error(monkeypatch):
 
 
 def test_grad_checkpointing_gives_identical_grads():
-    model = create_model(MIM, depth=3, drop_path_rate=0.2, vocab_size=512).train()  # drop path: the recompute must replay the RNG
+    # drop path on: the recompute must replay the RNG
+    model = create_model(MIM, depth=3, drop_path_rate=0.2, vocab_size=512).train()
     _randomise_tables(model)
     images, mask, labels = _images(), _mask(), torch.randint(0, 512, (2, 64))
     torch.manual_seed(1)

@@ -44,14 +44,19 @@ CURVES_PNG = "curves.png"
 
 
 class MaskedImageModelingLoss(nn.Module):
-    """Makes `forward_loss` the module's `forward`, so `engine(...)` runs it with DeepSpeed's hooks."""
+    """Makes `forward_loss` the module's `forward`, so `engine(...)` runs it with DeepSpeed's hooks.
 
-    def __init__(self, model: nn.Module):
+    `max_masked_per_image` is the masking generator's target, which it never exceeds: the fused loss then runs its
+    LM-head GEMMs on B × that many rows instead of every patch.
+    """
+
+    def __init__(self, model: nn.Module, max_masked_per_image: int):
         super().__init__()
         self.model = model
+        self.max_masked_per_image = max_masked_per_image
 
     def forward(self, images: torch.Tensor, bool_masked_pos: torch.Tensor, labels: torch.Tensor):
-        return self.model.forward_loss(images, bool_masked_pos, labels)
+        return self.model.forward_loss(images, bool_masked_pos, labels, self.max_masked_per_image)
 
 
 def register_zero3_external_params(wrapper: MaskedImageModelingLoss) -> None:
@@ -130,9 +135,9 @@ def run_pretraining(cfg: PretrainConfig) -> dict:
     seed_everything(run.seed + dist_info.rank)
     parts = build_parts(cfg, dist_info)
     model = parts.model
+    wrapper = MaskedImageModelingLoss(model, cfg.data.num_mask_patches)
     if cfg.model.compile:
-        model = torch.compile(model)
-    wrapper = MaskedImageModelingLoss(model)
+        wrapper.compile()  # in place: compiles the loss forward (the whole model) and keeps the module for DeepSpeed
     if run.zero_stage == 3:
         register_zero3_external_params(wrapper)
 
