@@ -18,5 +18,5 @@ test: install
 lint:
 	ruff check .
 
-bench:
+bench: install
 	$(PYTHON) benchmarks/bench_masking.py

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import append_rows, environment  # noqa: E402
 
-from engine.config import apply_overrides  # noqa: E402
+from engine.config import parse_overrides  # noqa: E402
 
 
 @dataclass
@@ -136,7 +136,7 @@ def main() -> None:
     from engine.train.runtime import init_distributed
 
     logging.basicConfig(level=logging.WARNING)
-    cfg = apply_overrides(BenchConfig(), sys.argv[1:])
+    cfg = parse_overrides(BenchConfig(), sys.argv[1:])
     dist_info = init_distributed("auto")
     on_gpu = dist_info.device.type == "cuda"
     cfg.model = cfg.model or ("beit_base_patch16_224_8k_vocab" if on_gpu else "beit_tiny_patch4_32_8k_vocab")

@@ -113,6 +113,14 @@ def apply_overrides(cfg: Any, argv: list[str]) -> Any:
     return cfg
 
 
+def parse_overrides(cfg: Any, argv: list[str]) -> Any:
+    """`apply_overrides` for a recipe's command line: a bad override prints one clear line and exits with status 2."""
+    try:
+        return apply_overrides(cfg, argv)
+    except ConfigError as err:
+        raise SystemExit(f"error: {err}") from None
+
+
 def config_to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 

@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from engine.config import apply_overrides  # noqa: E402
+from engine.config import parse_overrides  # noqa: E402
 from engine.train.finetune import run_finetuning  # noqa: E402
 from engine.train.settings import FinetuneConfig, FinetuneData, ModelSettings, OptimSettings, RunSettings  # noqa: E402
 
@@ -55,7 +55,7 @@ def main(cfg: FinetuneConfig) -> None:
         raise SystemExit(f"--preset={presets[-1]}: expected one of {', '.join(PRESETS)}")
     if presets and presets[-1] == "cifar100":
         cfg = cifar100(cfg)
-    cfg = apply_overrides(cfg, [a for a in argv if not a.startswith("--preset=")])
+    cfg = parse_overrides(cfg, [a for a in argv if not a.startswith("--preset=")])
     if not cfg.data.data_path:
         raise SystemExit(f"--data_path=... is required (see the docstring of {Path(sys.argv[0]).name})")
     summary = run_finetuning(cfg)

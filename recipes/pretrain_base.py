@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from engine.config import apply_overrides  # noqa: E402
+from engine.config import parse_overrides  # noqa: E402
 from engine.train.pretrain import run_pretraining  # noqa: E402
 from engine.train.settings import ModelSettings, OptimSettings, PretrainConfig, PretrainData, RunSettings  # noqa: E402
 
@@ -42,7 +42,7 @@ def config() -> PretrainConfig:
 
 def main(cfg: PretrainConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
-    cfg = apply_overrides(cfg, sys.argv[1:])
+    cfg = parse_overrides(cfg, sys.argv[1:])
     for key in ("data_path", "tokenizer"):
         if not getattr(cfg.data, key):
             raise SystemExit(f"--{key}=... is required (see the docstring of {Path(sys.argv[0]).name})")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from engine.config import apply_overrides  # noqa: E402
+from engine.config import parse_overrides  # noqa: E402
 from engine.tokenizer import read_tokenizer_config  # noqa: E402
 from engine.train.pretrain import run_pretraining  # noqa: E402
 from engine.train.settings import ModelSettings, OptimSettings, PretrainConfig, PretrainData, RunSettings  # noqa: E402
@@ -92,7 +92,7 @@ def print_summary(summary: dict, started: float) -> None:
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     started = time.time()
-    cfg = apply_overrides(config(), sys.argv[1:])
+    cfg = parse_overrides(config(), sys.argv[1:])
     ensure_tokenizer(cfg)
     cfg.data.second_input_size = read_tokenizer_config(cfg.data.tokenizer)["input_size"]  # the view it was trained on
     summary = run_pretraining(cfg)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from engine.config import apply_overrides  # noqa: E402
+from engine.config import parse_overrides  # noqa: E402
 from engine.tokenizer.train import TokenizerTrainConfig, train_tokenizer  # noqa: E402
 
 
@@ -25,4 +25,4 @@ def config() -> TokenizerTrainConfig:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    train_tokenizer(apply_overrides(config(), sys.argv[1:]))
+    train_tokenizer(parse_overrides(config(), sys.argv[1:]))

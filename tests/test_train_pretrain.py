@@ -161,3 +161,12 @@ def test_latest_never_names_an_incomplete_checkpoint(tmp_path):
     assert not (tmp_path / "ckpt-4.tmp").exists()
     (tmp_path / "latest").write_text("ckpt-9\n")  # stale pointer (e.g. edited by hand): newest complete one wins
     assert latest_checkpoint(tmp_path) == tmp_path / "ckpt-2"
+
+
+def test_resume_with_another_masking_backend_is_a_clear_error():
+    from engine.train.pretrain import _check_mask_backend
+
+    _check_mask_backend({"mask_backend": "python"}, "python")
+    _check_mask_backend({}, "native")  # checkpoints written before the backend was recorded
+    with pytest.raises(ValueError, match="'native' masking backend and this run uses 'python'"):
+        _check_mask_backend({"mask_backend": "native"}, "python")

@@ -76,6 +76,7 @@ class PretrainParts:
     model: nn.Module
     tokenizer: nn.Module
     loader: torch.utils.data.DataLoader
+    mask_backend: str  # "native" | "python": their masks differ, so a resume must use the same one
 
 
 def build_parts(cfg: PretrainConfig, dist_info: DistInfo) -> PretrainParts:
@@ -117,12 +118,22 @@ def build_parts(cfg: PretrainConfig, dist_info: DistInfo) -> PretrainParts:
     dataset = MIMPretrainDataset(build_dataset(data.data_path, "train"), transform, masking, seed=cfg.run.seed)
     loader = build_loader(dataset, cfg.run.batch_size, dist_info.rank, dist_info.world_size, cfg.run.seed,
                           num_workers=cfg.run.num_workers)
-    return PretrainParts(model, tokenizer, loader)
+    return PretrainParts(model, tokenizer, loader, masking.backend)
 
 
-def _client_state(step: int, steps_per_epoch: int, global_batch: int, dist_info: DistInfo, model: nn.Module) -> dict:
+def _client_state(step: int, steps_per_epoch: int, global_batch: int, dist_info: DistInfo,
+                  parts: PretrainParts) -> dict:
     return {"step": step, "steps_per_epoch": steps_per_epoch, "global_batch": global_batch,
-            "world_size": dist_info.world_size, "model_config": dict(model.config)}
+            "world_size": dist_info.world_size, "model_config": dict(parts.model.config),
+            "mask_backend": parts.mask_backend}
+
+
+def _check_mask_backend(client: dict, mask_backend: str) -> None:
+    saved = client.get("mask_backend", mask_backend)
+    if saved != mask_backend:
+        raise ValueError(f"the checkpoint was written with the {saved!r} masking backend and this run uses "
+                         f"{mask_backend!r}: their masks differ, so the resume would not be exact. Use the same "
+                         "installation (native extension built or not), or start a new --output_dir")
 
 
 def run_pretraining(cfg: PretrainConfig) -> dict:
@@ -167,6 +178,7 @@ def run_pretraining(cfg: PretrainConfig) -> dict:
     if ckpt is not None:
         client = checkpointing.load_checkpoint(engine, ckpt, dist_info.rank)
         check_resume_compatible(client, dist_info.world_size, global_batch, steps_per_epoch)
+        _check_mask_backend(client, parts.mask_backend)
         start_step = client["step"]
         logger.info("resumed from %s at step %d", ckpt, start_step)
 
@@ -199,7 +211,7 @@ def _train(cfg, engine, parts, schedules, dist_info, start_step, last_step, step
         while step < last_step:
             lr, wd = apply_schedules(engine.optimizer, schedules, step)
             log_now = (step + 1) % run.log_every == 0 or step + 1 == last_step or step == start_step
-            loss_sum = acc_sum = masked_sum = 0.0
+            stats_sum = torch.zeros(3, device=device)  # loss, mlm_acc, masked patches per image: summed on device
             grad_norm = None
             if step % steps_per_epoch == 0 and step != start_step:  # epochs are counted in optimizer steps
                 epoch = step // steps_per_epoch
@@ -216,19 +228,16 @@ def _train(cfg, engine, parts, schedules, dist_info, start_step, last_step, step
                 if log_now and micro == run.grad_accum - 1 and run.precision == "fp32" and run.zero_stage == 0:
                     grad_norm = global_grad_norm(engine)
                 engine.step()
-                loss_sum += float(loss.detach())
-                acc_sum += float(mlm_acc)
-                masked_sum += float(mask.sum()) / mask.shape[0]
+                stats_sum += torch.stack([loss.detach().float(), mlm_acc.float(), mask.sum() / mask.shape[0]])
             step += 1
             window_steps += 1
-            loss_value = loss_sum / run.grad_accum
+            loss_value, acc_value, masked = (stats_sum / run.grad_accum).tolist()  # the step's one host sync
             health.update(step, loss_value)
             metrics.advance()
             if log_now:
                 elapsed = time.perf_counter() - window_start
                 img_per_s = global_batch * window_steps / elapsed
-                loss_value, mlm_acc, masked = mean_over_ranks([loss_value, acc_sum / run.grad_accum,
-                                                               masked_sum / run.grad_accum], device)
+                loss_value, mlm_acc, masked = mean_over_ranks([loss_value, acc_value, masked], device)
                 flops = train_flops_per_image(model_config, masked)
                 metrics.log({
                     "step": step, "epoch": epoch, "loss": loss_value, "mlm_acc": mlm_acc,
@@ -245,10 +254,10 @@ def _train(cfg, engine, parts, schedules, dist_info, start_step, last_step, step
             if run.save_every > 0 and step % run.save_every == 0 and step < last_step:
                 checkpointing.save_checkpoint(engine, output_dir, step,
                                               _client_state(step, steps_per_epoch, global_batch, dist_info,
-                                                            parts.model), dist_info.rank, run.keep_checkpoints)
+                                                            parts), dist_info.rank, run.keep_checkpoints)
         ckpt_dir = checkpointing.save_checkpoint(engine, output_dir, step,
                                                  _client_state(step, steps_per_epoch, global_batch, dist_info,
-                                                               parts.model), dist_info.rank, run.keep_checkpoints)
+                                                               parts), dist_info.rank, run.keep_checkpoints)
     finally:
         metrics.close()
         stop.restore()
