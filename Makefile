@@ -18,5 +18,7 @@ test: install
 lint:
 	ruff check .
 
+# Appends rows to benchmarks/results/*.jsonl (full shapes on a GPU, tiny labelled CPU shapes otherwise).
 bench: install
-	$(PYTHON) benchmarks/bench_masking.py
+	for script in masking attention rel_pos_bias masked_lm_loss block train; do \
+		$(PYTHON) benchmarks/bench_$$script.py || exit 1; done
