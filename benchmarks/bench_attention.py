@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import append_rows, environment, measure_ms, peak_memory_mb, use_interpreter_on_cpu  # noqa: E402
+from benchmarks.common import append_rows, environment, measure_ms, measure_row, peak_memory_mb, use_interpreter_on_cpu  # noqa: E402
 
 ON_CPU = use_interpreter_on_cpu()
 
@@ -106,15 +106,10 @@ def main() -> None:
     for shape in CPU_SHAPES if ON_CPU else GPU_SHAPES:
         for name, provider in providers(device).items():
             for mode in ("fwd", "bwd", "fwd+bwd"):
-                row = {"bench": "attention", "shape": shape[0], "provider": name, "mode": mode,
-                       "dtype": str(dtype).removeprefix("torch."), **env}
-                if ON_CPU and name == "ours":
-                    row["note"] = "Triton interpreter on CPU: correctness only, not a speed figure"
-                try:
-                    row.update(bench_one(provider, mode, shape, device, dtype))
-                except Exception as error:  # one failing provider must not hide the others
-                    row["error"] = f"{type(error).__name__}: {error}"[:300]
-                rows.append(row)
+                base = {"bench": "attention", "shape": shape[0], "provider": name, "mode": mode,
+                        "dtype": str(dtype).removeprefix("torch."), **env}
+                rows.append(measure_row(base, lambda: bench_one(provider, mode, shape, device, dtype),
+                                        ON_CPU and name == "ours"))
     append_rows("attention", rows)
 
 

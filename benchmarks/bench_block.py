@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import append_rows, environment, measure_ms, peak_memory_mb, use_interpreter_on_cpu  # noqa: E402
+from benchmarks.common import append_rows, environment, measure_ms, measure_row, peak_memory_mb, use_interpreter_on_cpu  # noqa: E402
 
 ON_CPU = use_interpreter_on_cpu()
 
@@ -51,15 +51,10 @@ def main() -> None:
     rows = []
     for shape in CPU_SHAPES if ON_CPU else GPU_SHAPES:
         for attn_impl in IMPLS:
-            row = {"bench": "block", "shape": shape[0], "provider": attn_impl, "mode": "fwd+bwd",
-                   "dtype": "float32" if ON_CPU else "bf16-autocast", **env}
-            if ON_CPU and attn_impl == "triton":
-                row["note"] = "Triton interpreter on CPU: correctness only, not a speed figure"
-            try:
-                row.update(bench_one(attn_impl, shape, device))
-            except Exception as error:  # one failing provider must not hide the others
-                row["error"] = f"{type(error).__name__}: {error}"[:300]
-            rows.append(row)
+            base = {"bench": "block", "shape": shape[0], "provider": attn_impl, "mode": "fwd+bwd",
+                    "dtype": "float32" if ON_CPU else "bf16-autocast", **env}
+            interpreted = ON_CPU and attn_impl == "triton"
+            rows.append(measure_row(base, lambda: bench_one(attn_impl, shape, device), interpreted))
     append_rows("block", rows)
 
 

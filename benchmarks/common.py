@@ -85,3 +85,17 @@ def append_rows(name: str, rows: list[dict]) -> Path:
             handle.write(json.dumps(row) + "\n")
             print(json.dumps(row))
     return path
+
+
+INTERPRETER_NOTE = "Triton interpreter on CPU: correctness only, not a speed figure"
+
+
+def measure_row(base: dict, measure: Callable[[], dict], interpreted: bool) -> dict:
+    """One result row: `base` plus what `measure()` returns, or the error it raised, so that one failing provider
+    never hides the others. `interpreted` rows (our kernels through Triton's CPU interpreter) carry a note."""
+    row = dict(base, note=INTERPRETER_NOTE) if interpreted else dict(base)
+    try:
+        row.update(measure())
+    except Exception as error:
+        row["error"] = f"{type(error).__name__}: {error}"[:300]
+    return row
