@@ -48,17 +48,6 @@ def _losses(out: Path) -> list[float]:
     return [row["loss"] for row in read_metrics(out / "metrics.jsonl")]
 
 
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory) -> Path:
-    from engine.tokenizer import save_tokenizer
-    from engine.tokenizer.dalle import DalleEncoder
-
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("tokenizer")
-    save_tokenizer(out, DalleEncoder(group_count=2, n_hid=16, n_blk_per_group=1, vocab_size=64), input_size=14)
-    return out
-
-
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.skipif(shutil.which("deepspeed") is None, reason="the deepspeed launcher is not on PATH")

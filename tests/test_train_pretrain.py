@@ -10,11 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from engine.config import apply_overrides
-from engine.tokenizer import save_tokenizer
-from engine.tokenizer.dalle import DalleEncoder
 from engine.train.checkpointing import complete_checkpoints, latest_checkpoint
 from engine.train.metrics import read_metrics
 
@@ -26,15 +23,6 @@ _NOT_INHERITED = {"TRITON_INTERPRET", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTE
 SUBPROCESS_ENV = {k: v for k, v in os.environ.items() if k not in _NOT_INHERITED}
 TINY = ["--depth=2", "--batch_size=16", "--epochs=2", "--max_steps=6", "--log_every=1", "--num_workers=0",
         "--progress=false", "--drop_path=0.1", "--warmup_steps=2", "--seed=3"]
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory) -> Path:
-    """A randomly initialised 14 px → 7×7 tokenizer (vocab 64), as the demo's: labels without training one."""
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("tokenizer")
-    save_tokenizer(out, DalleEncoder(group_count=2, n_hid=16, n_blk_per_group=1, vocab_size=64), input_size=14)
-    return out
 
 
 def demo_config(tokenizer_dir: Path, output_dir: Path, *extra: str):
