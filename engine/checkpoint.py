@@ -92,14 +92,16 @@ class LoadReport:
     """What `load_checkpoint` did. `dropped` and `converted` entries are `"key: reason"` lines."""
 
     layout: str
+    loaded: list[str] = field(default_factory=list)  # model keys filled from the checkpoint
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
     converted: list[str] = field(default_factory=list)
 
     def log(self, source: str | Path) -> None:
-        logger.info("loaded %s checkpoint %s: %d converted, %d dropped, %d missing, %d unexpected", self.layout,
-                    source, len(self.converted), len(self.dropped), len(self.missing), len(self.unexpected))
+        logger.info("loaded %s checkpoint %s: %d tensors loaded, %d converted, %d dropped, %d missing, %d unexpected",
+                    self.layout, source, len(self.loaded), len(self.converted), len(self.dropped), len(self.missing),
+                    len(self.unexpected))
         for line in self.converted:
             logger.info("converted %s", line)
         for line in self.dropped:
@@ -355,6 +357,7 @@ def load_state_dict_into(model: nn.Module, source: SourceCheckpoint, strict: boo
     state = adapt_state_dict(source.state, model, source.window, report)
     result = model.load_state_dict(state, strict=False)
     report.missing, report.unexpected = sorted(result.missing_keys), sorted(result.unexpected_keys)
+    report.loaded = sorted(set(state) - set(result.unexpected_keys))
     if strict and (report.missing or report.unexpected):
         raise ValueError(f"strict load failed: missing keys {report.missing}, unexpected keys {report.unexpected}")
     return report
@@ -433,21 +436,26 @@ def save_pretrained(model: nn.Module, directory: str | Path) -> Path:
     return target
 
 
+def read_model_config(path: str | Path) -> dict:
+    """The `create_model` arguments (`name` included) recorded by `save_pretrained` next to its weights."""
+    path = Path(path)
+    config_path = (path if path.is_dir() else path.parent) / CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} not found: only directories written by save_pretrained record their "
+                                f"model; for other checkpoints name the model (create_model + load_checkpoint)")
+    config = _read_json(config_path)
+    if config.get("format") != FORMAT_NAME:
+        raise ValueError(f"{config_path} is not a '{FORMAT_NAME}' config; convert the checkpoint first: "
+                         "python -m engine.checkpoint convert SRC DST --model NAME")
+    return dict(_own_model_config(config, config_path))
+
+
 def create_model_from_checkpoint(path: str | Path, **overrides) -> nn.Module:
     """Build the model described by a `save_pretrained` directory (with `overrides` to `create_model`) and load it.
 
     Without overrides the load is strict; with them (e.g. `num_classes=10`) mismatches are dropped and reported.
     """
-    path = Path(path)
-    config_path = (path if path.is_dir() else path.parent) / CONFIG_NAME
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} not found: create_model_from_checkpoint reads directories written by "
-                                f"save_pretrained; build other checkpoints with create_model + load_checkpoint")
-    config = _read_json(config_path)
-    if config.get("format") != FORMAT_NAME:
-        raise ValueError(f"{config_path} is not a '{FORMAT_NAME}' config; convert the checkpoint first: "
-                         "python -m engine.checkpoint convert SRC DST --model NAME")
-    model = create_model(**{**_own_model_config(config, config_path), **overrides})
+    model = create_model(**{**read_model_config(path), **overrides})
     load_checkpoint(model, path, strict=not overrides)
     return model
 

@@ -294,6 +294,18 @@ class BeitEncoder(nn.Module):
             x = self._run_block(block, x, shared)
         return x
 
+    @torch.no_grad()
+    def hidden_states(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Unmasked images → the tokens after each block, `depth` tensors of `[B, N, C]` (CLS first, before any final
+        norm): what a linear probe or k-NN reads, layer by layer."""
+        x = self._add_cls_and_pos(self.patch_embed(images))  # [B, N, C]
+        shared = self._shared_rel_pos()
+        states = []
+        for block in self.blocks:
+            x = block(x, *shared)
+            states.append(x)
+        return states
+
     def _log_build(self) -> None:
         params = sum(p.numel() for p in self.parameters())
         logger.info("built %s (%s): %.1fM params, attn_impl=%s", self.config["name"], type(self).__name__,

@@ -31,13 +31,13 @@ from engine.train.settings import (  # noqa: E402
 
 def config() -> FinetuneConfig:
     return FinetuneConfig(
-        model=ModelSettings(model="beit_tiny_patch4_32", input_size=28, depth=6, drop_path=0.0),
+        model=ModelSettings(model="beit_mini_patch4_28", input_size=28, drop_path=0.0),
         data=FinetuneData(data_path="embedded:fashion_mnist", finetune="runs/pretrain_demo/pretrained", crop_pct=1.0,
-                          min_crop_scale=0.5, auto_augment="", color_jitter=0.0, reprob=0.0, mixup=0.0, cutmix=0.0,
+                          min_crop_scale=1.0, auto_augment="", color_jitter=0.0, reprob=0.0, mixup=0.0, cutmix=0.0,
                           smoothing=0.1, imagenet_mean_std=False),
-        optim=OptimSettings(lr=2e-3, min_lr=1e-6, warmup_epochs=0.5, weight_decay=0.05, clip_grad=3.0,
+        optim=OptimSettings(lr=1e-3, min_lr=1e-6, warmup_epochs=0.3, weight_decay=0.05, clip_grad=3.0,
                             layer_decay=0.9),  # 0.75 starves the lightly pretrained lower blocks at this scale
-        run=RunSettings(output_dir="runs/finetune_demo", epochs=2, batch_size=64, precision="fp32", zero_stage=0,
+        run=RunSettings(output_dir="runs/finetune_demo", epochs=3, batch_size=64, precision="fp32", zero_stage=0,
                         num_workers=1, save_every=0, log_every=10),
         extras=FinetuneExtras(eval_every=1),
     )

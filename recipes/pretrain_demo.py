@@ -22,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from engine.config import parse_overrides  # noqa: E402
+from engine.probe import ProbeConfig, run_probe, summary_line  # noqa: E402
 from engine.tokenizer import read_tokenizer_config  # noqa: E402
 from engine.train.pretrain import run_pretraining  # noqa: E402
 from engine.train.settings import ModelSettings, OptimSettings, PretrainConfig, PretrainData, RunSettings  # noqa: E402
@@ -34,11 +35,13 @@ class DemoConfig(PretrainConfig):
     # Steps of the demo tokenizer when it has to be trained (None: recipes/train_tokenizer.py's own setting). Its
     # warmup, temperature-anneal and KL-warmup lengths are scaled by the same factor, keeping the schedule's shape.
     tokenizer_steps: int | None = None
+    # At the end, a linear probe and k-NN of the exported weights next to a random init (recipes/linear_probe.py).
+    probe: bool = True
 
 
 def config() -> DemoConfig:
     return DemoConfig(
-        model=ModelSettings(model="beit_tiny_patch4_32_8k_vocab", input_size=28, depth=6, drop_path=0.0,
+        model=ModelSettings(model="beit_mini_patch4_28_256_vocab", input_size=28, drop_path=0.0,
                             layer_scale_init_value=0.1, attn_impl="sdpa"),
         data=PretrainData(data_path="embedded:fashion_mnist", tokenizer="", second_input_size=14,
                           num_mask_patches=20, min_mask_patches=4, min_crop_scale=0.35, imagenet_mean_std=False),
@@ -78,11 +81,18 @@ def ensure_tokenizer(cfg: DemoConfig) -> None:
     train_tokenizer(tok_cfg)
 
 
-def print_summary(summary: dict, started: float) -> None:
-    first, last = summary["first"], summary["last"]
+def print_summary(summary: dict, probe: dict | None, started: float) -> None:
+    first, last, heldout = summary["first"], summary["last"], summary["heldout"]
     print("\n=== BEiT pretraining demo finished in %.0f s ===" % (time.time() - started))
     print(f"masked-token loss went from {first['loss']:.3f} (step {first['step']}) to {last['loss']:.3f} "
           f"(step {last['step']}); mlm_acc {first['mlm_acc']:.3f} → {last['mlm_acc']:.3f}")
+    if heldout:
+        verdict = "below" if heldout["heldout_loss"] < heldout["prior_loss"] else "NOT below"
+        print(f"held-out masked-token loss {heldout['heldout_loss']:.3f} (accuracy {heldout['heldout_acc']:.3f}), "
+              f"{verdict} the position prior's {heldout['prior_loss']:.3f} ({heldout['prior_acc']:.3f})")
+    if probe:
+        print(summary_line(probe))
+        print(f"probe:       {probe['output']}")
     print(f"metrics:     {summary['metrics_file']}")
     print(f"curves:      {summary['curves_png']}")
     print(f"checkpoint:  {summary['checkpoint']} (DeepSpeed, resumable)")
@@ -97,4 +107,9 @@ if __name__ == "__main__":
     cfg.data.second_input_size = read_tokenizer_config(cfg.data.tokenizer)["input_size"]  # the view it was trained on
     summary = run_pretraining(cfg)
     if summary.get("first"):
-        print_summary(summary, started)
+        probe = None
+        if cfg.probe:
+            probe = run_probe(ProbeConfig(checkpoint=str(summary["export_dir"]), data_path=cfg.data.data_path,
+                                          imagenet_mean_std=cfg.data.imagenet_mean_std, device=cfg.run.device,
+                                          init_seed=cfg.run.seed))
+        print_summary(summary, probe, started)

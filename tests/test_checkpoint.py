@@ -429,3 +429,25 @@ def test_abs_pos_embed_resize(tmp_path):
     report = ckpt.load_checkpoint(target, tmp_path / "abs.pth", strict=True)
     assert any(line.startswith("pos_embed: resized") for line in report.converted)
     torch.testing.assert_close(target.pos_embed, resize_abs_pos_embed(source.pos_embed, (4, 4), (6, 6)))
+
+
+def test_every_backbone_tensor_leaves_its_init_when_fine_tuning_loads_pretraining(tmp_path):
+    """The path fine-tuning takes (save_pretrained export → load_checkpoint into a classifier): every backbone tensor
+    must come from the checkpoint; only the new head and fc_norm keep their init, and the report says so."""
+    pretrained = make(MIM)
+    ckpt.save_pretrained(pretrained, tmp_path / "pretrained")
+    finetune = create_model(CLS, **{**TINY, "num_classes": 10})  # the fine-tuning init (mean pooling, fc_norm)
+    init = {k: v.clone() for k, v in finetune.state_dict().items()}
+    report = ckpt.load_checkpoint(finetune, tmp_path / "pretrained")
+    source = pretrained.state_dict()
+    shared = source["rel_pos_bias.relative_position_bias_table"]
+    fresh = ("head.", "fc_norm.")
+    for key, value in finetune.state_dict().items():
+        if key.startswith(fresh) or key.endswith("relative_position_index"):
+            continue
+        expected = shared if key.endswith("attn.relative_position_bias_table") else source[key]
+        assert not torch.equal(value, init[key]), f"{key} kept its init value"
+        assert torch.equal(value, expected), key
+    assert set(report.missing) == {k for k in init if k.startswith(fresh)}
+    assert set(report.unexpected) == {"lm_head.bias", "lm_head.weight", "mask_token", "norm.bias", "norm.weight"}
+    assert set(report.loaded) == {k for k in init if not k.startswith(fresh) and not k.endswith("_index")}

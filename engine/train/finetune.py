@@ -321,7 +321,7 @@ def _train(cfg, engine, parts, ema, schedules, dist_info, start_step, last_step,
     if dist_info.is_main:
         _save_model(parts.model, final_state, output_dir / FINAL_DIR)
         rows = read_metrics(output_dir / METRICS_FILE)
-        summary.update(curves_png=plot_curves(rows, output_dir / "curves.png", keys=("loss", "lr")),
+        summary.update(curves_png=plot_curves(rows, output_dir / "curves.png", panels=("loss", "lr")),
                        evals=read_metrics(output_dir / EVAL_FILE), final_dir=output_dir / FINAL_DIR,
                        best_dir=output_dir / BEST_DIR)
     return summary

@@ -82,10 +82,14 @@ def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_curves(rows: list[dict], png_path: str | Path, keys: tuple[str, ...] = ("loss", "mlm_acc")) -> Path:
-    """One panel per key against step. matplotlib when installed, else a plain PIL drawing, so the PNG always exists."""
+def plot_curves(rows: list[dict], png_path: str | Path,
+                panels: tuple[str | tuple[str, ...], ...] = ("loss", "mlm_acc")) -> Path:
+    """One panel per entry against step; an entry that is a tuple of keys draws those series together (e.g. the
+    held-out loss next to its baseline). matplotlib when installed, else a plain PIL drawing, so the PNG always
+    exists."""
     png_path = Path(png_path)
-    series = {k: [(r["step"], r[k]) for r in rows if r.get(k) is not None] for k in keys}
+    grouped = [(panel,) if isinstance(panel, str) else tuple(panel) for panel in panels]
+    series = [{k: [(r["step"], r[k]) for r in rows if r.get(k) is not None] for k in keys} for keys in grouped]
     try:
         import matplotlib
 
@@ -94,12 +98,15 @@ def plot_curves(rows: list[dict], png_path: str | Path, keys: tuple[str, ...] = 
     except ImportError:
         _plot_with_pil(series, png_path)
         return png_path
-    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.5))
-    for ax, (key, points) in zip(axes if len(keys) > 1 else [axes], series.items()):
-        if points:
-            ax.plot(*zip(*points))
+    fig, axes = plt.subplots(1, len(series), figsize=(5 * len(series), 3.5), squeeze=False)
+    for ax, panel in zip(axes[0], series):
+        for key, points in panel.items():
+            if points:
+                ax.plot(*zip(*points), label=key)
         ax.set_xlabel("step")
-        ax.set_title(key)
+        ax.set_ylabel(" / ".join(panel))
+        if len(panel) > 1:
+            ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
@@ -107,24 +114,31 @@ def plot_curves(rows: list[dict], png_path: str | Path, keys: tuple[str, ...] = 
     return png_path
 
 
-def _plot_with_pil(series: dict[str, list[tuple[int, float]]], png_path: Path) -> None:
+_PIL_COLOURS = ("royalblue", "darkorange", "seagreen", "crimson")
+
+
+def _plot_with_pil(series: list[dict[str, list[tuple[int, float]]]], png_path: Path) -> None:
     from PIL import Image, ImageDraw
 
     panel_w, panel_h, pad = 420, 300, 40
     image = Image.new("RGB", (panel_w * len(series), panel_h), "white")
     draw = ImageDraw.Draw(image)
-    for i, (key, points) in enumerate(series.items()):
+    for i, panel in enumerate(series):
         x0, x1, y0, y1 = i * panel_w + pad, (i + 1) * panel_w - 10, panel_h - pad, 25
         draw.rectangle([x0, y1, x1, y0], outline="black")
-        draw.text((x0, 5), key, fill="black")
-        if len(points) < 2:
+        points_all = [p for points in panel.values() for p in points]
+        if not points_all:
             continue
-        steps, values = zip(*points)
-        lo, hi = min(values), max(values)
-        span_v, span_s = (hi - lo) or 1.0, (steps[-1] - steps[0]) or 1
-        xy = [(x0 + (s - steps[0]) / span_s * (x1 - x0), y0 - (v - lo) / span_v * (y0 - y1)) for s, v in points]
-        draw.line(xy, fill="royalblue", width=2)
-        draw.text((x0, y0 + 5), f"step {steps[0]}..{steps[-1]}", fill="black")
+        lo, hi = min(v for _, v in points_all), max(v for _, v in points_all)
+        first, last = min(s for s, _ in points_all), max(s for s, _ in points_all)
+        span_v, span_s = (hi - lo) or 1.0, (last - first) or 1
+        for colour, (key, points) in zip(_PIL_COLOURS, panel.items()):
+            draw.text((x0 + 110 * list(panel).index(key), 5), key, fill=colour)
+            if len(points) < 2:
+                continue
+            xy = [(x0 + (s - first) / span_s * (x1 - x0), y0 - (v - lo) / span_v * (y0 - y1)) for s, v in points]
+            draw.line(xy, fill=colour, width=2)
+        draw.text((x0, y0 + 5), f"step {first}..{last}", fill="black")
         draw.text((x1 - 120, y1 + 3), f"max {hi:.4g}", fill="black")
         draw.text((x1 - 120, y0 - 15), f"min {lo:.4g}", fill="black")
     image.save(png_path)

@@ -16,6 +16,7 @@ from torch import nn
 from engine.train import checkpointing
 from engine.train.export import export_checkpoint
 from engine.train.flops import device_peak_flops, train_flops_per_image
+from engine.train.heldout import HeldOutBatch, build_heldout_batch
 from engine.train.loop import (
     StepHealth,
     StopSignal,
@@ -77,6 +78,7 @@ class PretrainParts:
     tokenizer: nn.Module
     loader: torch.utils.data.DataLoader
     mask_backend: str  # "native" | "python": their masks differ, so a resume must use the same one
+    heldout: HeldOutBatch | None  # fixed test-split batch and its position-prior baseline
 
 
 def build_parts(cfg: PretrainConfig, dist_info: DistInfo) -> PretrainParts:
@@ -118,7 +120,16 @@ def build_parts(cfg: PretrainConfig, dist_info: DistInfo) -> PretrainParts:
     dataset = MIMPretrainDataset(build_dataset(data.data_path, "train"), transform, masking, seed=cfg.run.seed)
     loader = build_loader(dataset, cfg.run.batch_size, dist_info.rank, dist_info.world_size, cfg.run.seed,
                           num_workers=cfg.run.num_workers)
-    return PretrainParts(model, tokenizer, loader, masking.backend)
+    heldout = None
+    if data.heldout_images > 0 and data.heldout_every > 0:
+        try:
+            test_set = MIMPretrainDataset(build_dataset(data.data_path, "test"), transform, masking, seed=cfg.run.seed)
+        except FileNotFoundError:
+            logger.info("%s has no test split: the held-out masked-token check is off", data.data_path)
+        else:
+            heldout = build_heldout_batch(dataset, test_set, tokenizer, model.config["vocab_size"],
+                                          data.heldout_images, dist_info.device)
+    return PretrainParts(model, tokenizer, loader, masking.backend, heldout)
 
 
 def _client_state(step: int, steps_per_epoch: int, global_batch: int, dist_info: DistInfo,
@@ -239,14 +250,19 @@ def _train(cfg, engine, parts, schedules, dist_info, start_step, last_step, step
                 img_per_s = global_batch * window_steps / elapsed
                 loss_value, mlm_acc, masked = mean_over_ranks([loss_value, acc_value, masked], device)
                 flops = train_flops_per_image(model_config, masked)
-                metrics.log({
+                row = {
                     "step": step, "epoch": epoch, "loss": loss_value, "mlm_acc": mlm_acc,
                     "lr": lr, "wd": wd,
                     "grad_norm": grad_norm if grad_norm is not None else deepspeed_grad_norm(engine),
                     "loss_scale": loss_scale(engine), "img_per_s": img_per_s,
                     "mfu": flops * img_per_s / dist_info.world_size / peak if peak else None,
                     "skipped_steps": health.total_skipped,
-                })
+                }
+                heldout = parts.heldout
+                if heldout is not None and (step % cfg.data.heldout_every == 0 or step == last_step):
+                    row["heldout_loss"], row["heldout_acc"] = heldout.evaluate(engine, dtype, device)
+                    row["prior_loss"], row["prior_acc"] = heldout.prior_loss, heldout.prior_acc
+                metrics.log(row)
                 window_start, window_steps = time.perf_counter(), 0
             if stop.should_stop(device):
                 stopped_by = stop.received or "signal on another rank"
@@ -271,7 +287,8 @@ def _finish(output_dir: Path, ckpt_dir: Path) -> dict:
     """Rank 0, after the final checkpoint: fp32 export, loss/accuracy curves, first and last logged values."""
     export_dir = export_checkpoint(ckpt_dir, output_dir / EXPORT_DIR)
     rows = read_metrics(output_dir / METRICS_FILE)
-    png = plot_curves(rows, output_dir / CURVES_PNG)
+    png = plot_curves(rows, output_dir / CURVES_PNG, panels=("loss", "mlm_acc", ("heldout_loss", "prior_loss")))
     first, last = (rows[0], rows[-1]) if rows else ({}, {})
+    heldout = [row for row in rows if row.get("heldout_loss") is not None]
     return {"export_dir": export_dir, "curves_png": png, "metrics_file": output_dir / METRICS_FILE,
-            "first": first, "last": last}
+            "first": first, "last": last, "heldout": heldout[-1] if heldout else None}

@@ -68,6 +68,11 @@ class PretrainData:
     max_mask_patches: int | None = None
     min_crop_scale: float = 0.08
     imagenet_mean_std: bool = True
+    # A fixed batch of test-split images is scored every `heldout_every` steps next to the position prior (the most
+    # common token of each grid position): see engine/train/heldout.py. 0 turns it off; so does a dataset without
+    # a test split.
+    heldout_images: int = 256
+    heldout_every: int = 1000
 
 
 @dataclass

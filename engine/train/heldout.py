@@ -1,0 +1,75 @@
+"""Has pretraining learned to use context? A fixed held-out batch, scored against the position prior.
+
+The position prior predicts, for each grid position, the token distribution seen there in training images (no
+context at all). A masked-token loss above the prior's means the model has learned little beyond which tokens are
+common where; once it drops below, it reads the visible patches. Both are measured on the same fixed held-out images
+and masks, so the comparison is exact and the numbers are comparable across steps and runs.
+"""
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+PRIOR_IMAGES = 2048  # training images whose token grids give the position prior
+PRIOR_SMOOTHING = 0.5  # added to every (position, token) count, so unseen tokens cost a finite loss
+
+
+@dataclass
+class HeldOutBatch:
+    patch_views: torch.Tensor  # [B, 3, H, W]
+    masks: torch.Tensor  # [B, L] bool
+    labels: torch.Tensor  # [B, L] token ids
+    prior_loss: float  # cross-entropy of the position prior on the masked patches
+    prior_acc: float  # accuracy of the prior's most common token per position
+
+    @torch.no_grad()
+    def evaluate(self, engine, dtype: torch.dtype, device: torch.device) -> tuple[float, float]:
+        """(masked-token loss, accuracy) of the model on this batch, in eval mode (no drop path); host sync."""
+        module = engine.module
+        module.eval()
+        loss, acc = engine(self.patch_views.to(device, dtype), self.masks.to(device), self.labels.to(device))
+        module.train()
+        return float(loss), float(acc)
+
+
+def _tokenized(dataset, count: int, tokenizer, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The first `count` samples of a MIM dataset (epoch 0, deterministic) → patch views, masks, token ids."""
+    samples = [dataset[i] for i in range(min(count, len(dataset)))]
+    patch_views, tokenizer_views, masks = (torch.stack(parts) for parts in zip(*samples))
+    labels = torch.cat([tokenizer.get_codebook_indices(chunk.to(device)).cpu()
+                        for chunk in tokenizer_views.split(256)])  # [n, L]
+    return patch_views, masks, labels
+
+
+def position_prior(labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Token ids `[n, L]` → log-probabilities `[L, V]` of each token at each position (smoothed counts)."""
+    counts = torch.full((labels.shape[1], vocab_size), PRIOR_SMOOTHING)
+    counts.scatter_add_(1, labels.T, torch.ones(labels.T.shape))
+    return (counts / counts.sum(dim=1, keepdim=True)).log()
+
+
+def prior_metrics(log_prior: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """(cross-entropy, accuracy) of predicting each masked patch's token from its position alone."""
+    positions = masks.nonzero()[:, 1]  # [M]
+    targets = labels[masks]  # [M]
+    loss = -log_prior[positions, targets].mean()
+    acc = (log_prior.argmax(dim=1)[positions] == targets).float().mean()
+    return float(loss), float(acc)
+
+
+def build_heldout_batch(train_set, test_set, tokenizer, vocab_size: int, num_images: int,
+                        device: torch.device) -> HeldOutBatch | None:
+    """The fixed batch: `num_images` test-split samples (with masks and tokens) and the prior from training images."""
+    if num_images <= 0 or test_set is None:
+        return None
+    _, _, prior_labels = _tokenized(train_set, PRIOR_IMAGES, tokenizer, device)
+    log_prior = position_prior(prior_labels, vocab_size)
+    patch_views, masks, labels = _tokenized(test_set, num_images, tokenizer, device)
+    prior_loss, prior_acc = prior_metrics(log_prior, masks, labels)
+    logger.info("held-out check: %d test images; position prior (from %d training images) masked-token loss %.3f, "
+                "accuracy %.3f: the model uses context once its held-out loss is below that", len(labels),
+                len(prior_labels), prior_loss, prior_acc)
+    return HeldOutBatch(patch_views, masks, labels, prior_loss, prior_acc)
