@@ -73,6 +73,7 @@ setup(
         "pillow",
         "safetensors",
         "tqdm",
+        "matplotlib",  # curves.png and the evidence plot (a plain PIL drawing is the fallback)
     ],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "ruff"],

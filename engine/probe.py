@@ -180,14 +180,11 @@ def _build_models(cfg: ProbeConfig, device: torch.device) -> tuple[nn.Module, nn
 def run_probe(cfg: ProbeConfig) -> dict:
     """Probes `cfg.checkpoint` and a random init of the same model on `cfg.data_path`; writes and returns the JSON."""
     from engine.data import (
-        BEIT_DEFAULT_MEAN,
-        BEIT_DEFAULT_STD,
-        IMAGENET_DEFAULT_MEAN,
-        IMAGENET_DEFAULT_STD,
         ClassificationDataset,
         EvalTransform,
         build_dataset,
         build_loader,
+        mean_std,
     )
     from engine.train.runtime import resolve_device
 
@@ -198,8 +195,7 @@ def run_probe(cfg: ProbeConfig) -> dict:
     num_classes = len(train_base.classes)
     if num_classes < 2:
         raise ValueError(f"{cfg.data_path} has no class labels: a probe needs a labelled train and test split")
-    mean, std = (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD) if cfg.imagenet_mean_std else \
-        (BEIT_DEFAULT_MEAN, BEIT_DEFAULT_STD)
+    mean, std = mean_std(cfg.imagenet_mean_std)
     transform = EvalTransform(pretrained.patch_embed.img_size[0], crop_pct=1.0, mean=mean, std=std)
     loaders = [build_loader(ClassificationDataset(base, transform), cfg.batch_size, num_workers=cfg.num_workers,
                             drop_last=False, shuffle=False) for base in (train_base, test_base)]

@@ -29,3 +29,24 @@ def tokenizer_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("tokenizer")
     save_tokenizer(out, DalleEncoder(group_count=2, n_hid=16, n_blk_per_group=1, vocab_size=64), input_size=14)
     return out
+
+
+@pytest.fixture(scope="module")
+def quadrant_data(tmp_path_factory):
+    """A labelled IDX set of 28 px images whose class is the quadrant holding a bright square (120 train / 60 test):
+    real labels that a linear probe can read, in a few KB."""
+    import numpy as np
+
+    from engine.data import write_idx
+
+    rng = np.random.default_rng(0)
+    out = tmp_path_factory.mktemp("quadrants")
+    for prefix, n in (("train", 120), ("t10k", 60)):
+        labels = np.arange(n, dtype=np.uint8) % 4
+        images = rng.integers(0, 60, size=(n, 28, 28), dtype=np.uint8)
+        for image, label in zip(images, labels):
+            row, col = divmod(int(label), 2)
+            image[row * 14 + 2: row * 14 + 12, col * 14 + 2: col * 14 + 12] = 230
+        write_idx(out / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(out / f"{prefix}-labels-idx1-ubyte", labels)
+    return out

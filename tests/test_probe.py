@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from engine.checkpoint import save_pretrained
-from engine.data import write_idx
 from engine.factory import create_model
 from engine.probe import ProbeConfig, ProbeSettings, fit_linear, knn_predict, probe, run_probe, summary_line
 from engine.train.heldout import position_prior, prior_metrics
@@ -57,31 +56,15 @@ def test_position_prior_baseline():
 
 
 @pytest.fixture(scope="module")
-def idx_data(tmp_path_factory) -> Path:
-    """A labelled IDX set of 28 px images whose class is the quadrant holding a bright square (120 / 60)."""
-    rng = np.random.default_rng(0)
-    out = tmp_path_factory.mktemp("quadrants")
-    for prefix, n in (("train", 120), ("t10k", 60)):
-        labels = np.arange(n, dtype=np.uint8) % 4
-        images = rng.integers(0, 60, size=(n, 28, 28), dtype=np.uint8)
-        for image, label in zip(images, labels):
-            row, col = divmod(int(label), 2)
-            image[row * 14 + 2: row * 14 + 12, col * 14 + 2: col * 14 + 12] = 230
-        write_idx(out / f"{prefix}-images-idx3-ubyte", images)
-        write_idx(out / f"{prefix}-labels-idx1-ubyte", labels)
-    return out
-
-
-@pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     torch.manual_seed(1)
     model = create_model("beit_tiny_patch4_32_8k_vocab", img_size=28, depth=2, vocab_size=64)
     return save_pretrained(model, tmp_path_factory.mktemp("ckpt") / "pretrained")
 
 
-def test_run_probe_writes_json_and_summary(tiny_checkpoint, idx_data, tmp_path):
+def test_run_probe_writes_json_and_summary(tiny_checkpoint, quadrant_data, tmp_path):
     output = tmp_path / "probe.json"
-    summary = run_probe(ProbeConfig(checkpoint=str(tiny_checkpoint), data_path=str(idx_data), output=str(output),
+    summary = run_probe(ProbeConfig(checkpoint=str(tiny_checkpoint), data_path=str(quadrant_data), output=str(output),
                                     batch_size=64, settings=ProbeSettings(lbfgs_steps=20)))
     written = json.loads(output.read_text())
     assert written["num_train"] == 120 and written["num_test"] == 60 and written["num_classes"] == 4

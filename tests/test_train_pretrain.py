@@ -56,6 +56,9 @@ def test_short_run_writes_everything(reference_run):
         assert all(r[key] is not None for r in rows), key
     assert rows[0]["lr"] == 0.0 and rows[-1]["loss"] < rows[0]["loss"]
     assert rows[0]["mfu"] is None  # CPU: no peak to compare with
+    # the held-out check runs at the last step (and every heldout_every steps), next to the position prior
+    assert rows[-1]["heldout_loss"] > 0 and 0 < rows[-1]["prior_loss"] and 0 <= rows[-1]["prior_acc"] <= 1
+    assert all("heldout_loss" not in r for r in rows[:-1])
     for name in ("config.json", "deepspeed_config.json", "curves.png", "pretrained/model.safetensors",
                  "pretrained/config.json", "latest"):
         assert (reference_run / name).exists(), name

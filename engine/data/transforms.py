@@ -40,6 +40,13 @@ _INTERPOLATIONS = {
 Box = tuple[int, int, int, int]  # (top, left, height, width) in pixels of the input image
 
 
+def mean_std(imagenet_mean_std: bool) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Normalisation constants: ImageNet's (the official fine-tuning default) or BEiT's 0.5/0.5 (pretraining)."""
+    if imagenet_mean_std:
+        return IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    return BEIT_DEFAULT_MEAN, BEIT_DEFAULT_STD
+
+
 def resolve_rng(rng: random.Random | None) -> random.Random:
     """`rng`, or a fresh generator seeded from Python's global `random` state when None."""
     return rng if rng is not None else random.Random(random.getrandbits(64))

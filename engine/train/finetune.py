@@ -63,15 +63,12 @@ class FinetuneParts:
 def build_parts(cfg: FinetuneConfig, dist_info: DistInfo) -> FinetuneParts:
     from engine.checkpoint import load_checkpoint
     from engine.data import (
-        BEIT_DEFAULT_MEAN,
-        BEIT_DEFAULT_STD,
-        IMAGENET_DEFAULT_MEAN,
-        IMAGENET_DEFAULT_STD,
         ClassificationDataset,
         EvalTransform,
         FinetuneTransform,
         build_dataset,
         build_loader,
+        mean_std,
     )
     from engine.factory import create_model
 
@@ -94,8 +91,7 @@ def build_parts(cfg: FinetuneConfig, dist_info: DistInfo) -> FinetuneParts:
     if cfg.extras.linear_probe:
         for name, param in model.named_parameters():
             param.requires_grad_(name.startswith(_HEAD_PARAMS))
-    mean, std = (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD) if data.imagenet_mean_std else \
-        (BEIT_DEFAULT_MEAN, BEIT_DEFAULT_STD)
+    mean, std = mean_std(data.imagenet_mean_std)
     train_tf = FinetuneTransform(m.input_size, scale=(data.min_crop_scale, 1.0), color_jitter=data.color_jitter,
                                  auto_augment=data.auto_augment or None, re_prob=data.reprob, mean=mean, std=std)
     eval_tf = EvalTransform(m.input_size, data.crop_pct, mean=mean, std=std)

@@ -85,13 +85,7 @@ def build_parts(cfg: PretrainConfig, dist_info: DistInfo) -> PretrainParts:
     from engine.data.datasets import build_dataset
     from engine.data.loader import MIMPretrainDataset, build_loader
     from engine.data.masking import MaskingGenerator
-    from engine.data.transforms import (
-        BEIT_DEFAULT_MEAN,
-        BEIT_DEFAULT_STD,
-        IMAGENET_DEFAULT_MEAN,
-        IMAGENET_DEFAULT_STD,
-        PretrainTransform,
-    )
+    from engine.data.transforms import PretrainTransform, mean_std
     from engine.factory import create_model
     from engine.tokenizer import check_tokenizer_compatible, load_tokenizer
 
@@ -112,8 +106,7 @@ def build_parts(cfg: PretrainConfig, dist_info: DistInfo) -> PretrainParts:
                          vocab_size=tokenizer.vocab_size, grad_checkpointing=m.grad_checkpointing)
     grid = model.patch_embed.patch_shape
     check_tokenizer_compatible(tokenizer, model.config["vocab_size"], grid, data.second_input_size)
-    mean, std = (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD) if data.imagenet_mean_std else \
-        (BEIT_DEFAULT_MEAN, BEIT_DEFAULT_STD)
+    mean, std = mean_std(data.imagenet_mean_std)
     transform = PretrainTransform(m.input_size, data.second_input_size, scale=(data.min_crop_scale, 1.0),
                                   mean=mean, std=std)
     masking = MaskingGenerator(grid, data.num_mask_patches, data.min_mask_patches, data.max_mask_patches)
@@ -262,6 +255,9 @@ def _train(cfg, engine, parts, schedules, dist_info, start_step, last_step, step
                 if heldout is not None and (step % cfg.data.heldout_every == 0 or step == last_step):
                     row["heldout_loss"], row["heldout_acc"] = heldout.evaluate(engine, dtype, device)
                     row["prior_loss"], row["prior_acc"] = heldout.prior_loss, heldout.prior_acc
+                    metrics.note(f"step {step}: held-out masked-token loss {row['heldout_loss']:.3f} (accuracy "
+                                 f"{row['heldout_acc']:.3f}); position prior {heldout.prior_loss:.3f} "
+                                 f"({heldout.prior_acc:.3f})")
                 metrics.log(row)
                 window_start, window_steps = time.perf_counter(), 0
             if stop.should_stop(device):
