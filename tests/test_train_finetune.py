@@ -22,7 +22,7 @@ TINY = ["--depth=2", "--batch_size=16", "--epochs=1", "--max_steps=4", "--log_ev
 def pretrained_dir(tmp_path_factory) -> Path:
     """A random MIM model saved in our format: stands in for the pretraining demo's export."""
     torch.manual_seed(0)
-    model = create_model("beit_tiny_patch4_32_8k_vocab", img_size=28, depth=2, vocab_size=64)
+    model = create_model("beit_mini_patch4_28_256_vocab", depth=2, vocab_size=64)
     return save_pretrained(model, tmp_path_factory.mktemp("pretrained") / "weights")
 
 
