@@ -100,7 +100,8 @@ def finetune_configs(cfg: EvidenceConfig, pretrained: Path) -> dict[str, object]
 class Stages:
     """Results and wall time of each finished stage, kept in `<output_dir>/stages.json` so a rerun skips them."""
 
-    def __init__(self, output_dir: Path):
+    def __init__(self, output_dir: Path, commit: str):
+        self.commit = commit  # of the code that runs the stages (read when the invocation starts)
         self.path = output_dir / STAGES_FILE
         self.done = json.loads(self.path.read_text()) if self.path.exists() else {}
 
@@ -113,7 +114,7 @@ class Stages:
         result = fn()
         if result is None:  # interrupted (SIGTERM/SIGINT): the stage's own checkpoint resumes it
             raise SystemExit(f"[evidence] {name} was interrupted; run the same command again to resume")
-        self.done[name] = {"seconds": round(time.time() - started, 1), "result": result}
+        self.done[name] = {"seconds": round(time.time() - started, 1), "commit": self.commit, "result": result}
         staging = self.path.with_suffix(".tmp")
         staging.write_text(json.dumps(self.done, indent=2, default=str) + "\n")
         staging.replace(self.path)
@@ -209,7 +210,7 @@ def main(argv: list[str]) -> dict:
     started = time.time()
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    stages = Stages(output_dir)
+    stages = Stages(output_dir, _commit())
     pre = pretrain_config(cfg)
 
     def tokenizer() -> dict:
@@ -231,7 +232,8 @@ def main(argv: list[str]) -> dict:
 
     results = {
         "command": "python recipes/fashion_mnist_evidence.py " + " ".join(shlex.quote(a) for a in argv),
-        "commit": _commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "commit": {name: stage.get("commit", "unknown") for name, stage in stages.done.items()},
+        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
         "torch": torch.__version__, "config": asdict(cfg),
         "wall_seconds": {name: stage["seconds"] for name, stage in stages.done.items()},
