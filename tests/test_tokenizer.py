@@ -284,7 +284,9 @@ def test_training_steps_lower_the_loss(recon_loss):
 def test_train_tokenizer_writes_a_loadable_tokenizer(tmp_path):
     cfg = TokenizerTrainConfig(input_size=28, steps=3, batch_size=4, max_train_images=32, eval_images=16, log_every=1,
                                output_dir=str(tmp_path / "run"), num_threads=1, **TINY)
+    threads = torch.get_num_threads()
     metrics = train_tokenizer(cfg)
+    assert torch.get_num_threads() == threads  # the caller's thread count is back (the demo pretrains next)
     assert {"mse", "psnr", "codebook_used", "perplexity", "train_seconds"} <= metrics.keys()
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["token_grid"] == [7, 7]
     assert (tmp_path / "run" / "reconstructions.png").stat().st_size > 0

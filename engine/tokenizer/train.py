@@ -130,10 +130,19 @@ def _build_vae(cfg: TokenizerTrainConfig) -> DiscreteVAE:
 
 
 def train_tokenizer(cfg: TokenizerTrainConfig) -> dict:
-    """Trains, evaluates and saves a tokenizer; returns the final metrics."""
+    """Trains, evaluates and saves a tokenizer; returns the final metrics. `cfg.num_threads` applies to this call
+    only: a caller that trains next in the same process (the pretraining demo) keeps its own thread count."""
+    threads = torch.get_num_threads()
+    try:
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        return _train_tokenizer(cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_tokenizer(cfg: TokenizerTrainConfig) -> dict:
     torch.manual_seed(cfg.seed)
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
     torch.set_flush_denormal(True)  # low-temperature softmaxes underflow to denormals, which crawl on CPUs
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           "cpu" if cfg.device == "auto" else cfg.device)
