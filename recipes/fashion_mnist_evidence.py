@@ -10,7 +10,7 @@ Stages, each resumable (rerun the same command after an interruption; finished s
 4. fine-tuning from the pretrained weights and from scratch, same recipe and budget, `seeds` seeds per arm.
 Writes `<results>.json` (every number, the command, the wall time of each stage) and `<results>.png` (top-1 per
 epoch of both arms, probe accuracies). What was shrunk to fit about two hours of a 2-core CPU, and why, is in the
-README's "Evidence" section.
+README's section "Does pretraining pay off?".
 """
 
 import copy
