@@ -40,6 +40,9 @@ from engine.train.metrics import read_metrics  # noqa: E402
 from engine.train.pretrain import run_pretraining  # noqa: E402
 
 STAGES_FILE = "stages.json"
+SETTINGS_FILE = "settings.json"
+# Keys that do not change a stage's result: seeds only select which fine-tuning stages run.
+_FREE_KEYS = ("seeds", "results", "num_workers", "device")
 
 
 @dataclass
@@ -62,6 +65,20 @@ class EvidenceConfig:
     device: str = "auto"
     max_steps: int = -1  # > 0 caps every pretraining/fine-tuning run (smoke tests)
     finetune_overrides: list[str] = field(default_factory=list)  # extra --key=value for both fine-tuning arms
+
+
+def check_same_settings(cfg: EvidenceConfig, output_dir: Path) -> None:
+    """Finished stages are reused by name, so a rerun must use the settings that produced them."""
+    settings = {k: v for k, v in json.loads(json.dumps(asdict(cfg))).items() if k not in _FREE_KEYS}
+    path = output_dir / SETTINGS_FILE
+    if not path.exists():
+        path.write_text(json.dumps(settings, indent=2) + "\n")
+        return
+    saved = json.loads(path.read_text())
+    changed = [f"--{k}={saved.get(k)!r} there, {v!r} now" for k, v in settings.items() if saved.get(k) != v]
+    if changed:
+        raise SystemExit(f"error: {output_dir} holds stages run with other settings ({'; '.join(changed)}); rerun "
+                         "with the same settings, or pass a new --output_dir")
 
 
 def pretrain_config(cfg: EvidenceConfig) -> pretrain_demo.DemoConfig:
@@ -210,6 +227,7 @@ def main(argv: list[str]) -> dict:
     started = time.time()
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    check_same_settings(cfg, output_dir)
     stages = Stages(output_dir, _commit())
     pre = pretrain_config(cfg)
 

@@ -31,6 +31,8 @@ def test_evidence_pipeline_on_tiny_data(quadrant_data, tmp_path, capsys):
     capsys.readouterr()
     fashion_mnist_evidence.main(argv)  # a rerun finds every stage done
     assert capsys.readouterr().out.count("skipped") == 5
+    with pytest.raises(SystemExit, match="other settings"):  # finished stages must not be reused for other settings
+        fashion_mnist_evidence.main([*argv, "--finetune_epochs=5"])
 
 
 def test_missing_data_is_one_line(tmp_path):
