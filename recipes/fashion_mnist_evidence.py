@@ -240,6 +240,7 @@ def main(argv: list[str]) -> dict:
     pre.data.second_input_size = read_tokenizer_config(pre.data.tokenizer)["input_size"]
     pretraining = stages.run("pretraining", lambda: _pretrain(pre))
     probe_cfg = ProbeConfig(checkpoint=pretraining["export_dir"], data_path=cfg.data_path, device=cfg.device,
+                            imagenet_mean_std=pre.data.imagenet_mean_std, init_seed=pre.run.seed,
                             output=str(output_dir / "probe.json"))
     probe = stages.run("probe", lambda: run_probe(probe_cfg))
     print(summary_line(probe))

@@ -5,7 +5,7 @@
 Features per block: [CLS ; mean(patch tokens)] (as the official run_linear_eval.py), extracted once per image with
 no augmentation; the layer and the L2 strength are chosen on 10% of the training images held out, then the probe
 is refitted on all training images and scored on the test split (engine/probe.py). Writes a JSON (default:
-probe.json next to the checkpoint) and prints one summary line. About 40 s for the demo checkpoint on 2 cores.
+probe.json next to the checkpoint) and prints one summary line. About 70 s for the demo checkpoint on 2 cores.
 """
 
 import logging

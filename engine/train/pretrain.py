@@ -214,7 +214,8 @@ def _train(cfg, engine, parts, schedules, dist_info, start_step, last_step, step
     try:
         while step < last_step:
             lr, wd = apply_schedules(engine.optimizer, schedules, step)
-            log_now = (step + 1) % run.log_every == 0 or step + 1 == last_step or step == start_step
+            heldout_due = parts.heldout is not None and (step + 1) % cfg.data.heldout_every == 0
+            log_now = (step + 1) % run.log_every == 0 or step + 1 == last_step or step == start_step or heldout_due
             stats_sum = torch.zeros(3, device=device)  # loss, mlm_acc, masked patches per image: summed on device
             grad_norm = None
             if step % steps_per_epoch == 0 and step != start_step:  # epochs are counted in optimizer steps
