@@ -35,13 +35,19 @@ class HeldOutBatch:
         return float(loss), float(acc)
 
 
-def _tokenized(dataset, count: int, tokenizer, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """The first `count` samples of a MIM dataset (epoch 0, deterministic) → patch views, masks, token ids."""
-    samples = [dataset[i] for i in range(min(count, len(dataset)))]
-    patch_views, tokenizer_views, masks = (torch.stack(parts) for parts in zip(*samples))
-    labels = torch.cat([tokenizer.get_codebook_indices(chunk.to(device)).cpu()
-                        for chunk in tokenizer_views.split(256)])  # [n, L]
-    return patch_views, masks, labels
+def _tokenized(dataset, count: int, tokenizer, device: torch.device, keep_views: bool, chunk: int = 256
+               ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """The first `count` samples of a MIM dataset (epoch 0, deterministic) → patch views (only with `keep_views`:
+    the prior needs tokens alone), masks, token ids; `chunk` images at a time, so memory stays bounded."""
+    total = min(count, len(dataset))
+    patch_views, masks, labels = [], [], []
+    for start in range(0, total, chunk):
+        views, tokenizer_views, chunk_masks = zip(*(dataset[i] for i in range(start, min(start + chunk, total))))
+        labels.append(tokenizer.get_codebook_indices(torch.stack(tokenizer_views).to(device)).cpu())  # [n, L]
+        masks.append(torch.stack(chunk_masks))
+        if keep_views:
+            patch_views.append(torch.stack(views))
+    return (torch.cat(patch_views) if patch_views else None), torch.cat(masks), torch.cat(labels)
 
 
 def position_prior(labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -65,9 +71,9 @@ def build_heldout_batch(train_set, test_set, tokenizer, vocab_size: int, num_ima
     """The fixed batch: `num_images` test-split samples (with masks and tokens) and the prior from training images."""
     if num_images <= 0 or test_set is None:
         return None
-    _, _, prior_labels = _tokenized(train_set, PRIOR_IMAGES, tokenizer, device)
+    _, _, prior_labels = _tokenized(train_set, PRIOR_IMAGES, tokenizer, device, keep_views=False)
     log_prior = position_prior(prior_labels, vocab_size)
-    patch_views, masks, labels = _tokenized(test_set, num_images, tokenizer, device)
+    patch_views, masks, labels = _tokenized(test_set, num_images, tokenizer, device, keep_views=True)
     prior_loss, prior_acc = prior_metrics(log_prior, masks, labels)
     logger.info("held-out check: %d test images; position prior (from %d training images) masked-token loss %.3f, "
                 "accuracy %.3f: the model uses context once its held-out loss is below that", len(labels),
