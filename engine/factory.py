@@ -40,8 +40,8 @@ def _registry() -> dict[str, tuple[type[BeitEncoder], dict]]:
     # small-image variants that train on a CPU in seconds (CIFAR-sized inputs, 8x8 token grid)
     models["beit_tiny_patch4_32_8k_vocab"] = (BeitForMaskedImageModeling, dict(_arch("tiny", 32, 4), **_MIM))
     models["beit_tiny_patch4_32"] = (BeitForImageClassification, dict(_arch("tiny", 32, 4), **_CLASSIFIER))
-    # the CPU demos' model: 28 px Fashion-MNIST, 7x7 token grid, 6 blocks of width 128 (1.8x the fine-tuning
-    # throughput of tiny at depth 6 on 2 cores), 256 visual tokens as the demo tokenizer
+    # the CPU demos' model: 28 px Fashion-MNIST, 7x7 token grid, 6 blocks of width 128 (narrower than tiny, so a
+    # 2-core CPU runs more steps in the same time), 256 visual tokens as the demo tokenizer
     mini = dict(_COMMON, img_size=28, patch_size=4, embed_dim=128, depth=6, num_heads=4, layer_scale_init_value=0.1)
     models["beit_mini_patch4_28_256_vocab"] = (BeitForMaskedImageModeling, dict(mini, **{**_MIM, "vocab_size": 256}))
     models["beit_mini_patch4_28"] = (BeitForImageClassification, dict(mini, **_CLASSIFIER))

@@ -32,8 +32,8 @@ from engine.train.settings import (  # noqa: E402
     RunSettings,
 )
 
-# Training images per second of beit_mini_patch4_28 at batch 64 on this project's idle 2-core CPU machine (measured
-# in the metrics.jsonl of a fine-tuning run: 133-139 img/s).
+# Training images per second of beit_mini_patch4_28 at batch 64 on this project's 2-core CPU machine (img_per_s in
+# the metrics.jsonl of the seed-0 fine-tuning runs of recipes/fashion_mnist_evidence.py: medians 140 and 129).
 IMAGES_PER_SECOND_2_CORES = 130
 
 

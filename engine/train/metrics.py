@@ -141,8 +141,8 @@ def _plot_with_pil(series: list[dict[str, list[tuple[int, float]]]], png_path: P
         lo, hi = min(v for _, v in points_all), max(v for _, v in points_all)
         first, last = min(s for s, _ in points_all), max(s for s, _ in points_all)
         span_v, span_s = (hi - lo) or 1.0, (last - first) or 1
-        for colour, (key, points) in zip(_PIL_COLOURS, panel.items()):
-            draw.text((x0 + 110 * list(panel).index(key), 5), key, fill=colour)
+        for slot, (colour, (key, points)) in enumerate(zip(_PIL_COLOURS, panel.items())):
+            draw.text((x0 + 110 * slot, 5), key, fill=colour)
             if len(points) < 2:
                 continue
             xy = [(x0 + (s - first) / span_s * (x1 - x0), y0 - (v - lo) / span_v * (y0 - y1)) for s, v in points]

@@ -214,7 +214,8 @@ def _train(cfg, engine, parts, schedules, dist_info, start_step, last_step, step
     try:
         while step < last_step:
             lr, wd = apply_schedules(engine.optimizer, schedules, step)
-            heldout_due = parts.heldout is not None and (step + 1) % cfg.data.heldout_every == 0
+            heldout_due = parts.heldout is not None and ((step + 1) % cfg.data.heldout_every == 0
+                                                         or step + 1 == last_step)
             log_now = (step + 1) % run.log_every == 0 or step + 1 == last_step or step == start_step or heldout_due
             stats_sum = torch.zeros(3, device=device)  # loss, mlm_acc, masked patches per image: summed on device
             grad_norm = None
@@ -253,7 +254,7 @@ def _train(cfg, engine, parts, schedules, dist_info, start_step, last_step, step
                     "skipped_steps": health.total_skipped,
                 }
                 heldout = parts.heldout
-                if heldout is not None and (step % cfg.data.heldout_every == 0 or step == last_step):
+                if heldout_due:
                     row["heldout_loss"], row["heldout_acc"] = heldout.evaluate(engine, dtype, device)
                     row["prior_loss"], row["prior_acc"] = heldout.prior_loss, heldout.prior_acc
                     metrics.note(f"step {step}: held-out masked-token loss {row['heldout_loss']:.3f} (accuracy "
