@@ -1,4 +1,6 @@
 """Model-level benchmark: forward+backward of a BEiT pretraining model (block stack + masked LM loss) per attn_impl.
+Every row uses the same loss (`MLM_LOSS`: the fused kernel on a GPU, the reference on a CPU), so rows compare
+attention backends alone.
 
     python benchmarks/bench_block.py   # GPU: BEiT-B/L MIM at 224 with 4 blocks, bf16 autocast
                                        # CPU: a tiny 2-block model, triton path through the interpreter
@@ -24,11 +26,12 @@ GPU_SHAPES = [  # name, model, batch, overrides
 CPU_SHAPES = [("tiny_cpu", "beit_tiny_patch4_32_8k_vocab", 2,
                {"img_size": 16, "depth": 2, "vocab_size": 64, "embed_dim": 64, "num_heads": 2})]
 IMPLS = ("triton", "sdpa", "eager")
+MLM_LOSS = "reference" if ON_CPU else "fused"
 
 
 def bench_one(attn_impl: str, shape, device: str) -> dict:
     _, model_name, batch, overrides = shape
-    model = engine.create_model(model_name, attn_impl=attn_impl, **overrides).to(device)
+    model = engine.create_model(model_name, attn_impl=attn_impl, mlm_loss=MLM_LOSS, **overrides).to(device)
     side = model.patch_embed.patch_shape
     img_size = model.config["img_size"]
     images = torch.randn(batch, 3, img_size, img_size, device=device)
@@ -37,7 +40,7 @@ def bench_one(attn_impl: str, shape, device: str) -> dict:
 
     def step():
         with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda"):
-            loss, _ = model.forward_loss(images, mask, labels)
+            loss, _ = model(images, mask, labels)
         loss.backward()
 
     median, p20, p80 = measure_ms(step, device)
@@ -51,7 +54,7 @@ def main() -> None:
     rows = []
     for shape in CPU_SHAPES if ON_CPU else GPU_SHAPES:
         for attn_impl in IMPLS:
-            base = {"bench": "block", "shape": shape[0], "provider": attn_impl, "mode": "fwd+bwd",
+            base = {"bench": "block", "shape": shape[0], "provider": attn_impl, "mode": "fwd+bwd", "mlm_loss": MLM_LOSS,
                     "dtype": "float32" if ON_CPU else "bf16-autocast", **env}
             interpreted = ON_CPU and attn_impl == "triton"
             rows.append(measure_row(base, lambda: bench_one(attn_impl, shape, device), interpreted))

@@ -36,17 +36,20 @@ class BenchConfig:
     steps: int = 20
     warmup: int = 5
     precision: str = ""  # "" → bf16 on GPU, fp32 on CPU
+    mlm_loss: str = ""  # "" → "fused" on GPU, "reference" on CPU
     attn_impls: str = "eager,sdpa,triton"
     compile_modes: str = "off,on"
     tokenizer_modes: str = "excluded,included"
 
 
-def _build_model(cfg: BenchConfig, attn_impl: str, on_gpu: bool):
+def _build_model(cfg: BenchConfig, attn_impl: str, on_gpu: bool, max_masked_per_image: int):
+    """The same masked-token loss (`cfg.mlm_loss`) for every attention backend, so rows compare attention alone."""
     from engine.factory import create_model
 
+    mlm = dict(mlm_loss=cfg.mlm_loss, max_masked_per_image=max_masked_per_image)
     if on_gpu:
-        return create_model(cfg.model, attn_impl=attn_impl)
-    return create_model(cfg.model, attn_impl=attn_impl, img_size=28, depth=4, vocab_size=512)
+        return create_model(cfg.model, attn_impl=attn_impl, **mlm)
+    return create_model(cfg.model, attn_impl=attn_impl, img_size=28, depth=4, vocab_size=512, **mlm)
 
 
 def _build_tokenizer(model, device: torch.device):
@@ -68,18 +71,19 @@ def bench_one(cfg: BenchConfig, attn_impl: str, compiled: bool, with_tokenizer: 
     from engine.data.masking import MaskingGenerator
     from engine.train.deepspeed_config import build_deepspeed_config
     from engine.train.flops import device_peak_flops, train_flops_per_image
-    from engine.train.loop import input_dtype
+    from engine.train.loop import input_dtype, train_step
     from engine.train.optim import build_optimizer, param_groups
     from engine.train.pretrain import MaskedImageModelingLoss
     from engine.train.settings import OptimSettings, RunSettings
 
     device, on_gpu = dist_info.device, dist_info.device.type == "cuda"
     torch.manual_seed(0)
-    model = _build_model(cfg, attn_impl, on_gpu)
+    grid_side = 14 if on_gpu else 7  # the GPU default is 224 px / patch 16, the CPU model 28 px / patch 4
+    num_masked = round(0.4 * grid_side * grid_side)  # 75 of 196 at 224 px
+    model = _build_model(cfg, attn_impl, on_gpu, num_masked)
     tokenizer = _build_tokenizer(model, device)
     grid = model.patch_embed.patch_shape
-    num_masked = round(0.4 * grid[0] * grid[1])  # 75 of 196 at 224 px
-    wrapper = MaskedImageModelingLoss(model, num_masked)
+    wrapper = MaskedImageModelingLoss(model)
     if compiled:
         wrapper.compile()
     run = RunSettings(batch_size=cfg.batch_size, precision=cfg.precision, zero_stage=0)
@@ -91,15 +95,19 @@ def bench_one(cfg: BenchConfig, attn_impl: str, compiled: bool, with_tokenizer: 
     img = model.config["img_size"]
     images = torch.randn(cfg.batch_size, 3, img, img, device=device, dtype=input_dtype(cfg.precision))
     tok_images = torch.rand(cfg.batch_size, 3, tokenizer.input_size, tokenizer.input_size, device=device)
-    labels = tokenizer.get_codebook_indices(tok_images)
+    fixed_labels = tokenizer.get_codebook_indices(tok_images)
+
+    class SyntheticBatches:
+        """The trainer's task interface over one fixed batch: labels from the tokenizer in the step, or fixed."""
+
+        def inputs(self, batch, step):
+            labels = tokenizer.get_codebook_indices(tok_images) if with_tokenizer else fixed_labels
+            return images, masks, labels
+
+    task, batches = SyntheticBatches(), iter(lambda: None, object())  # endless stream of placeholder batches
 
     def step():
-        nonlocal labels
-        if with_tokenizer:
-            labels = tokenizer.get_codebook_indices(tok_images)
-        loss, _ = engine(images, masks, labels)
-        engine.backward(loss)
-        engine.step()
+        train_step(engine, task, batches, 1, 0)
 
     def sync():
         if on_gpu:
@@ -121,6 +129,7 @@ def bench_one(cfg: BenchConfig, attn_impl: str, compiled: bool, with_tokenizer: 
     return {
         "model": model.config["name"], "img_size": img, "depth": model.config["depth"],
         "batch_size": cfg.batch_size, "precision": cfg.precision, "attn_impl": attn_impl, "compile": compiled,
+        "mlm_loss": cfg.mlm_loss,
         "tokenizer": "included" if with_tokenizer else "excluded", "img_per_s": round(img_per_s, 2),
         "step_ms": round(1000 * elapsed / cfg.steps, 2), "gflop_per_img": round(flops / 1e9, 3),
         "mfu": round(flops * img_per_s / peak, 4) if peak else None,
@@ -142,6 +151,7 @@ def main() -> None:
     cfg.model = cfg.model or ("beit_base_patch16_224_8k_vocab" if on_gpu else "beit_tiny_patch4_32_8k_vocab")
     cfg.batch_size = cfg.batch_size or (128 if on_gpu else 32)
     cfg.precision = cfg.precision or ("bf16" if on_gpu else "fp32")
+    cfg.mlm_loss = cfg.mlm_loss or ("fused" if on_gpu else "reference")
     if not on_gpu:
         cfg.steps, cfg.warmup = min(cfg.steps, 5), min(cfg.warmup, 2)
     meta = {**environment(dist_info.device.type), "deepspeed": deepspeed.__version__}

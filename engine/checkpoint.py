@@ -3,8 +3,10 @@
 Layouts read by `load_checkpoint` (all end up as official unilm parameter names, which the models use):
   1. official BEiT `.pth` release / training files: the state dict under "model" or "module", or a bare state dict;
   2. Hugging Face hub layout of `microsoft/beit-*`: a directory (or one of its files) with `model.safetensors` or
-     `pytorch_model.bin` and `config.json`; HF names (`beit.encoder.layer.{i}.attention.attention.query` ...) are
-     mapped to official ones (separate query/key/value → fused `qkv` + `q_bias` + `v_bias`);
+     `pytorch_model.bin` and `config.json`, or their sharded form (`model.safetensors.index.json` /
+     `pytorch_model.bin.index.json` naming the shard of each tensor, as large checkpoints are saved); HF names
+     (`beit.encoder.layer.{i}.attention.attention.query` ...) are mapped to official ones (separate
+     query/key/value → fused `qkv` + `q_bias` + `v_bias`);
   3. this project's format: a directory with `model.safetensors` and a `config.json` holding
      `{"format": "beit-engine", "version": 1, "model": model.config}` (written by `save_pretrained`).
 
@@ -49,6 +51,7 @@ FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 HF_BIN_NAME = "pytorch_model.bin"
+INDEX_SUFFIX = ".index.json"  # sharded weights: {"weight_map": {tensor name: shard file}}
 SUPPORTED_LAYOUTS = (
     "supported layouts: (1) an official BEiT .pth file (state dict under 'model' or 'module', or bare); "
     f"(2) a Hugging Face microsoft/beit-* directory or file ({WEIGHTS_NAME} or {HF_BIN_NAME}, with {CONFIG_NAME}); "
@@ -195,22 +198,47 @@ def _locate(path: Path) -> tuple[Path, dict | None]:
     config = _read_json(config_path) if config_path.is_file() else None
     if path.is_file():
         return path, config
-    for name in (WEIGHTS_NAME, HF_BIN_NAME):
+    for name in (WEIGHTS_NAME, HF_BIN_NAME, WEIGHTS_NAME + INDEX_SUFFIX, HF_BIN_NAME + INDEX_SUFFIX):
         if (path / name).is_file():
             return path / name, config
-    raise ValueError(f"directory {path} has neither {WEIGHTS_NAME} nor {HF_BIN_NAME}; {SUPPORTED_LAYOUTS}")
+    raise ValueError(f"directory {path} has neither {WEIGHTS_NAME} nor {HF_BIN_NAME} (nor a sharded "
+                     f"{WEIGHTS_NAME + INDEX_SUFFIX}); {SUPPORTED_LAYOUTS}")
+
+
+def _read_weights(weights: Path, trust_pickle: bool) -> dict[str, torch.Tensor]:
+    """One weights file (safetensors, or a torch pickle) → its state dict."""
+    if weights.suffix == ".safetensors":
+        try:
+            return load_file(weights, device="cpu")
+        except Exception as error:  # safetensors raises its own error types for corrupt headers
+            raise ValueError(f"{weights} is not a readable safetensors file ({error}); {SUPPORTED_LAYOUTS}") from None
+    return _unwrap_state_dict(_torch_load(weights, trust_pickle), weights)
+
+
+def _read_shards(index: Path, trust_pickle: bool) -> dict[str, torch.Tensor]:
+    """A sharded checkpoint's index (`weight_map`: tensor name → shard file) → all its tensors in one dict."""
+    weight_map = _read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index} has no 'weight_map' (tensor name → shard file); {SUPPORTED_LAYOUTS}")
+    state = {}
+    for shard in sorted(set(weight_map.values())):
+        if not (index.parent / shard).is_file():
+            raise FileNotFoundError(f"{index} names the shard {shard}, which is missing from {index.parent}: "
+                                    "download every shard of the checkpoint")
+        state.update(_read_weights(index.parent / shard, trust_pickle))
+    missing = sorted(set(weight_map) - set(state))
+    if missing:
+        raise ValueError(f"{index} lists {len(missing)} tensor(s) that no shard holds (first: {missing[0]})")
+    return state
 
 
 def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> SourceCheckpoint:
     """Read any supported layout into official-named CPU tensors (no model needed)."""
     weights, config = _locate(Path(path))
-    if weights.suffix == ".safetensors":
-        try:
-            state = load_file(weights, device="cpu")
-        except Exception as error:  # safetensors raises its own error types for corrupt headers
-            raise ValueError(f"{weights} is not a readable safetensors file ({error}); {SUPPORTED_LAYOUTS}") from None
+    if weights.name.endswith(INDEX_SUFFIX):
+        state = _read_shards(weights, trust_pickle)
     else:
-        state = _unwrap_state_dict(_torch_load(weights, trust_pickle), weights)
+        state = _read_weights(weights, trust_pickle)
     if config is not None and config.get("format") == FORMAT_NAME:
         return SourceCheckpoint(state, FORMAT_NAME, _grid_from_config(_own_model_config(config, weights)))
     return source_from_state_dict(state, _grid_from_config(config) if config is not None else None)

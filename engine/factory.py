@@ -19,7 +19,8 @@ _SIZES = {
 }
 _COMMON = dict(in_chans=3, mlp_ratio=4.0, drop_path_rate=0.0, use_abs_pos_emb=False, attn_impl="sdpa",
                init_std=0.02, grad_checkpointing=False)
-_MIM = dict(use_rel_pos_bias=False, use_shared_rel_pos_bias=True, vocab_size=8192)
+_MIM = dict(use_rel_pos_bias=False, use_shared_rel_pos_bias=True, vocab_size=8192, mlm_loss="reference",
+            max_masked_per_image=None)
 _CLASSIFIER = dict(use_rel_pos_bias=True, use_shared_rel_pos_bias=False, num_classes=1000, use_mean_pooling=True)
 
 

@@ -11,12 +11,18 @@ Both share `BeitEncoder` (patch embedding, CLS, optional absolute position embed
 
 Attention backends (`attn_impl`, chosen at build): "eager" (softmax(q kᵀ·scale + bias) v in PyTorch), "sdpa"
 (`F.scaled_dot_product_attention` with the bias as additive mask), "triton" (`kernels.rel_pos_attention`, which
-reads the `[R, H]` table directly).
+reads the `[R, H]` table directly). The masked-token loss is chosen separately (`mlm_loss`, see `MaskedLMHead`), so
+attention backends can be compared alone.
+
+Every parameter is read inside the `forward` of the module that owns it (the shared relative position table by
+`RelativePositionBias.forward`, the LM head by `MaskedLMHead.forward`), so ZeRO-3 gathers each one when it is needed
+without a list of external parameters.
 """
 
 import logging
 import math
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -29,10 +35,21 @@ from engine.pos_embed import num_relative_distance, relative_position_index
 logger = logging.getLogger(__name__)
 
 ATTN_IMPLS = ("eager", "sdpa", "triton")
+MLM_LOSSES = ("fused", "reference")
 HEAD_INIT_SCALE = 0.001  # official `init_scale`: the classifier starts almost silent
 LAYER_NORM_EPS = 1e-6
 
-RelPos = tuple[torch.Tensor, torch.Tensor] | tuple[None, None]  # (table [R, H], index [N, N]) or no bias
+
+class SharedRelPos(NamedTuple):
+    """The shared relative position bias as the blocks read it: the table and index for the triton kernel, or the
+    `[H, N, N]` bias gathered once per forward for eager/sdpa (None entries when the model has no shared table)."""
+
+    table: torch.Tensor | None  # [R, H]
+    index: torch.Tensor | None  # [N, N] int64
+    bias: torch.Tensor | None  # [H, N, N], eager/sdpa only
+
+
+NO_SHARED_REL_POS = SharedRelPos(None, None, None)
 
 
 def _pair(value: int | Sequence[int], what: str) -> tuple[int, int]:
@@ -42,14 +59,12 @@ def _pair(value: int | Sequence[int], what: str) -> tuple[int, int]:
     return pair
 
 
-def _resolve_kernel(name: str, attn_impl: str) -> Callable:
+def _resolve_kernel(name: str, choice: str) -> Callable:
     """`kernels.<name>`, looked up at build so a missing kernel fails there with the fix, not mid-training."""
     kernel = getattr(kernels, name, None)
     if kernel is None:
-        raise ValueError(
-            f"attn_impl={attn_impl!r} needs kernels.{name}, which this installation does not provide; "
-            "use attn_impl='sdpa' or 'eager'"
-        )
+        raise ValueError(f"{choice} needs kernels.{name}, which this installation does not provide; choose the "
+                         "PyTorch implementation (attn_impl='sdpa' or 'eager', mlm_loss='reference')")
     return kernel
 
 
@@ -99,16 +114,22 @@ class PatchEmbed(nn.Module):
 
 
 class RelativePositionBias(nn.Module):
-    """The shared table of the pretraining model: `[R, H]` zero-initialised, read through an `[N, N]` index.
+    """The shared table of the pretraining model: `[R, H]` zero-initialised, read through an `[N, N]` index (an int64
+    buffer built once). `forward()` hands it to the blocks: gathered once into `[H, N, N]` for eager/sdpa, as the
+    table for the triton kernel (which reads it directly)."""
 
-    Holds parameters only: every block adds the table to its own (if any) and gathers the bias itself.
-    """
-
-    def __init__(self, window_size: tuple[int, int], num_heads: int) -> None:
+    def __init__(self, window_size: tuple[int, int], num_heads: int, attn_impl: str) -> None:
         super().__init__()
         self.window_size = window_size
+        self.attn_impl = attn_impl
         self.relative_position_bias_table = nn.Parameter(torch.zeros(num_relative_distance(window_size), num_heads))
         self.register_buffer("relative_position_index", relative_position_index(window_size), persistent=False)
+
+    def forward(self) -> SharedRelPos:
+        table, index = self.relative_position_bias_table, self.relative_position_index
+        if self.attn_impl == "triton":
+            return SharedRelPos(table, index, None)
+        return SharedRelPos(table, index, kernels.rel_pos_bias(table, index))  # bias [H, N, N]
 
 
 class Attention(nn.Module):
@@ -119,7 +140,8 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5
         self.attn_impl = attn_impl
-        self.triton_attention = _resolve_kernel("rel_pos_attention", attn_impl) if attn_impl == "triton" else None
+        self.triton_attention = _resolve_kernel("rel_pos_attention", f"attn_impl={attn_impl!r}") \
+            if attn_impl == "triton" else None
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.q_bias = nn.Parameter(torch.zeros(dim))
         self.v_bias = nn.Parameter(torch.zeros(dim))
@@ -131,24 +153,29 @@ class Attention(nn.Module):
             self.relative_position_index = None
         self.proj = nn.Linear(dim, dim)
 
-    def bias_table(self, shared: RelPos) -> RelPos:
+    def _triton_table(self, shared: SharedRelPos) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """This layer's table plus the shared one (same index, so summing tables = summing biases)."""
-        shared_table, shared_index = shared
-        if self.relative_position_bias_table is None:
-            return shared_table, shared_index
-        table = self.relative_position_bias_table
-        return (table if shared_table is None else table + shared_table), self.relative_position_index
+        own = self.relative_position_bias_table
+        if own is None:
+            return shared.table, shared.index
+        return (own if shared.table is None else own + shared.table), self.relative_position_index
 
-    def forward(self, x: torch.Tensor, shared: RelPos) -> torch.Tensor:
+    def _dense_bias(self, shared: SharedRelPos) -> torch.Tensor | None:
+        """`[H, N, N]`: this layer's gathered table plus the shared bias (gathered once for all blocks)."""
+        if self.relative_position_bias_table is None:
+            return shared.bias
+        own = kernels.rel_pos_bias(self.relative_position_bias_table, self.relative_position_index)
+        return own if shared.bias is None else own + shared.bias
+
+    def forward(self, x: torch.Tensor, shared: SharedRelPos) -> torch.Tensor:
         batch, num_tokens, dim = x.shape  # [B, N, C]
         qkv_bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))  # [3C]
         qkv = F.linear(x, self.qkv.weight, qkv_bias)  # [B, N, 3C]
         q, k, v = qkv.view(batch, num_tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, N, D]
-        table, index = self.bias_table(shared)
         if self.attn_impl == "triton":
-            out = self.triton_attention(q, k, v, table, index, self.scale)  # [B, H, N, D]
+            out = self.triton_attention(q, k, v, *self._triton_table(shared), self.scale)  # [B, H, N, D]
         else:
-            bias = None if table is None else kernels.rel_pos_bias(table, index)  # [H, N, N]
+            bias = self._dense_bias(shared)  # [H, N, N] or None
             if self.attn_impl == "sdpa":
                 mask = None if bias is None else bias.unsqueeze(0).to(q.dtype)  # [1, H, N, N]
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
@@ -188,9 +215,8 @@ class Block(nn.Module):
         else:
             self.gamma_1, self.gamma_2 = None, None
 
-    def forward(self, x: torch.Tensor, shared_table: torch.Tensor | None = None,
-                shared_index: torch.Tensor | None = None) -> torch.Tensor:
-        attn_out = self.attn(self.norm1(x), (shared_table, shared_index))  # [B, N, C]
+    def forward(self, x: torch.Tensor, shared: SharedRelPos = NO_SHARED_REL_POS) -> torch.Tensor:
+        attn_out = self.attn(self.norm1(x), shared)  # [B, N, C]
         x = x + self.drop_path(attn_out if self.gamma_1 is None else self.gamma_1 * attn_out)
         mlp_out = self.mlp(self.norm2(x))  # [B, N, C]
         return x + self.drop_path(mlp_out if self.gamma_2 is None else self.gamma_2 * mlp_out)
@@ -227,7 +253,7 @@ class BeitEncoder(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim)) \
             if use_abs_pos_emb else None
-        self.rel_pos_bias = RelativePositionBias(window, num_heads) if use_shared_rel_pos_bias else None
+        self.rel_pos_bias = RelativePositionBias(window, num_heads, attn_impl) if use_shared_rel_pos_bias else None
         drop_path_rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # grows linearly with depth
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio, rate, layer_scale_init_value, attn_impl,
@@ -272,15 +298,13 @@ class BeitEncoder(nn.Module):
             block.attn.proj.weight.div_(math.sqrt(2.0 * layer_id))
             block.mlp.fc2.weight.div_(math.sqrt(2.0 * layer_id))
 
-    def _shared_rel_pos(self) -> RelPos:
-        if self.rel_pos_bias is None:
-            return None, None
-        return self.rel_pos_bias.relative_position_bias_table, self.rel_pos_bias.relative_position_index
+    def _shared_rel_pos(self) -> SharedRelPos:
+        return NO_SHARED_REL_POS if self.rel_pos_bias is None else self.rel_pos_bias()
 
-    def _run_block(self, block: Block, x: torch.Tensor, shared: RelPos) -> torch.Tensor:
+    def _run_block(self, block: Block, x: torch.Tensor, shared: SharedRelPos) -> torch.Tensor:
         if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, x, *shared, use_reentrant=False)
-        return block(x, *shared)
+            return checkpoint(block, x, shared, use_reentrant=False)
+        return block(x, shared)
 
     def _add_cls_and_pos(self, patches: torch.Tensor) -> torch.Tensor:
         x = torch.cat((self.cls_token.expand(patches.shape[0], -1, -1), patches), dim=1)  # [B, N, C]
@@ -302,30 +326,62 @@ class BeitEncoder(nn.Module):
         shared = self._shared_rel_pos()
         states = []
         for block in self.blocks:
-            x = block(x, *shared)
+            x = block(x, shared)
             states.append(x)
         return states
 
     def _log_build(self) -> None:
         params = sum(p.numel() for p in self.parameters())
-        logger.info("built %s (%s): %.1fM params, attn_impl=%s", self.config["name"], type(self).__name__,
-                    params / 1e6, self.attn_impl)
+        loss = f", mlm_loss={self.config['mlm_loss']}" if "mlm_loss" in self.config else ""
+        logger.info("built %s (%s): %.1fM params, attn_impl=%s%s", self.config["name"], type(self).__name__,
+                    params / 1e6, self.attn_impl, loss)
+
+
+class MaskedLMHead(nn.Linear):
+    """The LM head `[V, C]` and the masked-token loss it feeds, in one module (parameter names `lm_head.weight/bias`
+    as in the official checkpoints).
+
+    `loss_impl` is chosen at build: "fused" (`kernels.masked_lm_loss`: chunked GEMM + cross-entropy, the `[M, V]`
+    logits never materialised, no host sync) or "reference" (`kernels.masked_lm_loss_ref`: gathers the masked rows,
+    which syncs with the host). `max_masked_per_image` is the masking budget the model is trained with (the masking
+    generator never exceeds it): the fused loss then runs its GEMMs on B × that many rows instead of all B × L.
+    """
+
+    def __init__(self, dim: int, vocab_size: int, loss_impl: str, max_masked_per_image: int | None) -> None:
+        super().__init__(dim, vocab_size)
+        if loss_impl not in MLM_LOSSES:
+            raise ValueError(f"unknown mlm_loss {loss_impl!r}; choose one of {MLM_LOSSES}")
+        self.loss_impl = loss_impl
+        self.max_masked_per_image = max_masked_per_image
+        self.loss_fn = _resolve_kernel("masked_lm_loss", f"mlm_loss={loss_impl}") if loss_impl == "fused" \
+            else kernels.masked_lm_loss_ref
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor | None = None):
+        """hidden `[B, L, C]`, mask `[B, L]` bool → logits `[M, V]` of the masked patches (row-major) when `labels` is
+        None, else (mean cross-entropy over masked patches, accuracy of the argmax token); labels `[B, L]`."""
+        if labels is None:
+            return F.linear(hidden[mask], self.weight, self.bias)  # [M, V]
+        max_masked = None if self.max_masked_per_image is None else mask.shape[0] * self.max_masked_per_image
+        return self.loss_fn(hidden, mask, self.weight, self.bias, labels, max_masked)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, loss={self.loss_impl}, max_masked_per_image={self.max_masked_per_image}"
 
 
 class BeitForMaskedImageModeling(BeitEncoder):
     """BEiT pretraining model: predict the visual token of every masked patch.
 
-    `model(images, bool_masked_pos)` → logits `[M, V]` of the masked patches in row-major (batch, patch) order.
+    `model(images, bool_masked_pos)` → logits `[M, V]` of the masked patches in row-major (batch, patch) order;
+    `model(images, bool_masked_pos, labels)` → (loss, accuracy) through `MaskedLMHead`.
     """
 
-    def __init__(self, *, vocab_size: int = 8192, **encoder_kwargs) -> None:
+    def __init__(self, *, vocab_size: int = 8192, mlm_loss: str = "reference", max_masked_per_image: int | None = None,
+                 **encoder_kwargs) -> None:
         super().__init__(**encoder_kwargs)
-        self.config["vocab_size"] = vocab_size
-        self.masked_lm_loss = _resolve_kernel("masked_lm_loss", self.attn_impl) if self.attn_impl == "triton" \
-            else kernels.masked_lm_loss_ref
+        self.config.update(vocab_size=vocab_size, mlm_loss=mlm_loss, max_masked_per_image=max_masked_per_image)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
         self.norm = nn.LayerNorm(self.embed_dim, eps=LAYER_NORM_EPS)
-        self.lm_head = nn.Linear(self.embed_dim, vocab_size)
+        self.lm_head = MaskedLMHead(self.embed_dim, vocab_size, mlm_loss, max_masked_per_image)
         self.init_weights(trunc_bound=self.init_std, init_conv=True)  # pretraining truncates at ±std
         self._log_build()
 
@@ -346,27 +402,20 @@ class BeitForMaskedImageModeling(BeitEncoder):
         patches = patches * (1 - w) + self.mask_token * w  # masked patches become the learned mask token
         return self.norm(self.forward_encoder(patches))[:, 1:]  # [B, L, C]
 
-    def forward(self, images: torch.Tensor, bool_masked_pos: torch.Tensor) -> torch.Tensor:
-        """Visual-token logits of the masked patches `[M, V]`, row-major over (batch, patch)."""
-        hidden = self.forward_features(images, bool_masked_pos)  # [B, L, C]
-        return self.lm_head(hidden[self._flat_mask(bool_masked_pos, hidden.shape[0])])  # [M, V]
+    def forward(self, images: torch.Tensor, bool_masked_pos: torch.Tensor, labels: torch.Tensor | None = None):
+        """Without labels: visual-token logits of the masked patches `[M, V]`, row-major over (batch, patch).
 
-    def forward_loss(self, images: torch.Tensor, bool_masked_pos: torch.Tensor, labels: torch.Tensor,
-                     max_masked_per_image: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean cross-entropy over masked patches and the accuracy of the argmax token.
-
-        labels `[B, L]` (or `[B, h, w]`) visual-token ids, read only at masked positions. No masked patch gives a
-        loss of 0, never NaN. `max_masked_per_image` (the masking generator's `num_masking_patches`, which it never
-        exceeds) lets the fused loss run its LM-head GEMMs on B × that many rows instead of all B × L.
+        With labels `[B, L]` (or `[B, h, w]`) visual-token ids, read only at masked positions: (mean cross-entropy
+        over masked patches, accuracy of the argmax token). No masked patch gives a loss of 0, never NaN.
         """
         hidden = self.forward_features(images, bool_masked_pos)  # [B, L, C]
         mask = self._flat_mask(bool_masked_pos, hidden.shape[0])
+        if labels is None:
+            return self.lm_head(hidden, mask)  # [M, V]
         if labels.numel() != mask.numel() or labels.shape[0] != mask.shape[0]:
             raise ValueError(f"labels must have one token id per patch, shape {list(mask.shape)}, "
                              f"got {list(labels.shape)}")
-        max_masked = None if max_masked_per_image is None else mask.shape[0] * max_masked_per_image
-        return self.masked_lm_loss(hidden, mask, self.lm_head.weight, self.lm_head.bias, labels.reshape(mask.shape),
-                                   max_masked)
+        return self.lm_head(hidden, mask, labels.reshape(mask.shape))
 
 
 class BeitForImageClassification(BeitEncoder):

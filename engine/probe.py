@@ -39,8 +39,9 @@ def extract_features(model: nn.Module, loader, device: torch.device) -> tuple[to
     was_training = model.training
     model.eval()
     features, labels = [], []
+    transform = loader.dataset.transform  # an EvalTransform: uint8 images, normalised here on the device
     for images, batch_labels in loader:
-        states = model.hidden_states(images.to(device, torch.float32))  # depth × [B, N, C]
+        states = model.hidden_states(transform.model_inputs(images.to(device)))  # depth × [B, N, C]
         features.append(torch.stack([torch.cat((x[:, 0], x[:, 1:].mean(dim=1)), dim=-1) for x in states]).cpu())
         labels.append(torch.as_tensor(batch_labels))
     model.train(was_training)

@@ -23,6 +23,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from engine.config import parse_overrides  # noqa: E402
@@ -46,7 +48,8 @@ class DemoConfig(PretrainConfig):
 def config() -> DemoConfig:
     return DemoConfig(
         model=ModelSettings(model="beit_mini_patch4_28_256_vocab", input_size=28, drop_path=0.0,
-                            layer_scale_init_value=0.1, attn_impl="sdpa"),
+                            layer_scale_init_value=0.1, attn_impl="sdpa",
+                            mlm_loss="fused" if torch.cuda.is_available() else "reference"),
         data=PretrainData(data_path="embedded:fashion_mnist", tokenizer="", second_input_size=14,
                           num_mask_patches=20, min_mask_patches=4, min_crop_scale=0.35, imagenet_mean_std=False,
                           heldout_every=50),

@@ -228,6 +228,28 @@ def test_hugging_face_layout(tmp_path, name, weights_name):
         assert torch.equal(outputs(target), outputs(source))
 
 
+@pytest.mark.parametrize("weights_name", ["pytorch_model.bin", "model.safetensors"])
+def test_sharded_hugging_face_checkpoint_loads_like_a_single_file(tmp_path, weights_name):
+    source = make(CLS)
+    hf_state = to_hf(source.state_dict(), masked_image_modeling=False)
+    names = sorted(hf_state)
+    shards = {f"{weights_name.split('.')[0]}-0000{i + 1}-of-00002.{weights_name.split('.')[-1]}": names[i::2]
+              for i in range(2)}  # two shards, interleaved names
+    for shard, shard_names in shards.items():
+        part = {k: hf_state[k].contiguous() for k in shard_names}
+        torch.save(part, tmp_path / shard) if shard.endswith(".bin") else save_file(part, tmp_path / shard)
+    index = {"metadata": {}, "weight_map": {k: shard for shard, ks in shards.items() for k in ks}}
+    (tmp_path / f"{weights_name}.index.json").write_text(json.dumps(index))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "beit", "image_size": 32, "patch_size": 8}))
+    for path in (tmp_path, tmp_path / f"{weights_name}.index.json"):
+        target = make(CLS)
+        assert ckpt.load_checkpoint(target, path, strict=True).layout == "huggingface"
+        assert torch.equal(outputs(target), outputs(source))
+    (tmp_path / next(iter(shards))).unlink()
+    with pytest.raises(FileNotFoundError, match="missing"):
+        ckpt.load_checkpoint(make(CLS), tmp_path)
+
+
 def test_hugging_face_cli_conversion(tmp_path):
     source = make(CLS)
     save_file(to_hf(source.state_dict(), masked_image_modeling=False), tmp_path / "model.safetensors")

@@ -25,10 +25,18 @@ def _unmap(tokenizer_view):
     return (tokenizer_view - 0.1) / 0.8  # inverse of map_pixels → [0, 1]
 
 
+def _finished(transform, views):
+    """Worker output (uint8 views) → what the training step feeds the model and tokenizer (fp32)."""
+    patch, tokenizer = transform.model_inputs(views[0][None], views[1][None], torch.float32)
+    return patch[0], tokenizer[0]
+
+
 def test_pretrain_views_shapes_and_ranges():
     transform = PretrainTransform(input_size=32, second_input_size=16)
-    patch, tokenizer = transform(_gradient_image(), random.Random(0))
-    assert patch.shape == (3, 32, 32) and tokenizer.shape == (3, 16, 16)
+    views = transform(_gradient_image(), random.Random(0))
+    assert views[0].shape == (3, 32, 32) and views[1].shape == (3, 16, 16)
+    assert views[0].dtype == views[1].dtype == torch.uint8  # workers ship bytes; the step normalises
+    patch, tokenizer = _finished(transform, views)
     assert patch.dtype == tokenizer.dtype == torch.float32
     assert patch.min() >= -1.0 and patch.max() <= 1.0  # (x - 0.5) / 0.5
     assert tokenizer.min() >= 0.1 - 1e-6 and tokenizer.max() <= 0.9 + 1e-6  # map_pixels range
@@ -39,7 +47,7 @@ def test_views_from_fixed_box_show_that_box():
     transform = PretrainTransform(input_size=32, second_input_size=16)
     image = _gradient_image()
     box = (16, 24, 40, 40)  # top, left, height, width
-    patch, tokenizer = transform.views_from_box(image, box)
+    patch, tokenizer = _finished(transform, transform.views_from_box(image, box))
     crop = torch.from_numpy(np.array(image.crop((24, 16, 64, 56)), dtype=np.float32) / 255).permute(2, 0, 1)
     # The patch view is the box at 32 px: compare red (x) and green (y) gradients with the crop at 32 px.
     expected_patch = F.interpolate(crop[None], size=32, mode="bilinear", antialias=True, align_corners=False)[0]
@@ -48,7 +56,7 @@ def test_views_from_fixed_box_show_that_box():
     patch_down = F.avg_pool2d(patch[None] * 0.5 + 0.5, 2)[0]
     assert torch.allclose(_unmap(tokenizer)[:2], patch_down[:2], atol=0.03)
     # A box shifted by 4 px (2 tokenizer pixels) would not match: the test can tell boxes apart.
-    _, shifted = transform.views_from_box(image, (20, 28, 40, 40))
+    _, shifted = _finished(transform, transform.views_from_box(image, (20, 28, 40, 40)))
     assert (_unmap(shifted)[:2] - patch_down[:2]).abs().max() > 0.05
 
 
@@ -60,6 +68,7 @@ def test_random_views_come_from_one_box(seed):
     augmented, box = transform.augment(image, random.Random(seed))
     expected_patch, expected_tokenizer = transform.views_from_box(augmented, box)
     assert torch.equal(patch, expected_patch) and torch.equal(tokenizer, expected_tokenizer)
+    patch, tokenizer = _finished(transform, (patch, tokenizer))
     patch_down = F.avg_pool2d(patch[None] * 0.5 + 0.5, 2)[0]
     # the checkerboard edges differ a little between bicubic+pool and Lanczos; the mean error stays tiny
     assert (_unmap(tokenizer) - patch_down).abs().mean() < 0.03
@@ -80,7 +89,8 @@ def test_pretrain_transform_is_deterministic_given_rng():
 def test_imagenet_normalisation_option():
     from engine.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
     transform = PretrainTransform(32, 16, color_jitter=0, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
-    patch, _ = transform.views_from_box(Image.new("RGB", (40, 40), (255, 255, 255)), (0, 0, 40, 40))
+    patch, _ = _finished(transform, transform.views_from_box(Image.new("RGB", (40, 40), (255, 255, 255)),
+                                                             (0, 0, 40, 40)))
     expected = [(1 - m) / s for m, s in zip(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)]
     assert torch.allclose(patch.mean(dim=(1, 2)), torch.tensor(expected), atol=1e-5)
 
@@ -126,23 +136,32 @@ def test_randaugment_changes_images_deterministically():
 
 def test_random_erasing_pixel_mode():
     erase = RandomErasing(probability=1.0, mode="pixel")
-    tensor = torch.zeros(3, 32, 32)
-    erase(tensor, random.Random(0))
-    erased = tensor != 0
-    assert 0.02 * 1024 * 0.5 <= erased[0].sum() <= 1024 / 3 * 1.5  # one rectangle of 2%..33% of the area
-    assert torch.equal(erased[0], erased[1]) and tensor[erased].std() > 0.5  # per-pixel N(0, 1) noise
-    untouched = RandomErasing(probability=0.0)(torch.zeros(3, 8, 8), random.Random(0))
-    assert not untouched.any()
+    boxes = torch.stack([erase.draw_box(32, 32, random.Random(seed)) for seed in range(4)])  # [4, 4] in the worker
+    assert (boxes[:, 2] > 0).all() and (boxes[:, 0] + boxes[:, 2] <= 32).all()
+    assert (boxes[:, 1] + boxes[:, 3] <= 32).all()
+    images = erase.erase(torch.zeros(4, 3, 32, 32), boxes, torch.Generator().manual_seed(0))  # on the device
+    for image, (top, left, h, w) in zip(images, boxes.tolist()):
+        erased = image != 0
+        assert 0.02 * 1024 * 0.5 <= erased[0].sum() <= 1024 / 3 * 1.5  # one rectangle of 2%..33% of the area
+        assert erased[:, top:top + h, left:left + w].all() and erased.sum() == 3 * h * w  # exactly the box
+        assert torch.equal(erased[0], erased[1]) and image[erased].std() > 0.5  # per-pixel N(0, 1) noise
+    none = RandomErasing(probability=0.0).draw_box(8, 8, random.Random(0))
+    assert not none.any()
+    assert not RandomErasing(1.0).erase(torch.zeros(1, 3, 8, 8), none[None], None).any()
 
 
 def test_finetune_transform():
     transform = FinetuneTransform(input_size=32, re_prob=0.25)
     image = _gradient_image()
-    out = transform(image, random.Random(1))
-    assert out.shape == (3, 32, 32) and out.dtype == torch.float32
-    assert torch.equal(out, transform(image, random.Random(1)))
+    pixels, box = transform(image, random.Random(1))
+    assert pixels.shape == (3, 32, 32) and pixels.dtype == torch.uint8 and box.shape == (4,)
+    again = transform(image, random.Random(1))
+    assert torch.equal(pixels, again[0]) and torch.equal(box, again[1])
+    out = transform.model_inputs(pixels[None], box[None], torch.Generator().manual_seed(0))
+    assert out.shape == (1, 3, 32, 32) and out.dtype == torch.float32
     jitter_only = FinetuneTransform(input_size=32, auto_augment=None, re_prob=0)
-    assert jitter_only(image, random.Random(1)).shape == (3, 32, 32)
+    pixels, box = jitter_only(image, random.Random(1))
+    assert pixels.shape == (3, 32, 32) and not box.any()
 
 
 @pytest.mark.parametrize("size, crop_pct, image_size, resized", [(224, None, (300, 400), 256),
@@ -157,8 +176,10 @@ def test_eval_transform_size(size, crop_pct, image_size, resized):
 def test_eval_transform_takes_the_centre():
     image = Image.new("RGB", (64, 64), (0, 0, 0))
     image.paste((255, 255, 255), (16, 16, 48, 48))  # white centre square of 32 px
-    out = EvalTransform(28, crop_pct=28 / 64, mean=(0, 0, 0), std=(1, 1, 1))(image)  # no resize, crop 28 centre
-    assert out.min() > 0.99
+    transform = EvalTransform(28, crop_pct=28 / 64, mean=(0, 0, 0), std=(1, 1, 1))
+    pixels = transform(image)  # no resize, crop 28 centre
+    assert pixels.dtype == torch.uint8 and pixels.min() == 255
+    assert transform.model_inputs(pixels[None]).min() > 0.99
 
 
 def test_bad_transform_arguments():

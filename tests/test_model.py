@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import kernels
 from engine.factory import create_model, list_models
@@ -114,7 +115,7 @@ def test_bad_inputs_are_clear_errors():
     with pytest.raises(ValueError, match="bool_masked_pos"):
         model(_images(), _mask(num_patches=63))
     with pytest.raises(ValueError, match="labels"):
-        model.forward_loss(_images(), _mask(), torch.zeros(2, 10, dtype=torch.long))
+        model(_images(), _mask(), torch.zeros(2, 10, dtype=torch.long))
 
 
 # ---------------------------------------------------------------- relative position index
@@ -178,7 +179,7 @@ def test_mim_logits_are_lm_head_of_masked_tokens_in_row_major_order():
     hidden = model.forward_features(images, mask)  # [B, L, C]
     rows = [hidden[b, p] for b in range(mask.shape[0]) for p in range(mask.shape[1]) if mask[b, p]]
     assert logits.shape == (int(mask.sum()), 8192)
-    torch.testing.assert_close(logits, model.lm_head(torch.stack(rows)))
+    torch.testing.assert_close(logits, F.linear(torch.stack(rows), model.lm_head.weight, model.lm_head.bias))
     torch.testing.assert_close(model(images, mask.view(2, 8, 8)), logits)  # [B, h, w] masks are accepted
 
 
@@ -194,12 +195,12 @@ def test_mim_loss_matches_cross_entropy_and_zero_mask_gives_zero():
     model = create_model(MIM, depth=2)
     images, mask = _images(), _mask()
     labels = torch.randint(0, 8192, (2, 64))
-    loss, accuracy = model.forward_loss(images, mask, labels)
+    loss, accuracy = model(images, mask, labels)
     torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(model(images, mask), labels[mask]))
     assert 0.0 <= accuracy.item() <= 1.0
 
     empty = torch.zeros(2, 64, dtype=torch.bool)
-    loss, accuracy = model.forward_loss(images, empty, labels)
+    loss, accuracy = model(images, empty, labels)
     assert loss.item() == 0.0 and accuracy.item() == 0.0
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
@@ -239,7 +240,7 @@ def _forward_backward(model: torch.nn.Module, images, mask=None, labels=None):
         out = model(images)
         out.square().sum().backward()
     else:
-        out, _ = model.forward_loss(images, mask, labels)
+        out, _ = model(images, mask, labels)
         out.backward()
     return out.detach(), _grads(model)
 
@@ -309,3 +310,30 @@ def test_grad_checkpointing_gives_identical_grads():
     recomputed = _forward_backward(model, images, mask, labels)
     _assert_same(plain, recomputed, rtol=0, atol=0)
     assert create_model(MIM, depth=1, grad_checkpointing=True).grad_checkpointing
+
+
+def test_mlm_loss_is_chosen_explicitly_and_gives_the_same_loss():
+    """The loss implementation is its own choice (not inferred from attn_impl); both agree."""
+    torch.manual_seed(0)
+    images, mask = _images(), _mask()
+    labels = torch.randint(0, 8192, mask.shape)
+    losses = []
+    for mlm_loss in ("reference", "fused"):
+        torch.manual_seed(1)
+        model = create_model(MIM, depth=1, attn_impl="eager", mlm_loss=mlm_loss, max_masked_per_image=64).eval()
+        assert model.lm_head.loss_impl == mlm_loss and model.config["mlm_loss"] == mlm_loss
+        losses.append(model(images, mask, labels))
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="unknown mlm_loss"):
+        create_model(MIM, depth=1, mlm_loss="liger")
+
+
+def test_shared_relative_position_bias_is_gathered_once_per_forward(monkeypatch):
+    import kernels
+
+    calls = []
+    original = kernels.rel_pos_bias
+    monkeypatch.setattr(kernels, "rel_pos_bias", lambda *args: calls.append(1) or original(*args))
+    model = create_model(MIM, depth=3, attn_impl="sdpa")
+    model(_images(), _mask())
+    assert len(calls) == 1  # not once per block

@@ -65,3 +65,17 @@ def test_linear_probe_trains_only_the_head(pretrained_dir, tmp_path):
     assert torch.equal(final["blocks.0.mlp.fc1.weight"], pretrained["blocks.0.mlp.fc1.weight"])
     assert torch.equal(final["patch_embed.proj.weight"], pretrained["patch_embed.proj.weight"])
     assert "head.weight" in final
+
+
+@pytest.mark.slow
+def test_compiled_finetuning_saves_a_best_checkpoint_that_loads(pretrained_dir, tmp_path, monkeypatch):
+    """torch.compile wraps the model (`_orig_mod.`): best/ and final/ must still hold the model's own names."""
+    from engine.checkpoint import create_model_from_checkpoint
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # inductor compiles the PyTorch paths, not the interpreter
+    run(tmp_path, f"--finetune={pretrained_dir}", "--compile=true", "--max_steps=2", "--mixup=0", "--cutmix=0")
+    for name in ("best", "final"):
+        state = load_file(tmp_path / name / "model.safetensors")
+        assert not any("_orig_mod" in key or key.startswith("model.") for key in state), name
+        model = create_model_from_checkpoint(tmp_path / name)
+        assert model.config["depth"] == 2

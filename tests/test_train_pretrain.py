@@ -155,9 +155,24 @@ def test_latest_never_names_an_incomplete_checkpoint(tmp_path):
 
 
 def test_resume_with_another_masking_backend_is_a_clear_error():
-    from engine.train.pretrain import _check_mask_backend
+    from engine.train.pretrain import check_mask_backend
 
-    _check_mask_backend({"mask_backend": "python"}, "python")
-    _check_mask_backend({}, "native")  # checkpoints written before the backend was recorded
+    check_mask_backend({"mask_backend": "python"}, "python")
+    check_mask_backend({}, "native")  # checkpoints written before the backend was recorded
     with pytest.raises(ValueError, match="'native' masking backend and this run uses 'python'"):
-        _check_mask_backend({"mask_backend": "native"}, "python")
+        check_mask_backend({"mask_backend": "native"}, "python")
+
+
+def test_bf16_stage0_export_takes_the_fp32_master_weights(tokenizer_dir, tmp_path):
+    """Under bf16 ZeRO-0 the module holds a bf16 copy; the export must be the optimizer's fp32 masters."""
+    import torch
+    from safetensors.torch import load_file
+
+    summary = run_in_process(tokenizer_dir, tmp_path, "--precision=bf16", "--zero_stage=0", "--max_steps=2",
+                             "--heldout_images=0")
+    exported = load_file(Path(summary["export_dir"]) / "model.safetensors")
+    module = torch.load(tmp_path / "ckpt-2" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    weight = exported["blocks.0.mlp.fc1.weight"]
+    rounded = module["model.blocks.0.mlp.fc1.weight"]
+    assert rounded.dtype == torch.bfloat16 and not torch.equal(weight, rounded.float())  # not the bf16 copy
+    torch.testing.assert_close(weight.bfloat16(), rounded)  # but what it rounds to

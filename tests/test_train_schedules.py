@@ -10,9 +10,9 @@ from engine.config import ConfigError, apply_overrides
 from engine.factory import create_model
 from engine.train.deepspeed_config import build_deepspeed_config
 from engine.train.flops import train_flops_per_image
-from engine.train.loop import Schedules, apply_schedules, resolve_lr
+from engine.train.loop import resolve_lr
 from engine.train.optim import layer_id_for_vit, param_groups
-from engine.train.schedules import cosine_scheduler
+from engine.train.schedules import Schedules, apply_schedules, cosine_scheduler
 from engine.train.settings import OptimSettings, PretrainConfig, RunSettings
 
 
@@ -118,23 +118,26 @@ class _FakeFp16Engine:
 
 
 def test_fp16_overflow_steps_are_skipped_then_stop_with_a_clear_message():
-    from engine.train.loop import StepHealth
+    from engine.train.guards import StepHealth
 
     engine = _FakeFp16Engine()
-    health = StepHealth(engine, "fp16", max_bad_steps=3)
+    health = StepHealth(engine, "fp16", max_bad_steps=3, device=torch.device("cpu"))
     engine.skipped_steps += 1
-    health.update(1, float("nan"))  # skipped by the loss scaler: training goes on
-    health.update(2, 1.0)  # a clean step resets the count
+    health.count_step(torch.tensor(float("nan")))  # skipped by the loss scaler: training goes on
+    health.count_step(torch.tensor(1.0))  # a clean step resets the count
+    health.check(2)  # fp16: non-finite losses are the loss scaler's business
     assert health.consecutive == 0 and health.total_skipped == 1
     with pytest.raises(FloatingPointError, match="3 consecutive non-finite/overflowed steps"):
-        for step in range(3, 6):
+        for _ in range(3):
             engine.skipped_steps += 1
-            health.update(step, float("inf"))
+            health.count_step(torch.tensor(float("inf")))
 
 
-def test_non_finite_loss_under_bf16_stops_at_once():
-    from engine.train.loop import StepHealth
+def test_non_finite_loss_under_bf16_stops_at_the_next_check():
+    from engine.train.guards import StepHealth
 
-    engine = _FakeFp16Engine()
-    with pytest.raises(FloatingPointError, match="loss is nan at step 7 under bf16"):
-        StepHealth(engine, "bf16", max_bad_steps=20).update(7, float("nan"))
+    health = StepHealth(_FakeFp16Engine(), "bf16", max_bad_steps=20, device=torch.device("cpu"))
+    health.count_step(torch.tensor(float("nan")))  # counted on the device, no host sync
+    health.count_step(torch.tensor(2.0))
+    with pytest.raises(FloatingPointError, match="non-finite in 1 step\\(s\\) up to step 7 under bf16"):
+        health.check(7)

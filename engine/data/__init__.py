@@ -33,7 +33,6 @@ from engine.data.transforms import (
     FinetuneTransform,
     PretrainTransform,
     RandomErasing,
-    map_pixels,
     mean_std,
 )
 
@@ -42,6 +41,6 @@ __all__ = [
     "IMG_EXTENSIONS", "ClassificationDataset", "ColorJitter", "EpochShardSampler", "EvalTransform",
     "FinetuneTransform", "IdxDataset", "ImageFolderDataset", "MIMPretrainDataset", "MaskingGenerator", "Mixup",
     "PretrainTransform", "RandAugment", "RandAugmentConfig", "RandomErasing", "SoftTargetCrossEntropy",
-    "build_dataset", "build_loader", "collate_mim", "embedded_dataset", "fashion_mnist_full", "map_pixels", "mean_std",
+    "build_dataset", "build_loader", "collate_mim", "embedded_dataset", "fashion_mnist_full", "mean_std",
     "mixup_target", "read_idx", "sample_seed", "set_loader_epoch", "write_idx",
 ]

@@ -28,7 +28,6 @@ BEIT_DEFAULT_MEAN = (0.5, 0.5, 0.5)
 BEIT_DEFAULT_STD = (0.5, 0.5, 0.5)
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)  # used for the official IN-1k pretraining and fine-tuning
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
-LOGIT_LAPLACE_EPS = 0.1  # DALL-E map_pixels: x → (1 - 2·eps)·x + eps, i.e. 0.8x + 0.1
 
 _INTERPOLATIONS = {
     "nearest": Image.Resampling.NEAREST,
@@ -58,22 +57,22 @@ def pil_interpolation(name: str) -> Image.Resampling:
     return _INTERPOLATIONS[name]
 
 
-def to_tensor(img: Image.Image) -> torch.Tensor:
-    """RGB PIL image → float32 [3, H, W] in [0, 1] (torchvision ToTensor)."""
+def to_uint8_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image → uint8 [3, H, W]: what workers ship (4× fewer bytes than float32)."""
     pixels = np.array(img.convert("RGB"), dtype=np.uint8)  # [H, W, 3], a writable copy
-    return torch.from_numpy(pixels).permute(2, 0, 1).float().div_(255.0)
+    return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
+
+
+def to_unit_range(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels (any shape, any device) → float32 in [0, 1] (torchvision ToTensor's scaling)."""
+    return pixels.float().div_(255.0)
 
 
 def normalize(tensor: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """[3, H, W] → (x - mean) / std per channel."""
-    mean_t = torch.tensor(mean, dtype=tensor.dtype).view(-1, 1, 1)
-    std_t = torch.tensor(std, dtype=tensor.dtype).view(-1, 1, 1)
+    """[..., 3, H, W] → (x - mean) / std per channel, on the tensor's device."""
+    mean_t = torch.tensor(mean, dtype=tensor.dtype, device=tensor.device).view(-1, 1, 1)
+    std_t = torch.tensor(std, dtype=tensor.dtype, device=tensor.device).view(-1, 1, 1)
     return (tensor - mean_t) / std_t
-
-
-def map_pixels(tensor: torch.Tensor, eps: float = LOGIT_LAPLACE_EPS) -> torch.Tensor:
-    """DALL-E dVAE input scaling: [0, 1] → [eps, 1 - eps]."""
-    return (1 - 2 * eps) * tensor + eps
 
 
 def _check_positive_int(name: str, value: object) -> int:
@@ -158,9 +157,10 @@ class PretrainTransform:
         interpolation, second_interpolation: resampling of the two views.
         hflip: horizontal flip probability.
 
-    `transform(img, rng)` → (patch_view float [3, input_size, input_size] normalised,
-    tokenizer_view float [3, second_input_size, second_input_size] in [0.1, 0.9] after map_pixels).
-    `augment` + `views_from_box` are the two halves, exposed so the crop box can be inspected.
+    `transform(img, rng)` → (patch_view uint8 [3, input_size, input_size], tokenizer_view uint8
+    [3, second_input_size, second_input_size]), what DataLoader workers ship. `model_inputs` finishes a batch on its
+    device: the patch view normalised, the tokenizer view through the dVAE's `map_pixels` (into [0.1, 0.9]).
+    `augment` + `views_from_box` are the two halves of the worker side, exposed so the crop box can be inspected.
     """
 
     def __init__(self, input_size: int = 224, second_input_size: int = 112, color_jitter: float = 0.4,
@@ -184,20 +184,31 @@ class PretrainTransform:
         return img, random_resized_crop_box(img.width, img.height, self.scale, self.ratio, rng)
 
     def views_from_box(self, img: Image.Image, box: Box) -> tuple[torch.Tensor, torch.Tensor]:
-        """Both views of the same `box` of `img` → (patch_view [3, S, S], tokenizer_view [3, s, s])."""
+        """Both views of the same `box` of `img` → (patch_view uint8 [3, S, S], tokenizer_view uint8 [3, s, s])."""
         patch = resized_crop(img, box, self.input_size, self.interpolation)
         tokenizer = resized_crop(img, box, self.second_input_size, self.second_interpolation)
-        return normalize(to_tensor(patch), self.mean, self.std), map_pixels(to_tensor(tokenizer))
+        return to_uint8_tensor(patch), to_uint8_tensor(tokenizer)
+
+    def model_inputs(self, patch_views: torch.Tensor, tokenizer_views: torch.Tensor, dtype: torch.dtype
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 views `[B, 3, S, S]`, `[B, 3, s, s]` on the device → (patch views normalised, in `dtype`;
+        tokenizer views fp32 through `map_pixels`)."""
+        from engine.tokenizer.dalle import map_pixels
+
+        patches = normalize(to_unit_range(patch_views), self.mean, self.std).to(dtype)
+        return patches, map_pixels(to_unit_range(tokenizer_views))
 
     def __call__(self, img: Image.Image, rng: random.Random | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         return self.views_from_box(*self.augment(img, rng))
 
 
 class RandomErasing:
-    """timm RandomErasing on a normalised [C, H, W] tensor: with probability `probability`, erase one rectangle
-    of area fraction U(min_area, max_area) and log-uniform aspect in [min_aspect, 1/min_aspect] (10 attempts).
+    """timm RandomErasing, split between worker and device: with probability `probability`, one rectangle of area
+    fraction U(min_area, max_area) and log-uniform aspect in [min_aspect, 1/min_aspect] (10 attempts) is drawn in the
+    worker (`draw_box`), and the normalised batch is erased on the device (`erase`).
 
-    mode "pixel": per-pixel N(0, 1) noise; "rand": one N(0, 1) colour per channel; "const": zeros.
+    mode "pixel": per-pixel N(0, 1) noise; "rand": one N(0, 1) colour per channel; "const": zeros. The noise comes
+    from the device generator the step passes (seeded by seed, step and rank, so a resumed run erases identically).
     """
 
     def __init__(self, probability: float = 0.25, mode: str = "pixel", min_area: float = 0.02,
@@ -211,29 +222,32 @@ class RandomErasing:
         self.area = _check_range("random erasing area", (min_area, max_area))
         self.log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))
 
-    def __call__(self, tensor: torch.Tensor, rng: random.Random | None = None) -> torch.Tensor:
-        """[C, H, W] → the same tensor, erased in place (or untouched)."""
-        rng = resolve_rng(rng)
-        if rng.random() > self.probability:
-            return tensor
-        channels, img_h, img_w = tensor.shape
-        for _ in range(10):
-            target_area = rng.uniform(*self.area) * img_h * img_w
-            aspect = math.exp(rng.uniform(*self.log_aspect))
-            h = int(round(math.sqrt(target_area * aspect)))
-            w = int(round(math.sqrt(target_area / aspect)))
-            if w < img_w and h < img_h:
-                top, left = rng.randint(0, img_h - h), rng.randint(0, img_w - w)
-                tensor[:, top:top + h, left:left + w] = self._fill((channels, h, w), tensor.dtype, rng)
-                break
-        return tensor
+    def draw_box(self, img_h: int, img_w: int, rng: random.Random) -> torch.Tensor:
+        """→ int32 [4] (top, left, height, width) of the rectangle to erase; all zeros for none."""
+        if rng.random() <= self.probability:
+            for _ in range(10):
+                target_area = rng.uniform(*self.area) * img_h * img_w
+                aspect = math.exp(rng.uniform(*self.log_aspect))
+                h = int(round(math.sqrt(target_area * aspect)))
+                w = int(round(math.sqrt(target_area / aspect)))
+                if w < img_w and h < img_h:
+                    return torch.tensor([rng.randint(0, img_h - h), rng.randint(0, img_w - w), h, w],
+                                        dtype=torch.int32)
+        return torch.zeros(4, dtype=torch.int32)
 
-    def _fill(self, shape: tuple[int, int, int], dtype: torch.dtype, rng: random.Random) -> torch.Tensor:
+    def erase(self, images: torch.Tensor, boxes: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Normalised images `[B, C, H, W]` and boxes `[B, 4]` on one device → the images with every box filled."""
+        batch, channels, height, width = images.shape
+        top, left, box_h, box_w = (boxes.to(images.device).long().T)[..., None, None]  # 4 × [B, 1, 1]
+        rows = torch.arange(height, device=images.device)[None, :, None]  # [1, H, 1]
+        cols = torch.arange(width, device=images.device)[None, None, :]  # [1, 1, W]
+        inside = (rows >= top) & (rows < top + box_h) & (cols >= left) & (cols < left + box_w)  # [B, H, W]
         if self.mode == "const":
-            return torch.zeros(shape, dtype=dtype)
-        generator = torch.Generator().manual_seed(rng.getrandbits(63))
-        noise_shape = shape if self.mode == "pixel" else (shape[0], 1, 1)
-        return torch.randn(noise_shape, generator=generator, dtype=dtype).expand(shape)
+            fill = torch.zeros((), dtype=images.dtype, device=images.device)
+        else:
+            noise_shape = (batch, channels, height, width) if self.mode == "pixel" else (batch, channels, 1, 1)
+            fill = torch.randn(noise_shape, generator=generator, dtype=images.dtype, device=images.device)
+        return torch.where(inside[:, None], fill, images)
 
 
 class FinetuneTransform:
@@ -241,7 +255,8 @@ class FinetuneTransform:
     RandAugment (or, only when auto_augment is None/"", ColorJitter, as timm) → tensor → normalise →
     RandomErasing.
 
-    `transform(img, rng)` → float [3, input_size, input_size].
+    `transform(img, rng)` → (uint8 [3, input_size, input_size], int32 [4] erasing box), what workers ship;
+    `model_inputs` normalises and erases the batch on its device.
     """
 
     def __init__(self, input_size: int = 224, scale: Sequence[float] = (0.08, 1.0),
@@ -267,8 +282,16 @@ class FinetuneTransform:
         img = img.convert("RGB")
         box = random_resized_crop_box(img.width, img.height, self.scale, self.ratio, rng)
         img = _horizontal_flip(resized_crop(img, box, self.input_size, self.interpolation), self.hflip, rng)
-        tensor = normalize(to_tensor(self.color_op(img, rng)), self.mean, self.std)
-        return self.random_erasing(tensor, rng) if self.random_erasing is not None else tensor
+        pixels = to_uint8_tensor(self.color_op(img, rng))
+        erase_box = self.random_erasing.draw_box(self.input_size, self.input_size, rng) \
+            if self.random_erasing is not None else torch.zeros(4, dtype=torch.int32)
+        return pixels, erase_box
+
+    def model_inputs(self, images: torch.Tensor, erase_boxes: torch.Tensor, generator: torch.Generator | None = None
+                     ) -> torch.Tensor:
+        """uint8 `[B, 3, S, S]` and boxes `[B, 4]` on the device → normalised, erased fp32 images."""
+        images = normalize(to_unit_range(images), self.mean, self.std)
+        return images if self.random_erasing is None else self.random_erasing.erase(images, erase_boxes, generator)
 
 
 def default_crop_pct(input_size: int) -> float:
@@ -281,7 +304,7 @@ class EvalTransform:
 
     Deterministic; takes (and ignores) an rng for a uniform transform interface. Unlike the official code, which
     squashes the image to a square at >= 384, a non-square image keeps its aspect ratio and is centre-cropped.
-    `transform(img)` → float [3, input_size, input_size].
+    `transform(img)` → uint8 [3, input_size, input_size]; `model_inputs` normalises a batch on its device.
     """
 
     def __init__(self, input_size: int = 224, crop_pct: float | None = None,
@@ -304,4 +327,8 @@ class EvalTransform:
         top = int(round((img.height - self.input_size) / 2.0))
         left = int(round((img.width - self.input_size) / 2.0))
         img = img.crop((left, top, left + self.input_size, top + self.input_size))
-        return normalize(to_tensor(img), self.mean, self.std)
+        return to_uint8_tensor(img)
+
+    def model_inputs(self, images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """uint8 `[B, 3, S, S]` on the device → normalised images in `dtype`."""
+        return normalize(to_unit_range(images), self.mean, self.std).to(dtype)

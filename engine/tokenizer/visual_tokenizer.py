@@ -53,18 +53,22 @@ class VisualTokenizer(nn.Module):
     @torch.no_grad()
     def get_codebook_probs(self, images: torch.Tensor) -> torch.Tensor:
         """Mapped images [B, 3, S, S] → token probabilities [B, V, h, w] (fp32)."""
+        return self._logits(images).softmax(dim=1)
+
+    def _logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Mapped images [B, 3, S, S] → encoder logits [B, V, h, w] (fp32), after checking the shape."""
         expected = (self.encoder.input_channels, self.input_size, self.input_size)
         if images.ndim != 4 or tuple(images.shape[1:]) != expected:
             raise ValueError(f"tokenizer expects images [B, {', '.join(map(str, expected))}], got "
                              f"{tuple(images.shape)}: set the tokenizer view size (second_input_size) to "
                              f"{self.input_size}")
-        logits = self.encoder(images.contiguous(memory_format=torch.channels_last))
-        return logits.softmax(dim=1)
+        return self.encoder(images.contiguous(memory_format=torch.channels_last))
 
     @torch.no_grad()
     def get_codebook_indices(self, images: torch.Tensor) -> torch.Tensor:
-        """Mapped images [B, 3, S, S] → token ids [B, h·w] (int64, row-major), argmax of the encoder logits."""
-        return self.get_codebook_probs(images).argmax(dim=1).flatten(1)
+        """Mapped images [B, 3, S, S] → token ids [B, h·w] (int64, row-major): the argmax of the encoder logits (the
+        same as of their softmax, which is not computed)."""
+        return self._logits(images).argmax(dim=1).flatten(1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.get_codebook_indices(images)

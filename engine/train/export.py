@@ -10,22 +10,11 @@ from pathlib import Path
 import torch
 
 from engine.train.checkpointing import latest_checkpoint
+from engine.train.state import model_name
 
 logger = logging.getLogger(__name__)
 
 MODEL_STATES = "mp_rank_00_model_states.pt"  # ZeRO-3 names it zero_pp_rank_0_mp_rank_00_model_states.pt
-_WRAPPER_PREFIXES = ("model.", "_orig_mod.")  # our loss wrapper, torch.compile
-
-
-def _strip_prefixes(name: str) -> str:
-    changed = True
-    while changed:
-        changed = False
-        for prefix in _WRAPPER_PREFIXES:
-            if name.startswith(prefix):
-                name, changed = name[len(prefix):], True
-    return name
-
 
 def _model_states_file(ckpt_dir: Path) -> Path | None:
     found = sorted(ckpt_dir.glob(f"*{MODEL_STATES}"), key=lambda p: len(p.name))  # rank 0's file has the shortest name
@@ -46,7 +35,8 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
 
 def consolidated_state_dict(ckpt_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(fp32 state dict with the model's own names, client state). ZeRO shards are merged by DeepSpeed's
-    `zero_to_fp32` from the fp32 master weights; stage 0 checkpoints hold the module weights directly."""
+    `zero_to_fp32` from the fp32 master weights. Stage 0 checkpoints hold the module weights, which under bf16/fp16
+    are a rounded copy: the fp32 masters in the optimizer state replace them (`stage0_master_weights`)."""
     states = torch.load(_model_states_file(ckpt_dir), map_location="cpu", weights_only=False)
     if any(ckpt_dir.glob("*zero_pp_rank_*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -54,8 +44,30 @@ def consolidated_state_dict(ckpt_dir: Path) -> tuple[dict[str, torch.Tensor], di
         state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
     else:
         state = states["module"]
-    state = {_strip_prefixes(k): v.float() for k, v in state.items()}
+    state = {model_name(k): v.float() for k, v in state.items()}
+    state.update(stage0_master_weights(states.get("optimizer"), states.get("master_param_names"), state))
     return state, states
+
+
+def stage0_master_weights(optimizer_state: dict | None, names_by_group: list[list[str]] | None,
+                          module_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """fp32 masters of DeepSpeed's stage-0 mixed-precision optimizers, by parameter name: `fp32_groups` (a list of
+    tensors per group) or `fp32_groups_flat` (one flat tensor per group), in the order of our parameter groups, whose
+    names the trainer saves as `master_param_names`. Empty for fp32 runs (no masters)."""
+    if not optimizer_state or not names_by_group:
+        return {}
+    if "fp32_groups" in optimizer_state:
+        groups = optimizer_state["fp32_groups"]
+    elif "fp32_groups_flat" in optimizer_state:
+        groups = [flat.split([module_state[name].numel() for name in names])
+                  for flat, names in zip(optimizer_state["fp32_groups_flat"], names_by_group)]
+    else:
+        return {}
+    masters = {}
+    for names, tensors in zip(names_by_group, groups, strict=True):
+        for name, tensor in zip(names, tensors, strict=True):
+            masters[name] = tensor.detach().float().reshape(module_state[name].shape)
+    return masters
 
 
 def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path) -> Path:

@@ -28,25 +28,29 @@ class HeldOutBatch:
     @torch.no_grad()
     def evaluate(self, engine, dtype: torch.dtype, device: torch.device) -> tuple[float, float]:
         """(masked-token loss, accuracy) of the model on this batch, in eval mode (no drop path); host sync."""
-        module = engine.module
+        module = engine.module  # called directly (ZeRO-3's gather hooks live on the modules): not a training step
         module.eval()
-        loss, acc = engine(self.patch_views.to(device, dtype), self.masks.to(device), self.labels.to(device))
+        loss, stats = module(self.patch_views.to(device, dtype), self.masks.to(device), self.labels.to(device))
         module.train()
-        return float(loss), float(acc)
+        correct, masked = stats[1:].tolist()  # stats: [loss·M, accuracy·M, M]
+        return float(loss), correct / max(masked, 1.0)
 
 
 def _tokenized(dataset, count: int, tokenizer, device: torch.device, keep_views: bool, chunk: int = 256
                ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """The first `count` samples of a MIM dataset (epoch 0, deterministic) → patch views (only with `keep_views`:
-    the prior needs tokens alone), masks, token ids; `chunk` images at a time, so memory stays bounded."""
+    """The first `count` samples of a MIM dataset (epoch 0, deterministic) → normalised fp32 patch views (only with
+    `keep_views`: the prior needs tokens alone), masks, token ids; `chunk` images at a time, so memory stays bounded.
+    The dataset's transform finishes its uint8 views (`model_inputs`), as the training step does."""
     total = min(count, len(dataset))
     patch_views, masks, labels = [], [], []
     for start in range(0, total, chunk):
         views, tokenizer_views, chunk_masks = zip(*(dataset[i] for i in range(start, min(start + chunk, total))))
-        labels.append(tokenizer.get_codebook_indices(torch.stack(tokenizer_views).to(device)).cpu())  # [n, L]
+        patches, pixels = dataset.transform.model_inputs(torch.stack(views), torch.stack(tokenizer_views).to(device),
+                                                         torch.float32)
+        labels.append(tokenizer.get_codebook_indices(pixels).cpu())  # [n, L]
         masks.append(torch.stack(chunk_masks))
         if keep_views:
-            patch_views.append(torch.stack(views))
+            patch_views.append(patches)
     return (torch.cat(patch_views) if patch_views else None), torch.cat(masks), torch.cat(labels)
 
 

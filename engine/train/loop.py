@@ -1,29 +1,38 @@
-"""Pieces shared by the pretraining and fine-tuning loops: DeepSpeed engine setup, per-step schedules, resume
-checks, stop signals and the health of a step (non-finite losses, fp16 overflow skips)."""
+"""The training loop of every task (engine/train/task.py), as short and linear as MAE's `engine_pretrain.py`.
+
+    summary = train(cfg, MaskedImageModeling)   # or ImageClassification, LinearProbe, ...
+
+One optimizer step = `grad_accum` micro-batches through `train_step`. The loop owns the process group, DeepSpeed,
+resume, LR/WD schedules, stop signals, logging and checkpoints; the task owns model, data, loss and evaluation.
+Host syncs happen only at log, evaluation and save steps: per-step statistics and the loss health stay on the device
+(tests/test_train_syncs.py counts them).
+"""
 
 import json
 import logging
-import math
-import signal
-from dataclasses import dataclass
+import time
 from pathlib import Path
 
 import deepspeed
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from engine.config import save_config
+from engine.train import checkpointing
 from engine.train.deepspeed_config import build_deepspeed_config
+from engine.train.flops import device_peak_flops
+from engine.train.guards import StepHealth, StopSignal, loss_scale
+from engine.train.metrics import METRICS_FILE, MetricsLogger, plot_curves, read_metrics
 from engine.train.optim import build_optimizer
-from engine.train.runtime import DistInfo
-from engine.train.schedules import cosine_scheduler
+from engine.train.runtime import DistInfo, init_distributed, seed_everything
+from engine.train.schedules import Schedules, apply_schedules, build_schedules
 from engine.train.settings import OptimSettings, RunSettings
 
 logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 DEEPSPEED_CONFIG_FILE = "deepspeed_config.json"
+CURVES_PNG = "curves.png"
 
 
 def resolve_lr(optim: OptimSettings, global_batch: int) -> float:
@@ -42,29 +51,8 @@ def resolve_grad_accum(run: RunSettings, world_size: int) -> None:
     run.grad_accum = run.global_batch // per_step
 
 
-@dataclass
-class Schedules:
-    lr: np.ndarray  # [total_steps]
-    wd: np.ndarray  # [total_steps]
-
-
-def build_schedules(optim: OptimSettings, base_lr: float, epochs: int, steps_per_epoch: int) -> Schedules:
-    wd_end = optim.weight_decay if optim.weight_decay_end is None else optim.weight_decay_end
-    return Schedules(
-        lr=cosine_scheduler(base_lr, optim.min_lr, epochs, steps_per_epoch, optim.warmup_epochs,
-                            warmup_steps=optim.warmup_steps),
-        wd=cosine_scheduler(optim.weight_decay, wd_end, epochs, steps_per_epoch),
-    )
-
-
-def apply_schedules(optimizer: torch.optim.Optimizer, schedules: Schedules, step: int) -> tuple[float, float]:
-    """Writes this step's LR (× each group's lr_scale) and WD (groups with weight decay only); returns (lr, wd)."""
-    lr, wd = float(schedules.lr[step]), float(schedules.wd[step])
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
-        if group["weight_decay"] > 0:
-            group["weight_decay"] = wd
-    return lr, wd
+def input_dtype(precision: str) -> torch.dtype:
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def initialize_engine(module: torch.nn.Module, groups: list[dict], run: RunSettings, optim: OptimSettings,
@@ -78,19 +66,7 @@ def initialize_engine(module: torch.nn.Module, groups: list[dict], run: RunSetti
         (output_dir / DEEPSPEED_CONFIG_FILE).write_text(json.dumps(ds_config, indent=2) + "\n")
     optimizer = build_optimizer(groups, base_lr, dist_info.device.type, offload=run.offload)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
-    return engine, ds_config
-
-
-def write_run_config(cfg, output_dir: Path, dist_info: DistInfo) -> None:
-    if dist_info.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, output_dir / CONFIG_FILE)
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def input_dtype(precision: str) -> torch.dtype:
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return engine
 
 
 def check_resume_compatible(client: dict, world_size: int, global_batch: int, steps_per_epoch: int) -> None:
@@ -104,94 +80,181 @@ def check_resume_compatible(client: dict, world_size: int, global_batch: int, st
             "can be exported with `python -m engine.train.export`)")
 
 
-def global_grad_norm(engine) -> float | None:
-    """Pre-clipping global grad norm of the last step (DeepSpeed's value; our own for fp32 ZeRO-0, where
-    DeepSpeed clips without keeping the norm). Call after `engine.backward` at a boundary, before `engine.step`."""
-    params = [p.grad for p in engine.module.parameters() if p.grad is not None]
-    if not params:
-        return None
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in params])))
-
-
-def deepspeed_grad_norm(engine) -> float | None:
+def grad_norm(engine, own: bool) -> float | None:
+    """Pre-clipping global grad norm of the last step: ours (`own`, computed before `engine.step`, for fp32 ZeRO-0
+    where DeepSpeed clips without keeping the norm) or DeepSpeed's. Host sync: logging steps only."""
+    if own:
+        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))) \
+            if grads else None
     norm = engine.get_global_grad_norm()
-    if norm is None:
-        return None
-    return float(norm)
+    return None if norm is None else float(norm)
 
 
-def mean_over_ranks(values: list[float], device: torch.device) -> list[float]:
-    """Averages logged scalars over the data-parallel ranks (each rank saw its own shard of the batch)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return values
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    return (tensor / dist.get_world_size()).tolist()
+def train_step(engine, task, batches, grad_accum: int, step: int, before_update=None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step of `grad_accum` micro-batches → (stats summed over them, loss summed), both on the device.
+    `before_update()` runs after the last backward, before DeepSpeed's update (where gradients are still whole)."""
+    stats_sum, loss_sum = None, None
+    for micro in range(grad_accum):
+        loss, stats = engine(*task.inputs(next(batches), step))
+        engine.backward(loss)
+        if before_update is not None and micro == grad_accum - 1:
+            before_update()
+        engine.step()
+        stats_sum = stats.detach() if stats_sum is None else stats_sum + stats.detach()
+        loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+    return stats_sum, loss_sum
 
 
-def loss_scale(engine) -> float | None:
-    if not engine.fp16_enabled():
-        return None
-    optimizer = engine.optimizer
-    scale = getattr(optimizer, "cur_scale", None)
-    return float(scale if scale is not None else optimizer.loss_scale)
+def reduce_stats(stats: torch.Tensor, names: tuple[str, ...]) -> tuple[dict, float]:
+    """Per-rank stat sums → (weighted means over all ranks by name, total weight). Host sync: logging steps only."""
+    stats = stats.double()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(stats)
+    values = stats.tolist()
+    weight = values[-1]
+    return {name: value / weight if weight else 0.0 for name, value in zip(names[:-1], values[:-1])}, weight
 
 
-class StopSignal:
-    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint at the next step boundary and exits cleanly."""
+def _epoch_batches(loader, epoch: int, start_batch: int = 0):
+    from engine.data.loader import set_loader_epoch
 
-    def __init__(self):
-        self.received: str | None = None
-        self._previous = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.received = signal.Signals(signum).name
-        logger.warning("%s received: saving a checkpoint at the end of this step, then exiting", self.received)
-
-    def should_stop(self, device: torch.device) -> bool:
-        """True on every rank when any rank was signalled (one all-reduce when there are several ranks)."""
-        flag = self.received is not None
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            tensor = torch.tensor([1.0 if flag else 0.0], device=device)
-            dist.all_reduce(tensor)
-            flag = bool(tensor.item() > 0)
-        return flag
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+    set_loader_epoch(loader, epoch, start_batch)
+    return iter(loader)
 
 
-class StepHealth:
-    """Counts consecutive bad steps: a non-finite loss, or an fp16 step DeepSpeed skipped on gradient overflow.
+def _write_run_config(cfg, output_dir: Path, dist_info: DistInfo) -> None:
+    if dist_info.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, output_dir / CONFIG_FILE)
+    if dist.is_initialized():
+        dist.barrier()
 
-    Under fp16 dynamic loss scaling a bad step is skipped by DeepSpeed (the scale drops) and training goes on; under
-    bf16/fp32 nothing rescues a non-finite loss, so training stops at once. Either way `max_bad_steps` consecutive bad
-    steps stop the run with an explanation.
-    """
 
-    def __init__(self, engine, precision: str, max_bad_steps: int):
-        self.engine = engine
-        self.precision = precision
-        self.max_bad_steps = max_bad_steps
-        self.consecutive = 0
-        self.total_skipped = 0
-        self._skipped_before = engine.skipped_steps
+def train(cfg, task_class) -> dict:
+    """Builds `task_class(cfg, dist_info)`, trains (or resumes) until `epochs` or `max_steps`; returns a summary
+    (rank 0 has the full one). A stop signal saves a checkpoint and returns with `stopped_by` set."""
+    run = cfg.run
+    dist_info = init_distributed(run.device)
+    resolve_grad_accum(run, dist_info.world_size)
+    output_dir = Path(run.output_dir)
+    _write_run_config(cfg, output_dir, dist_info)
+    seed_everything(run.seed + dist_info.rank)
+    task = task_class(cfg, dist_info)
 
-    def update(self, step: int, loss: float) -> None:
-        skipped = self.engine.skipped_steps - self._skipped_before
-        self._skipped_before = self.engine.skipped_steps
-        bad = skipped > 0 or not math.isfinite(loss)
-        self.total_skipped += skipped
-        self.consecutive = self.consecutive + 1 if bad else 0
-        if not math.isfinite(loss) and self.precision != "fp16":
-            raise FloatingPointError(
-                f"loss is {loss} at step {step} under {self.precision}: lower --lr or --clip_grad, check the data, "
-                "or resume from the last checkpoint")
-        if self.consecutive >= self.max_bad_steps:
-            raise FloatingPointError(
-                f"{self.consecutive} consecutive non-finite/overflowed steps up to step {step} (loss scale "
-                f"{loss_scale(self.engine)}): fp16 cannot represent this run's gradients; use --precision=bf16, a "
-                "lower --lr, or a smaller --clip_grad")
+    global_batch = run.batch_size * run.grad_accum * dist_info.world_size
+    steps_per_epoch = len(task.loader) // run.grad_accum
+    if steps_per_epoch == 0:
+        raise ValueError(f"one epoch holds {len(task.loader)} micro-batches per rank, fewer than grad_accum="
+                         f"{run.grad_accum}: lower --batch_size or --grad_accum")
+    total_steps = run.epochs * steps_per_epoch
+    last_step = min(total_steps, run.max_steps) if run.max_steps > 0 else total_steps
+    base_lr = resolve_lr(cfg.optim, global_batch)
+    schedules = build_schedules(cfg.optim, base_lr, run.epochs, steps_per_epoch)
+    groups = task.param_groups()
+    engine = initialize_engine(task.module, groups, run, cfg.optim, dist_info, base_lr, output_dir)
+    if dist_info.is_main:
+        logger.info("global batch %d = %d per device × %d accumulation × %d ranks; lr %.3g (%s)%s; %d steps/epoch, "
+                    "%d epochs, stopping at step %d", global_batch, run.batch_size, run.grad_accum,
+                    dist_info.world_size, base_lr, "absolute --lr" if cfg.optim.lr is not None else
+                    f"blr {cfg.optim.blr:g} × {global_batch} / 256",
+                    f", layer decay {cfg.optim.layer_decay}" if cfg.optim.layer_decay is not None else "",
+                    steps_per_epoch, run.epochs, last_step)
+        checkpointing.remove_incomplete(output_dir)
+    if dist.is_initialized():
+        dist.barrier()
+
+    def client_state(step: int) -> dict:
+        return {"step": step, "steps_per_epoch": steps_per_epoch, "global_batch": global_batch,
+                "world_size": dist_info.world_size, "model_config": dict(task.model.config),
+                "master_param_names": [group["param_names"] for group in groups],  # export reads stage-0 masters
+                **task.client_state()}
+
+    start_step = 0
+    ckpt = checkpointing.latest_checkpoint(output_dir) if run.resume else None
+    if ckpt is not None:
+        client = checkpointing.load_checkpoint(engine, ckpt, dist_info.rank)
+        check_resume_compatible(client, dist_info.world_size, global_batch, steps_per_epoch)
+        task.resume(client, ckpt)
+        start_step = client["step"]
+        logger.info("resumed from %s at step %d", ckpt, start_step)
+
+    summary = _loop(cfg, task, engine, schedules, client_state, start_step, last_step, steps_per_epoch)
+    if summary["stopped_by"] is None:
+        summary.update(task.finish(engine, summary["checkpoint"]))
+        if dist_info.is_main:
+            rows = read_metrics(output_dir / METRICS_FILE)
+            summary.update(curves_png=plot_curves(rows, output_dir / CURVES_PNG, panels=task.curve_panels),
+                           metrics_file=output_dir / METRICS_FILE, first=rows[0] if rows else {},
+                           last=rows[-1] if rows else {})
+    return summary
+
+
+def _loop(cfg, task, engine, schedules: Schedules, client_state, start_step: int, last_step: int,
+          steps_per_epoch: int) -> dict:
+    run, dist_info = cfg.run, task.dist_info
+    output_dir, device = Path(run.output_dir), dist_info.device
+    global_batch = run.batch_size * run.grad_accum * dist_info.world_size
+    peak = device_peak_flops(device, run.precision)
+    own_grad_norm = run.precision == "fp32" and run.zero_stage == 0  # DeepSpeed clips there without keeping the norm
+    metrics = MetricsLogger(output_dir, dist_info.is_main, last_step, start_step, run.progress)
+    health = StepHealth(engine, run.precision, run.max_bad_steps, device)
+    stop = StopSignal()
+
+    def save(step: int) -> Path:
+        return checkpointing.save_checkpoint(engine, output_dir, step, client_state(step), dist_info.rank,
+                                             run.keep_checkpoints, task.checkpoint_files())
+
+    step, stopped_by, ckpt_dir = start_step, None, None
+    epoch = start_step // steps_per_epoch
+    batches = _epoch_batches(task.loader, epoch, (start_step % steps_per_epoch) * run.grad_accum)
+    window_start, window_steps = time.perf_counter(), 0
+    engine.train()
+    try:
+        while step < last_step:
+            if step % steps_per_epoch == 0 and step != start_step:  # epochs are counted in optimizer steps
+                epoch = step // steps_per_epoch
+                batches = _epoch_batches(task.loader, epoch)
+            lr, wd = apply_schedules(engine.optimizer, schedules, step)
+            log_now = ((step + 1) % run.log_every == 0 or step + 1 == last_step or step == start_step
+                       or task.log_due(step + 1, last_step))
+            norm = []
+            stats, loss_sum = train_step(engine, task, batches, run.grad_accum, step,
+                                         (lambda: norm.append(grad_norm(engine, True)))
+                                         if log_now and own_grad_norm else None)
+            step += 1
+            window_steps += 1
+            health.count_step(loss_sum)
+            task.after_step(engine, step)
+            metrics.advance()
+            save_due = run.save_every > 0 and step % run.save_every == 0 and step < last_step
+            if log_now or save_due:
+                health.check(step)
+            if log_now:
+                img_per_s = global_batch * window_steps / (time.perf_counter() - window_start)
+                values, weight = reduce_stats(stats, task.stat_names)
+                flops = task.flops_per_image(weight / global_batch)
+                row = {"step": step, "epoch": epoch, **values, "lr": lr, "wd": wd,
+                       "grad_norm": norm[0] if norm else grad_norm(engine, False), "loss_scale": loss_scale(engine),
+                       "img_per_s": img_per_s,
+                       "mfu": flops * img_per_s / dist_info.world_size / peak if peak else None,
+                       "skipped_steps": health.total_skipped,
+                       **task.log_extras(engine, step, last_step, metrics)}
+                metrics.log(row)
+                window_start, window_steps = time.perf_counter(), 0
+            task.evaluate(engine, step, epoch, step % steps_per_epoch == 0 or step == last_step, last_step)
+            if stop.poll():
+                stopped_by = stop.received or "signal on another rank"
+                break
+            if save_due:
+                save(step)
+        health.check(step)
+        ckpt_dir = save(step)
+    finally:
+        metrics.close()
+        stop.restore()
+    if stopped_by and dist_info.is_main:
+        logger.warning("stopped by %s at step %d; checkpoint %s saved. Run the same command again to resume.",
+                       stopped_by, step, ckpt_dir)
+    return {"step": step, "stopped_by": stopped_by, "checkpoint": ckpt_dir}

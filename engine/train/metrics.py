@@ -8,6 +8,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+EVAL_FILE = "eval.jsonl"
 
 
 def _finite_or_none(value):
@@ -114,7 +115,7 @@ def plot_curves(rows: list[dict], png_path: str | Path,
                 ax.plot(*zip(*points), label=key)
         ax.set_xlabel("step")
         ax.set_ylabel(" / ".join(panel))
-        if len(panel) > 1:
+        if len(panel) > 1 and any(panel.values()):
             ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -1,8 +1,12 @@
 """Per-step schedules: the official BEiT `cosine_scheduler` (linear warmup from `start_warmup_value`, then cosine)."""
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
+import torch
+
+from engine.train.settings import OptimSettings
 
 
 def cosine_scheduler(
@@ -31,3 +35,28 @@ def cosine_scheduler(
     schedule = np.concatenate((warmup, cosine))
     assert len(schedule) == total
     return schedule
+
+
+@dataclass
+class Schedules:
+    lr: np.ndarray  # [total_steps]
+    wd: np.ndarray  # [total_steps]
+
+
+def build_schedules(optim: OptimSettings, base_lr: float, epochs: int, steps_per_epoch: int) -> Schedules:
+    wd_end = optim.weight_decay if optim.weight_decay_end is None else optim.weight_decay_end
+    return Schedules(
+        lr=cosine_scheduler(base_lr, optim.min_lr, epochs, steps_per_epoch, optim.warmup_epochs,
+                            warmup_steps=optim.warmup_steps),
+        wd=cosine_scheduler(optim.weight_decay, wd_end, epochs, steps_per_epoch),
+    )
+
+
+def apply_schedules(optimizer: torch.optim.Optimizer, schedules: Schedules, step: int) -> tuple[float, float]:
+    """Writes this step's LR (× each group's lr_scale) and WD (groups with weight decay only); returns (lr, wd)."""
+    lr, wd = float(schedules.lr[step]), float(schedules.wd[step])
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+        if group["weight_decay"] > 0:
+            group["weight_decay"] = wd
+    return lr, wd

@@ -17,6 +17,7 @@ class ModelSettings:
     layer_scale_init_value: float = 0.1
     use_shared_rel_pos_bias: bool = True
     attn_impl: str = "sdpa"  # "eager" | "sdpa" | "triton"
+    mlm_loss: str = "fused"  # pretraining: "fused" (Triton kernel on GPUs) | "reference" (PyTorch)
     grad_checkpointing: bool = False
     compile: bool = False  # torch.compile the model before DeepSpeed wraps it
 

@@ -1,0 +1,71 @@
+"""The task interface of the training loop: what differs between pretraining, fine-tuning, linear probing (and any
+dense task) is a `Task`; DeepSpeed, resume, schedules, logging, signals and checkpoints live in `engine/train/loop.py`.
+
+A task builds its model, its training loader and `module`, the `nn.Module` DeepSpeed wraps. Per micro-batch the loop
+calls `module(*task.inputs(batch, step))`, which returns `(loss, stats)`: the scalar loss to back-propagate and a
+1-D device tensor of sums whose last entry is their weight (masked tokens, images, pixels). The loop adds the stats
+of micro-batches and ranks and logs `sum / weight` under `stat_names`, so every logged mean is weighted exactly.
+Nothing here may read a device value on the host outside the hooks the loop calls at log, evaluation and save steps.
+"""
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from engine.train.runtime import DistInfo
+
+
+class Task:
+    """Base class; subclasses set the attributes in `__init__` and override the hooks they need."""
+
+    stat_names: tuple[str, ...]  # names of stats[:-1], then the name of the weight stats[-1]
+    curve_panels: tuple = ("loss",)  # panels of curves.png (see engine.train.metrics.plot_curves)
+    model: nn.Module  # the BEiT model: parameter groups, config, the weights that are saved
+    module: nn.Module  # what DeepSpeed wraps: module(*inputs) → (loss, stats)
+    loader: torch.utils.data.DataLoader
+
+    def __init__(self, cfg, dist_info: DistInfo):
+        self.cfg = cfg
+        self.dist_info = dist_info
+        self.output_dir = Path(cfg.run.output_dir)
+
+    def param_groups(self) -> list[dict]:
+        raise NotImplementedError
+
+    def inputs(self, batch, step: int) -> tuple:
+        """A loader batch → the module's arguments, on the device (normalisation, labels, mixing happen here)."""
+        raise NotImplementedError
+
+    def flops_per_image(self, weight_per_image: float) -> float:
+        """Training FLOPs of one image, given this step's mean stats weight per image (e.g. masked patches)."""
+        raise NotImplementedError
+
+    def client_state(self) -> dict:
+        """Task state saved in every checkpoint (JSON-like)."""
+        return {}
+
+    def checkpoint_files(self) -> dict[str, object]:
+        """Objects rank 0 `torch.save`s into every checkpoint (e.g. EMA weights)."""
+        return {}
+
+    def resume(self, client: dict, ckpt_dir: Path) -> None:
+        """Restores what `client_state` and `checkpoint_files` saved."""
+
+    def after_step(self, engine, step: int) -> None:
+        """After every optimizer step (e.g. the EMA update). Device work only."""
+
+    def log_due(self, step: int, last_step: int) -> bool:
+        """Whether this step must write a log row even off the `log_every` grid (e.g. a held-out check)."""
+        return False
+
+    def log_extras(self, engine, step: int, last_step: int, notes) -> dict:
+        """Extra values for the log row of `step` (host syncs allowed: this is a logging step)."""
+        return {}
+
+    def evaluate(self, engine, step: int, epoch: int, epoch_done: bool, last_step: int) -> None:
+        """Called after every step; evaluates when its schedule says so (collective on every rank)."""
+
+    def finish(self, engine, ckpt_dir: Path) -> dict:
+        """After the final checkpoint of a run that was not stopped (every rank): exports and summary values."""
+        return {}
