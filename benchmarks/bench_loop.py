@@ -54,7 +54,7 @@ Path(result).write_text(json.dumps({{"per_interval": dict(counter.per_interval),
 
 @dataclass
 class LoopBenchConfig:
-    before: str = ""  # source tree to compare with (e.g. a `git worktree` of the previous commit); "" runs only this one
+    before: str = ""  # source tree to compare with (a `git worktree` of an older commit); "" runs this one only
     steps: int = 150
     repeats: int = 2
     tokenizer: str = ""  # "" → a random 14 px / 256-token stand-in (the demo tokenizer's shape)

@@ -31,6 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 import kernels
 from engine.pos_embed import num_relative_distance, relative_position_index
+from kernels.rel_pos_bias import TableGradPlan, table_grad_plan
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +114,22 @@ class PatchEmbed(nn.Module):
         return self.proj(images).flatten(2).transpose(1, 2)  # [B, L, C]
 
 
+def register_rel_pos_index(module: nn.Module, window_size: tuple[int, int]) -> None:
+    """Buffers built once per model (not saved): the `[N, N]` int64 index and the plan of the Triton table gradient
+    (`kernels.rel_pos_bias.table_grad_plan`), so no forward or backward recomputes them."""
+    index = relative_position_index(window_size)
+    order, offsets = table_grad_plan(index, num_relative_distance(window_size))
+    module.register_buffer("relative_position_index", index, persistent=False)
+    module.register_buffer("relative_position_order", order, persistent=False)
+    module.register_buffer("relative_position_offsets", offsets, persistent=False)
+
+
+def gathered_bias(module: nn.Module) -> torch.Tensor:
+    """`[H, N, N]` bias of a module holding `relative_position_bias_table` and the `register_rel_pos_index` buffers."""
+    plan = TableGradPlan(module.relative_position_order, module.relative_position_offsets)
+    return kernels.rel_pos_bias(module.relative_position_bias_table, module.relative_position_index, plan)
+
+
 class RelativePositionBias(nn.Module):
     """The shared table of the pretraining model: `[R, H]` zero-initialised, read through an `[N, N]` index (an int64
     buffer built once). `forward()` hands it to the blocks: gathered once into `[H, N, N]` for eager/sdpa, as the
@@ -123,13 +140,13 @@ class RelativePositionBias(nn.Module):
         self.window_size = window_size
         self.attn_impl = attn_impl
         self.relative_position_bias_table = nn.Parameter(torch.zeros(num_relative_distance(window_size), num_heads))
-        self.register_buffer("relative_position_index", relative_position_index(window_size), persistent=False)
+        register_rel_pos_index(self, window_size)
 
     def forward(self) -> SharedRelPos:
         table, index = self.relative_position_bias_table, self.relative_position_index
         if self.attn_impl == "triton":
             return SharedRelPos(table, index, None)
-        return SharedRelPos(table, index, kernels.rel_pos_bias(table, index))  # bias [H, N, N]
+        return SharedRelPos(table, index, gathered_bias(self))  # bias [H, N, N]
 
 
 class Attention(nn.Module):
@@ -147,7 +164,7 @@ class Attention(nn.Module):
         self.v_bias = nn.Parameter(torch.zeros(dim))
         if window_size is not None:
             self.relative_position_bias_table = nn.Parameter(torch.zeros(num_relative_distance(window_size), num_heads))
-            self.register_buffer("relative_position_index", relative_position_index(window_size), persistent=False)
+            register_rel_pos_index(self, window_size)
         else:
             self.relative_position_bias_table = None
             self.relative_position_index = None
@@ -164,7 +181,7 @@ class Attention(nn.Module):
         """`[H, N, N]`: this layer's gathered table plus the shared bias (gathered once for all blocks)."""
         if self.relative_position_bias_table is None:
             return shared.bias
-        own = kernels.rel_pos_bias(self.relative_position_bias_table, self.relative_position_index)
+        own = gathered_bias(self)
         return own if shared.bias is None else own + shared.bias
 
     def forward(self, x: torch.Tensor, shared: SharedRelPos) -> torch.Tensor:

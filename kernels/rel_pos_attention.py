@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from kernels._dispatch import triton_interpreter_active, use_triton
-from kernels.rel_pos_bias import rel_pos_bias_ref, table_grad_from_dense
+from kernels.rel_pos_bias import rel_pos_bias_ref, table_grad_from_dense, table_grad_plan
 
 LOG2E = 1.4426950408889634
 _INTERPRETER_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 16}  # small tiles: several blocks and edge masks at test shapes
@@ -419,7 +419,7 @@ def rel_pos_attention_backward(
         **common, **blocks,
     )
     if has_bias and deterministic:
-        dtable = table_grad_from_dense(dbias.sum(dim=0), rel_index, num_rows)
+        dtable = table_grad_from_dense(dbias.sum(dim=0), table_grad_plan(rel_index, num_rows))
     return dq, dk, dv, dtable
 
 

@@ -8,8 +8,11 @@ Layers: `_rel_pos_bias_fwd_kernel` (gather) and `_table_grad_kernel` (fixed-orde
 Limits: the table must be 2-D `[R, H]` with H ≤ 1024 (one register block of heads); indices must lie in `[0, R)`
 (not checked on device: an out-of-range index reads out of bounds, like an unchecked gather).
 The table gradient is deterministic: it is a sum over the positions of each table row in a fixed (stable-sorted)
-order, not an atomic scatter, at the cost of one argsort of the `N*N` index per backward.
+order, not an atomic scatter. That order depends on the index alone: a model builds it once (`table_grad_plan`) and
+passes it with every call; without it, each backward sorts the `N*N` index again.
 """
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -83,6 +86,22 @@ def _check_inputs(bias_table: torch.Tensor, rel_index: torch.Tensor) -> None:
         raise ValueError(f"rel_index is on {rel_index.device} but bias_table on {bias_table.device}; move one")
 
 
+class TableGradPlan(NamedTuple):
+    """Where each table row's positions are: what the deterministic table gradient sums, fixed by the index."""
+
+    order: torch.Tensor  # [P] int32 positions grouped by table row (stable)
+    offsets: torch.Tensor  # [R + 1] int32 start of each row's positions in `order`
+
+
+def table_grad_plan(rel_index: torch.Tensor, num_rows: int) -> TableGradPlan:
+    """One argsort and one count of the `N*N` index (on its device, also `meta`): build once per index."""
+    flat = rel_index.reshape(-1).long()  # [P]
+    counts = torch.zeros(num_rows, dtype=torch.long, device=flat.device).index_add_(0, flat, torch.ones_like(flat))
+    offsets = torch.zeros(num_rows + 1, device=flat.device, dtype=torch.int32)  # [R + 1]
+    offsets[1:] = torch.cumsum(counts, 0).to(torch.int32)
+    return TableGradPlan(torch.argsort(flat, stable=True).to(torch.int32), offsets)
+
+
 def rel_pos_bias_forward(bias_table: torch.Tensor, rel_index: torch.Tensor) -> torch.Tensor:
     """Triton gather: `[R, H]`, `[N, N]` → `[H, N, N]` in the table's dtype."""
     n_query, n_key = rel_index.shape
@@ -96,19 +115,15 @@ def rel_pos_bias_forward(bias_table: torch.Tensor, rel_index: torch.Tensor) -> t
     return out
 
 
-def table_grad_from_dense(dense_grad: torch.Tensor, rel_index: torch.Tensor, num_rows: int) -> torch.Tensor:
+def table_grad_from_dense(dense_grad: torch.Tensor, plan: TableGradPlan) -> torch.Tensor:
     """Deterministic scatter-sum of an `[H, N, N]` bias gradient into an fp32 `[R, H]` table gradient.
 
-    Each table row sums its positions in stable-sorted order, so repeated calls are bitwise identical. Cost: one
-    argsort and one bincount of the `N*N` index, plus one read of `dense_grad`.
+    Each table row sums its positions in the plan's stable-sorted order, so repeated calls are bitwise identical.
+    Cost: one read of `dense_grad`.
     """
     heads = dense_grad.shape[0]
-    positions = rel_index.numel()
-    flat = rel_index.reshape(-1).long()  # [P]
-    order = torch.argsort(flat, stable=True).to(torch.int32)  # [P] positions grouped by table row
-    counts = torch.bincount(flat, minlength=num_rows)  # [R]
-    offsets = torch.zeros(num_rows + 1, device=flat.device, dtype=torch.int32)  # [R + 1]
-    offsets[1:] = torch.cumsum(counts, 0).to(torch.int32)
+    order, offsets = plan
+    positions, num_rows = order.numel(), offsets.numel() - 1
     dtable = torch.empty(num_rows, heads, device=dense_grad.device, dtype=torch.float32)
     block_h = max(triton.next_power_of_2(heads), 2)
     _table_grad_kernel[(num_rows,)](
@@ -121,27 +136,29 @@ class RelPosBiasFunction(torch.autograd.Function):
     """Gather forward, deterministic fp32 segment-sum backward into the table."""
 
     @staticmethod
-    def forward(ctx, bias_table: torch.Tensor, rel_index: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(rel_index)
-        ctx.table_shape = bias_table.shape
+    def forward(ctx, bias_table: torch.Tensor, rel_index: torch.Tensor, order: torch.Tensor,
+                offsets: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(order, offsets)
         ctx.table_dtype = bias_table.dtype
         return rel_pos_bias_forward(bias_table, rel_index)
 
     @staticmethod
     def backward(ctx, grad_bias: torch.Tensor):
-        (rel_index,) = ctx.saved_tensors
-        dtable = table_grad_from_dense(grad_bias, rel_index, ctx.table_shape[0])
-        return dtable.to(ctx.table_dtype), None
+        dtable = table_grad_from_dense(grad_bias, TableGradPlan(*ctx.saved_tensors))
+        return dtable.to(ctx.table_dtype), None, None, None
 
 
-def rel_pos_bias(bias_table: torch.Tensor, rel_index: torch.Tensor) -> torch.Tensor:
+def rel_pos_bias(bias_table: torch.Tensor, rel_index: torch.Tensor, plan: TableGradPlan | None = None
+                 ) -> torch.Tensor:
     """`bias_table[rel_index].permute(2, 0, 1)`: `[R, H]`, `[N, N]` → `[H, N, N]`, differentiable in the table.
 
     Triton kernels for CUDA tensors (or any tensor under `TRITON_INTERPRET=1`), the PyTorch reference for CPU
     tensors otherwise (see `kernels._dispatch`). The Triton path's table gradient is deterministic (fp32 sums in a
-    fixed order); the PyTorch path's is whatever autograd's index backward gives on that device.
+    fixed order); the PyTorch path's is whatever autograd's index backward gives on that device. `plan`
+    (`table_grad_plan(rel_index, R)`, built once per index) spares the Triton backward its sort.
     """
     _check_inputs(bias_table, rel_index)
     if not use_triton("rel_pos_bias", bias_table):
         return rel_pos_bias_ref(bias_table, rel_index)
-    return RelPosBiasFunction.apply(bias_table, rel_index)
+    plan = plan if plan is not None else table_grad_plan(rel_index, bias_table.shape[0])
+    return RelPosBiasFunction.apply(bias_table, rel_index, *plan)

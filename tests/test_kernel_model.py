@@ -19,7 +19,7 @@ def train_losses(attn_impl: str, state: dict, images, mask, labels, optimizer_na
                  else torch.optim.AdamW(model.parameters(), lr=1e-2))
     losses = []
     for _ in range(3):
-        loss, _ = model.forward_loss(images, mask, labels)
+        loss, _ = model(images, mask, labels)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -5,7 +5,7 @@ import torch
 
 import kernels
 from engine.pos_embed import relative_position_index
-from kernels.rel_pos_bias import RelPosBiasFunction
+from kernels.rel_pos_bias import RelPosBiasFunction, table_grad_plan
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -39,7 +39,20 @@ def test_table_grad_is_bitwise_repeatable_and_fills_unused_rows():
 def test_functional_matches_function_apply():
     index = relative_position_index((4, 4)).to(DEVICE)
     table = torch.randn(int(index.max()) + 1, 2, device=DEVICE)
-    assert torch.equal(kernels.rel_pos_bias(table, index), RelPosBiasFunction.apply(table, index))
+    plan = table_grad_plan(index, table.shape[0])
+    assert torch.equal(kernels.rel_pos_bias(table, index), RelPosBiasFunction.apply(table, index, *plan))
+
+
+def test_a_precomputed_plan_gives_the_same_bias_and_gradient():
+    """The model builds the table-gradient plan once per index; with it the result is bitwise the same."""
+    index = relative_position_index((4, 5)).to(DEVICE)
+    table = torch.randn(int(index.max()) + 1, 3, device=DEVICE, requires_grad=True)
+    grad = torch.randn(3, *index.shape, device=DEVICE)
+    plan = table_grad_plan(index, table.shape[0])
+    for with_plan in (kernels.rel_pos_bias(table, index, plan), kernels.rel_pos_bias(table, index)):
+        torch.testing.assert_close(with_plan, kernels.rel_pos_bias(table, index), rtol=0, atol=0)
+    grads = [torch.autograd.grad(kernels.rel_pos_bias(table, index, p), table, grad)[0] for p in (plan, None)]
+    assert torch.equal(grads[0], grads[1])
 
 
 def test_bad_input_raises_clear_error():
