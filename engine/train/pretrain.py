@@ -2,8 +2,9 @@
 call.
 
 Per micro-batch: visual-token labels from the frozen tokenizer on the tokenizer view (no grad), masked forward of the
-patch view, masked LM loss (`MaskedLMHead`, through `model(images, mask, labels)`). Logged: loss and accuracy over masked tokens (weighted by their
-count across micro-batches and ranks) and, every `heldout_every` steps, the held-out check (engine/train/heldout.py).
+patch view, masked LM loss (`MaskedLMHead`, through `model(images, mask, labels)`). Logged: loss and accuracy over
+masked tokens (weighted by their count across micro-batches and ranks) and, every `heldout_every` steps, the held-out
+check (engine/train/heldout.py).
 """
 
 import logging
