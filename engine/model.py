@@ -145,7 +145,9 @@ class RelativePositionBias(nn.Module):
     def forward(self) -> SharedRelPos:
         table, index = self.relative_position_bias_table, self.relative_position_index
         if self.attn_impl == "triton":
-            return SharedRelPos(table, index, None)
+            # A copy that outlives this call: ZeRO-3 may release the parameter itself once this forward returns,
+            # before the blocks read it. [R, H] values, a few KB; gradients flow back through the copy.
+            return SharedRelPos(table.clone(), index, None)
         return SharedRelPos(table, index, gathered_bias(self))  # bias [H, N, N]
 
 

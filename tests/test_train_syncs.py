@@ -53,3 +53,29 @@ def test_finetuning_steps_do_not_sync(tmp_path, monkeypatch, extra):
     with HostSyncCounter() as counter:
         run_finetuning(cfg)
     _check(counter)
+
+
+def test_logged_loss_is_weighted_by_masked_tokens_across_micro_batches():
+    """Two micro-batches with different masked counts: the logged loss is the mean over all their masked tokens,
+    as one batch would give, not the mean of the two means."""
+    import torch
+
+    from engine.factory import create_model
+    from engine.train.loop import reduce_stats
+    from engine.train.pretrain import MaskedImageModeling, MaskedImageModelingLoss
+
+    torch.manual_seed(0)
+    model = create_model("beit_mini_patch4_28_256_vocab", depth=1, vocab_size=32).eval()
+    module = MaskedImageModelingLoss(model)
+    images = torch.randn(4, 3, 28, 28)
+    labels = torch.randint(0, 32, (4, 49))
+    mask = torch.zeros(4, 49, dtype=torch.bool)
+    mask[:2, :5] = True  # first micro-batch: 10 masked tokens
+    mask[2:, :30] = True  # second: 60
+    with torch.no_grad():
+        halves = [module(images[i:i + 2], mask[i:i + 2], labels[i:i + 2]) for i in (0, 2)]
+        whole_loss, whole_acc = model(images, mask, labels)
+    values, weight = reduce_stats(halves[0][1] + halves[1][1], MaskedImageModeling.stat_names)
+    assert weight == 70
+    assert abs(values["loss"] - float(whole_loss)) < 1e-5 and abs(values["mlm_acc"] - float(whole_acc)) < 1e-6
+    assert abs(values["loss"] - (float(halves[0][0]) + float(halves[1][0])) / 2) > 1e-4  # not a mean of means
