@@ -176,3 +176,27 @@ def test_bf16_stage0_export_takes_the_fp32_master_weights(tokenizer_dir, tmp_pat
     rounded = module["model.blocks.0.mlp.fc1.weight"]
     assert rounded.dtype == torch.bfloat16 and not torch.equal(weight, rounded.float())  # not the bf16 copy
     torch.testing.assert_close(weight.bfloat16(), rounded)  # but what it rounds to
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_with_workers_saves_and_resumes_exactly(tokenizer_dir, reference_run, tmp_path):
+    """A scheduler signals the whole process group (DataLoader workers included): the run still saves, exits 0, and
+    the rerun reproduces the uninterrupted losses."""
+    args = [sys.executable, str(RECIPE), *TINY, "--num_workers=2", f"--tokenizer={tokenizer_dir}",
+            f"--output_dir={tmp_path}", "--save_every=0"]
+    log_path = tmp_path / "run.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=log, env=SUBPROCESS_ENV, start_new_session=True)
+        deadline = time.time() + 240
+        while time.time() < deadline and max(losses(tmp_path), default=0) < 2:
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGTERM)  # the main process and its workers, as SLURM or `timeout` do
+        proc.wait(timeout=120)
+    log_text = log_path.read_text()
+    assert proc.returncode == 0, log_text[-3000:]
+    assert "stopped by SIGTERM" in log_text and "is killed by signal" not in log_text, log_text[-3000:]
+    stopped_at = int(latest_checkpoint(tmp_path).name.split("-")[1])
+    assert 2 <= stopped_at < 6
+    rerun = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env=SUBPROCESS_ENV)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert losses(tmp_path) == losses(reference_run)

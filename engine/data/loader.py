@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import random
+import signal
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
@@ -161,9 +162,15 @@ class EpochShardSampler(Sampler[int]):
         return self.num_samples - self.start_index
 
 
-def _seed_worker(worker_id: int) -> None:
-    """Seeds Python's and numpy's global RNGs in a worker from its torch seed (base seed + worker id), so even code
+def _init_worker(worker_id: int) -> None:
+    """Each DataLoader worker ignores SIGINT/SIGTERM: a Ctrl-C or a scheduler's SIGTERM goes to the whole process
+    group, and a worker that died first would crash the main process before it saved. The main process handles the
+    signal, saves, and shuts its workers down (they also exit when it dies).
+
+    Also seeds Python's and numpy's global RNGs from the worker's torch seed (base seed + worker id), so even code
     that uses them is reproducible; the datasets here do not (their samples are independent of the worker)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     worker_seed = torch.initial_seed() % 2**32
     random.seed(worker_seed)
     np.random.seed(worker_seed)
@@ -190,7 +197,7 @@ def build_loader(dataset: Dataset, batch_size: int, rank: int = 0, world_size: i
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       pin_memory=pin_memory and torch.cuda.is_available(), drop_last=drop_last,
                       persistent_workers=persistent_workers and num_workers > 0, collate_fn=collate_fn,
-                      worker_init_fn=_seed_worker, generator=torch.Generator().manual_seed(seed + rank))
+                      worker_init_fn=_init_worker, generator=torch.Generator().manual_seed(seed + rank))
 
 
 def set_loader_epoch(loader: DataLoader, epoch: int, start_batch: int = 0) -> None:
