@@ -4,6 +4,7 @@ import json
 import math
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -217,6 +218,7 @@ def dalle_pickles(tmp_path, monkeypatch):
     encoder, decoder = Encoder(n_hid=8, n_blk_per_group=1, vocab_size=32), Decoder(8, 8, 1, 32)
     torch.save(encoder, tmp_path / "encoder.pkl")
     torch.save(decoder, tmp_path / "decoder.pkl")
+    torch.save(encoder, tmp_path / "encoder_legacy.pkl", _use_new_zipfile_serialization=False)  # pre-1.6 format
     for name in [m for m in sys.modules if m == "dall_e" or m.startswith("dall_e.")]:
         del sys.modules[name]
     sys.path.remove(str(package.parent))
@@ -331,3 +333,32 @@ def test_check_tokenizer_compatible():
         check_tokenizer_compatible(tokenizer, vocab_size=64, token_grid=14, input_size=28)
     with pytest.raises(ValueError, match="second_input_size=28"):
         check_tokenizer_compatible(tokenizer, vocab_size=64, token_grid=7, input_size=56)
+
+
+class _Payload:
+    """What a malicious pickle carries: unpickling it calls `exec` with code of the attacker's choice."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').write('ran')",)
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_convert_never_runs_code_from_a_pickle_even_with_trust_pickle(tmp_path, legacy):
+    """Legacy (non-zip) `torch.save` files used to reach plain `pickle.load`; both formats go through the allow-list."""
+    marker = tmp_path / "executed"
+    torch.save({"encoder": _Payload(marker)}, tmp_path / "evil.pkl", _use_new_zipfile_serialization=not legacy)
+    with pytest.raises(ValueError, match="exec is not part of a DALL-E dVAE pickle; refusing to load it \\(nothing from the file was run"):
+        convert_dalle_pickles(tmp_path / "evil.pkl", tmp_path / "out", trust_pickle=True)
+    assert not marker.exists()
+
+
+
+def test_convert_reads_legacy_format_dalle_pickles(dalle_pickles, tmp_path):
+    """Pickles written before torch's zip format go through the restricted unpickler and still convert."""
+    fake_encoder = dalle_pickles[2]
+    main([str(tmp_path / "encoder_legacy.pkl"), str(tmp_path / "out"), "--trust-pickle", "--input-size", "16"])
+    x = map_pixels(torch.rand(2, 3, 16, 16))
+    torch.testing.assert_close(load_dalle(tmp_path / "out")[1](x), fake_encoder(x))

@@ -6,7 +6,7 @@ The .pkl files are `torch.save`s of whole `dall_e.encoder.Encoder` / `dall_e.dec
 convs with parameters `w` and `b`). This is the only place in the engine that unpickles, and only with
 --trust-pickle: unpickling can run arbitrary code from the file. The `dall_e` package is not needed: its classes
 are mapped to empty stand-in modules that just receive the pickled state, and any class outside torch and a few
-containers is refused.
+containers is refused, in zip-format files and legacy (pre-1.6) `torch.save` files alike.
 """
 
 import argparse
@@ -43,23 +43,34 @@ _ALLOWED = {"collections": {"OrderedDict"}, "_codecs": {"encode"}, **{  # protoc
     copyreg: {"_reconstructor"} for copyreg in ("copyreg", "copy_reg")}}
 
 
+class RefusedPickle(pickle.UnpicklingError):
+    """The pickle names a class outside the allow-list (it may run code): nothing of it was executed."""
+
+
 class _DalleUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if module.split(".")[0] == "dall_e" and name in _STAND_INS:
             return _STAND_INS[name]
         if module == "torch" or module.startswith("torch.") or name in _ALLOWED.get(module, ()):
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"{module}.{name} is not part of a DALL-E dVAE pickle; refusing to load it")
+        raise RefusedPickle(f"{module}.{name} is not part of a DALL-E dVAE pickle; refusing to load it")
+
+
+def _restricted_load(file, **kwargs):
+    return _DalleUnpickler(file, **kwargs).load()
 
 
 def _unpickle_module(path: Path, expected: str) -> _StandIn:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
-    pickle_module = types.SimpleNamespace(Unpickler=_DalleUnpickler, load=pickle.load, __name__="dalle_unpickler")
+    # Both entry points restricted: zip files go through `Unpickler`, legacy (pre-1.6, non-zip) files through `load`
+    pickle_module = types.SimpleNamespace(Unpickler=_DalleUnpickler, load=_restricted_load, __name__="dalle_unpickler")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # source-change warnings about the stand-in classes
             obj = torch.load(path, map_location="cpu", pickle_module=pickle_module, weights_only=False)
+    except RefusedPickle as err:
+        raise ValueError(f"{path}: {err} (nothing from the file was run)") from None
     except (pickle.UnpicklingError, EOFError, RuntimeError) as err:
         raise ValueError(f"{path} is not a DALL-E {expected} pickle ({err}). Note: `wget -o` writes wget's log to "
                          "the file; download with `wget -O`.") from None
