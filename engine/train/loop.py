@@ -232,8 +232,8 @@ def _loop(cfg, task, engine, schedules: Schedules, client_state, start_step: int
             if log_now or save_due:
                 health.check(step)
             if log_now:
+                values, weight = reduce_stats(stats, task.stat_names)  # syncs: the window's work is done on the device
                 img_per_s = global_batch * window_steps / (time.perf_counter() - window_start)
-                values, weight = reduce_stats(stats, task.stat_names)
                 flops = task.flops_per_image(weight / global_batch)
                 row = {"step": step, "epoch": epoch, **values, "lr": lr, "wd": wd,
                        "grad_norm": norm[0] if norm else grad_norm(engine, False), "loss_scale": loss_scale(engine),
