@@ -296,6 +296,31 @@ def test_train_tokenizer_writes_a_loadable_tokenizer(tmp_path):
     check_tokenizer_compatible(tokenizer, vocab_size=64, token_grid=7, input_size=28)
 
 
+def test_train_tokenizer_on_a_flat_image_folder(tmp_path):
+    """A folder of images with no test/ or val/ subfolder: a fixed tenth is held out instead of failing."""
+    import numpy as np
+    from PIL import Image
+
+    from engine.tokenizer.train import train_and_heldout
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(folder / f"img_{i:02d}.jpg")
+    train_set, held_set = train_and_heldout(str(folder), eval_images=16, seed=0)
+    assert len(train_set) == 36 and len(held_set) == 4  # a tenth, capped by eval_images
+    assert not set(train_set.indices) & set(held_set.indices)
+    assert train_and_heldout(str(folder), 16, 0)[1].indices == held_set.indices  # deterministic
+    cfg = TokenizerTrainConfig(data_path=str(folder), input_size=28, steps=2, batch_size=4, eval_images=16,
+                               log_every=1, output_dir=str(tmp_path / "run"), num_threads=1, **TINY)
+    assert train_tokenizer(cfg)["token_grid"] == [7, 7]
+    (tmp_path / "few").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "few" / "one.png")
+    with pytest.raises(ValueError, match="too few to hold any out"):
+        train_and_heldout(str(tmp_path / "few"), 16, 0)
+
+
 def test_comparison_grid_layout(tmp_path):
     from PIL import Image
 

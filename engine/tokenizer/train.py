@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import Subset
 
 from engine.config import save_config
 from engine.data.datasets import build_dataset
@@ -79,6 +80,24 @@ def images_to_uint8(dataset, input_size: int, limit: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
+def train_and_heldout(data_path: str, eval_images: int, seed: int):
+    """(training images, held-out images): the dataset's test split when it has one; otherwise (a flat image folder,
+    a folder without test/ or val/) a fixed random tenth of the images, at most `eval_images`, held out from
+    training."""
+    train_set = build_dataset(data_path, "train")
+    try:
+        return train_set, build_dataset(data_path, "test")
+    except FileNotFoundError:
+        held = min(eval_images, len(train_set) // 10)
+        if held < 1:
+            raise ValueError(f"{data_path} holds {len(train_set)} images: too few to hold any out for the "
+                             "tokenizer's reconstruction check (at least 10 needed)") from None
+        order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed)).tolist()
+        logger.info("%s has no test split: %d of its %d images are held out for the reconstruction check",
+                    data_path, held, len(train_set))
+        return Subset(train_set, order[held:]), Subset(train_set, order[:held])
+
+
 def learning_rate(step: int, cfg: TokenizerTrainConfig) -> float:
     """Linear warmup, then cosine decay to `min_lr` at the last step."""
     if step < cfg.warmup_steps:
@@ -110,6 +129,7 @@ def save_comparison_grid(originals: torch.Tensor, recons: torch.Tensor, path: Pa
                          scale: int | None = None) -> None:
     """Writes a PNG of pairs (original | reconstruction), `columns` pairs per row; images [N, 3, S, S] in [0, 1]."""
     pairs = torch.stack([originals, recons], dim=1)  # [N, 2, 3, S, S]
+    columns = max(1, min(columns, pairs.shape[0]))  # fewer images than columns: one shorter row
     n, s = pairs.shape[0] - pairs.shape[0] % columns, pairs.shape[-1]
     pad = torch.nn.functional.pad(pairs[:n], (1, 1, 1, 1), value=1.0)  # white border between images
     grid = pad.reshape(n // columns, columns * 2, 3, s + 2, s + 2).permute(0, 3, 1, 4, 2)  # [rows, S, cols, S, 3]
@@ -150,8 +170,9 @@ def _train_tokenizer(cfg: TokenizerTrainConfig) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir / "config.json")
 
-    train_u8 = images_to_uint8(build_dataset(cfg.data_path, "train"), cfg.input_size, cfg.max_train_images)
-    held_u8 = images_to_uint8(build_dataset(cfg.data_path, "test"), cfg.input_size, cfg.eval_images)
+    train_set, held_set = train_and_heldout(cfg.data_path, cfg.eval_images, cfg.seed)
+    train_u8 = images_to_uint8(train_set, cfg.input_size, cfg.max_train_images)
+    held_u8 = images_to_uint8(held_set, cfg.input_size, cfg.eval_images)
     vae = _build_vae(cfg).to(device)
     grid = cfg.input_size // vae.encoder.downsample
     logger.info("dVAE on %s: %.2fM params, %d train / %d held-out images of %d px → %dx%d tokens, vocab %d",
