@@ -233,10 +233,13 @@ def main(argv: list[str]) -> dict:
 
     def tokenizer() -> dict:
         pretrain_demo.ensure_tokenizer(pre)
-        return json.loads((Path(pre.data.tokenizer).parent / "metrics.json").read_text())
+        metrics = json.loads((Path(pre.data.tokenizer).parent / "metrics.json").read_text())
+        return {**metrics, "tokenizer_dir": pre.data.tokenizer}
 
     tokenizer_metrics = stages.run("tokenizer", tokenizer)
-    pre.data.tokenizer = str(output_dir / "pretrain" / "tokenizer_run" / "tokenizer")
+    # runs before the tokenizer cache kept theirs in the pretraining output dir
+    pre.data.tokenizer = tokenizer_metrics.get("tokenizer_dir",
+                                               str(output_dir / "pretrain" / "tokenizer_run" / "tokenizer"))
     pre.data.second_input_size = read_tokenizer_config(pre.data.tokenizer)["input_size"]
     pretraining = stages.run("pretraining", lambda: _pretrain(pre))
     probe_cfg = ProbeConfig(checkpoint=pretraining["export_dir"], data_path=cfg.data_path, device=cfg.device,

@@ -7,8 +7,9 @@ ending with a linear probe that shows what the pretraining bought.
 Model: beit_mini_patch4_28_256_vocab (width 128, 6 blocks, 4 heads) at 28 px with 4 px patches → a 7×7 grid,
 ~20 of 49 patches masked (blocks of at least 4). Labels: a small DALL-E-style dVAE on the tokenizer view (the same
 crop at 14 px → 7×7 tokens, vocabulary 256). Without `--tokenizer` it is trained first with
-recipes/train_tokenizer.py's settings (for `--tokenizer_steps` steps) and cached in
-`<output_dir>/tokenizer_run/tokenizer`, so a rerun reuses it.
+recipes/train_tokenizer.py's settings (for `--tokenizer_steps` steps) and cached by its settings and data
+(engine/tokenizer/cache.py: `--tokenizer_cache`, default `$BEIT_ENGINE_CACHE/tokenizers` or
+`~/.cache/beit-engine/tokenizers`), so every later run with the same inputs reuses it, whatever its `--output_dir`.
 Budget: 10 epochs (930 steps). The held-out masked-token loss (logged every 50 steps) falls below the position
 prior's after ~250 steps: before that the model has only learned which tokens are common where; the 186 steps of
 earlier versions of this demo never got there and made a worse probe than a random init.
@@ -33,14 +34,15 @@ from engine.tokenizer import read_tokenizer_config  # noqa: E402
 from engine.train.pretrain import run_pretraining  # noqa: E402
 from engine.train.settings import ModelSettings, OptimSettings, PretrainConfig, PretrainData, RunSettings  # noqa: E402
 
-TOKENIZER_CONFIG = "tokenizer.json"  # written last by engine.tokenizer.save_tokenizer: its presence means complete
-
 
 @dataclass
 class DemoConfig(PretrainConfig):
     # Steps of the demo tokenizer when it has to be trained (None: recipes/train_tokenizer.py's own setting). Its
     # warmup, temperature-anneal and KL-warmup lengths are scaled by the same factor, keeping the schedule's shape.
     tokenizer_steps: int | None = None
+    # Where trained tokenizers are kept, keyed by their settings and data ("" → $BEIT_ENGINE_CACHE/tokenizers or
+    # ~/.cache/beit-engine/tokenizers); engine/tokenizer/cache.py.
+    tokenizer_cache: str = ""
     # At the end, a linear probe and k-NN of the exported weights next to a random init (recipes/linear_probe.py).
     probe: bool = True
 
@@ -60,33 +62,25 @@ def config() -> DemoConfig:
 
 
 def ensure_tokenizer(cfg: DemoConfig) -> None:
-    """Trains the demo tokenizer once (rank 0; other ranks wait for it) unless --tokenizer was given."""
+    """Sets `cfg.data.tokenizer` to the cached demo tokenizer for this data, training it first if the cache has none
+    (rank 0; other ranks wait for it), unless --tokenizer was given."""
     if cfg.data.tokenizer:
-        return
-    run_dir = Path(cfg.run.output_dir) / "tokenizer_run"
-    tokenizer_dir = run_dir / "tokenizer"
-    cfg.data.tokenizer = str(tokenizer_dir)
-    if (tokenizer_dir / TOKENIZER_CONFIG).is_file():
-        print(f"reusing the demo tokenizer in {tokenizer_dir}")
-        return
-    if int(os.environ.get("RANK", "0")) != 0:
-        while not (tokenizer_dir / TOKENIZER_CONFIG).is_file():
-            time.sleep(2)
         return
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from train_tokenizer import config as tokenizer_config
 
-    from engine.tokenizer.train import train_tokenizer
+    from engine.tokenizer.cache import cached_tokenizer
 
     tok_cfg = tokenizer_config()
-    tok_cfg.data_path, tok_cfg.output_dir, tok_cfg.seed = cfg.data.data_path, str(run_dir), cfg.run.seed
+    tok_cfg.data_path, tok_cfg.seed = cfg.data.data_path, cfg.run.seed
     if cfg.tokenizer_steps is not None:
         factor = cfg.tokenizer_steps / tok_cfg.steps
         for key in ("warmup_steps", "temperature_anneal_steps", "kl_warmup_steps"):
             setattr(tok_cfg, key, max(1, round(getattr(tok_cfg, key) * factor)))
         tok_cfg.steps = cfg.tokenizer_steps
-    print(f"training the demo tokenizer ({tok_cfg.steps} steps) into {tokenizer_dir} ...")
-    train_tokenizer(tok_cfg)
+    tokenizer_dir = cached_tokenizer(tok_cfg, cfg.tokenizer_cache or None, int(os.environ.get("RANK", "0")) == 0)
+    print(f"tokenizer: {tokenizer_dir} (metrics.json and reconstructions.png next to it)")
+    cfg.data.tokenizer = str(tokenizer_dir)
 
 
 def print_summary(summary: dict, probe: dict | None, started: float) -> None:

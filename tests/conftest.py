@@ -6,9 +6,12 @@ triton is first imported, which is why it lives here and not in the kernels pack
 
 import os
 import shutil
+import tempfile
 
 if shutil.which("nvidia-smi") is None:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Tokenizers trained by tests are cached here, never in the user's ~/.cache (subprocesses inherit it).
+os.environ.setdefault("BEIT_ENGINE_CACHE", tempfile.mkdtemp(prefix="beit-engine-test-cache-"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -4,6 +4,7 @@ import json
 import math
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -388,3 +389,38 @@ def test_convert_reads_legacy_format_dalle_pickles(dalle_pickles, tmp_path):
     main([str(tmp_path / "encoder_legacy.pkl"), str(tmp_path / "out"), "--trust-pickle", "--input-size", "16"])
     x = map_pixels(torch.rand(2, 3, 16, 16))
     torch.testing.assert_close(load_dalle(tmp_path / "out")[1](x), fake_encoder(x))
+
+
+def test_tokenizer_cache_reuses_a_tokenizer_across_output_dirs(tmp_path, monkeypatch):
+    import engine.tokenizer.cache as cache
+
+    trained = []
+    monkeypatch.setattr(cache, "train_tokenizer", lambda cfg: trained.append(cfg.output_dir) or train_tokenizer(cfg))
+    cfg = TokenizerTrainConfig(input_size=28, steps=2, batch_size=4, max_train_images=32, eval_images=16,
+                               output_dir=str(tmp_path / "run_a"), num_threads=1, **TINY)
+    first = cache.cached_tokenizer(cfg, tmp_path / "cache")
+    again = cache.cached_tokenizer(TokenizerTrainConfig(**{**vars(cfg), "output_dir": str(tmp_path / "run_b"),
+                                                           "log_every": 7}), tmp_path / "cache")
+    assert first == again and len(trained) == 1  # same settings and data, another output dir: reused
+    assert (first.parent / "metrics.json").is_file() and load_tokenizer(first).token_grid == (7, 7)
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [first.parent.name]  # no staging dir left behind
+    other = TokenizerTrainConfig(**{**vars(cfg), "steps": 3})
+    assert cache.cache_key(other) != cache.cache_key(cfg)  # other settings: another entry
+
+
+def test_tokenizer_cache_key_follows_the_data(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from engine.tokenizer.cache import cache_key
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(20):
+        Image.fromarray(np.full((16, 16, 3), i, dtype=np.uint8)).save(folder / f"{i}.png")
+    cfg = TokenizerTrainConfig(data_path=str(folder), **TINY)
+    key = cache_key(cfg)
+    assert cache_key(cfg) == key and cache_key(TokenizerTrainConfig(**TINY)) != key
+    time.sleep(0.01)
+    Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(folder / "new.png")
+    assert cache_key(cfg) != key  # an added image is new data
