@@ -69,10 +69,12 @@ def to_unit_range(pixels: torch.Tensor) -> torch.Tensor:
 
 
 def normalize(tensor: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """[..., 3, H, W] → (x - mean) / std per channel, on the tensor's device."""
-    mean_t = torch.tensor(mean, dtype=tensor.dtype, device=tensor.device).view(-1, 1, 1)
-    std_t = torch.tensor(std, dtype=tensor.dtype, device=tensor.device).view(-1, 1, 1)
-    return (tensor - mean_t) / std_t
+    """[..., 3, H, W] → (x - mean) / std per channel, on the tensor's device. The constants stay Python scalars: a
+    small tensor built from them would be a pageable host-to-device copy, which waits for the device, every step."""
+    out = torch.empty_like(tensor)
+    for channel, (m, s) in enumerate(zip(mean, std)):
+        torch.div(tensor.select(-3, channel) - m, s, out=out.select(-3, channel))
+    return out
 
 
 def _check_positive_int(name: str, value: object) -> int:

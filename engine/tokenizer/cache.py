@@ -4,9 +4,10 @@ A pretraining run without `--tokenizer` trains one (minutes on a CPU). The resul
 `TokenizerTrainConfig` (not where it is written, how often it logs, or on which device) and on the data, so it is
 kept under `<cache>/<key>/` (`<cache>` = `$BEIT_ENGINE_CACHE/tokenizers`, by default
 `~/.cache/beit-engine/tokenizers`) and reused by every later run with the same inputs, whatever its `--output_dir`.
-The data's identity: the dataset name for the embedded and installed sets; for a folder, its resolved path, the
-number of training and held-out images and the modification times of the folder and its split subfolders (adding or
-removing files changes them; editing a file in place does not; delete the cache entry then). A tokenizer is trained
+The data's identity: the dataset name for the embedded and installed sets; for a folder, its resolved path and, for
+every directory under it, the number of entries and the modification time (adding, removing or renaming files
+changes them; editing a file in place does not: delete the cache entry then). Only directories are listed, no image
+is opened, so this stays quick on large folders. A tokenizer is trained
 into a temporary directory and renamed into place when complete, so a killed run never leaves a half-written entry.
 """
 
@@ -38,14 +39,13 @@ def data_identity(data_path: str) -> dict:
     if data_path.startswith(EMBEDDED_PREFIX) or data_path == "fashion_mnist_full":
         return {"dataset": data_path}
     root = Path(data_path).expanduser().resolve()
-    identity = {"folder": str(root), "train_images": len(build_dataset(data_path, "train"))}
-    try:
-        identity["test_images"] = len(build_dataset(data_path, "test"))
-    except FileNotFoundError:
-        identity["test_images"] = None
-    folders = [root] + sorted(p for p in root.iterdir() if p.is_dir())
-    identity["mtimes"] = {str(p.relative_to(root)): p.stat().st_mtime_ns for p in folders}
-    return identity
+    if not root.is_dir():
+        build_dataset(data_path, "train")  # raises the data path's own clear error
+    directories = {}
+    for directory, subdirs, files in os.walk(root):
+        subdirs.sort()
+        directories[os.path.relpath(directory, root)] = (len(subdirs) + len(files), os.stat(directory).st_mtime_ns)
+    return {"folder": str(root), "directories": directories}
 
 
 def cache_key(cfg: TokenizerTrainConfig) -> str:

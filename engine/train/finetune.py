@@ -45,7 +45,7 @@ class ClassificationLoss(nn.Module):
     def forward(self, images: torch.Tensor, targets: torch.Tensor):
         logits = self.model(images)  # [B, K]
         loss = torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
-        count = torch.tensor(float(images.shape[0]), device=loss.device)
+        count = torch.full_like(loss, images.shape[0])  # filled on the device: no host-to-device copy
         return loss, torch.stack([loss.detach() * count, count])
 
 
@@ -163,7 +163,10 @@ class ImageClassification(Task):
 
         (images, erase_boxes), labels = batch
         device, seeds = self.dist_info.device, [self.cfg.run.seed, step, self.dist_info.rank]
-        generator = torch.Generator(device=device).manual_seed(int(np.random.SeedSequence(seeds).generate_state(1)[0]))
+        generator = None
+        if self.transform.random_erasing is not None:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(int(np.random.SeedSequence(seeds).generate_state(1)[0]))
         images = self.transform.model_inputs(images.to(device, non_blocking=True),
                                              erase_boxes.to(device, non_blocking=True), generator)  # fp32
         labels = labels.to(device, non_blocking=True)

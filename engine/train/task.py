@@ -8,6 +8,7 @@ of micro-batches and ranks and logs `sum / weight` under `stat_names`, so every 
 Nothing here may read a device value on the host outside the hooks the loop calls at log, evaluation and save steps.
 """
 
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 import torch
@@ -16,8 +17,9 @@ from torch import nn
 from engine.train.runtime import DistInfo
 
 
-class Task:
-    """Base class; subclasses set the attributes in `__init__` and override the hooks they need."""
+class Task(ABC):
+    """Base class; subclasses set the attributes in `__init__`, implement the abstract methods (a task missing one
+    fails when it is built, not mid-run) and override the hooks they need."""
 
     stat_names: tuple[str, ...]  # names of stats[:-1], then the name of the weight stats[-1]
     curve_panels: tuple = ("loss",)  # panels of curves.png (see engine.train.metrics.plot_curves)
@@ -30,16 +32,17 @@ class Task:
         self.dist_info = dist_info
         self.output_dir = Path(cfg.run.output_dir)
 
+    @abstractmethod
     def param_groups(self) -> list[dict]:
-        raise NotImplementedError
+        """AdamW parameter groups (engine.train.optim.param_groups) of the parameters to train."""
 
+    @abstractmethod
     def inputs(self, batch, step: int) -> tuple:
         """A loader batch → the module's arguments, on the device (normalisation, labels, mixing happen here)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def flops_per_image(self, weight_per_image: float) -> float:
         """Training FLOPs of one image, given this step's mean stats weight per image (e.g. masked patches)."""
-        raise NotImplementedError
 
     def client_state(self) -> dict:
         """Task state saved in every checkpoint (JSON-like)."""
