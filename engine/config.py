@@ -2,11 +2,20 @@
 
 A recipe builds a (possibly nested) dataclass and calls `apply_overrides(cfg, sys.argv[1:])`. A key is either the
 full dotted path (`--optim.lr=1e-3`) or, when unambiguous, the bare field name (`--lr=1e-3`). Unknown keys, ambiguous
-keys and values of the wrong type are errors that list what is valid.
+keys and values of the wrong type are errors that list what is valid. A config class may define `validate()` (ranges,
+paths, device/dtype combinations): `parse_overrides` calls it, so a bad value stops the run before any work starts,
+with one line on stderr and exit status 2. `--help` lists every key by section with its type, default and the comment
+written next to the field in the dataclass source.
 """
 
+import contextlib
 import dataclasses
+import functools
+import inspect
+import io
 import json
+import sys
+import tokenize
 import types
 import typing
 from difflib import get_close_matches
@@ -15,7 +24,24 @@ from typing import Any, Literal, get_args, get_origin
 
 
 class ConfigError(ValueError):
-    """A bad key or value in a config override."""
+    """A bad key or value in a config, or input data that the config points to and cannot be used."""
+
+
+def exit_with_error(message: str) -> typing.NoReturn:
+    """One line on stderr, exit status 2 (a usage error, as argparse), no traceback."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+@contextlib.contextmanager
+def config_errors_exit():
+    """Around a recipe's work: a `ConfigError` found later (a dataset without images, a checkpoint written with
+    another batch layout) or a missing input file ends the run as a bad override does, with one line and exit
+    status 2."""
+    try:
+        yield
+    except (ConfigError, FileNotFoundError) as err:
+        exit_with_error(str(err))
 
 
 def _leaves(cfg: Any, prefix: str = "") -> dict[str, tuple[Any, dataclasses.Field]]:
@@ -95,12 +121,12 @@ def _resolve_key(key: str, leaves: dict) -> str:
 def apply_overrides(cfg: Any, argv: list[str]) -> Any:
     """Applies `--key=value` arguments to the dataclass `cfg` in place and returns it.
 
-    `--help`/`-h` prints every key with its current value and exits.
+    `--help`/`-h` prints every key with its type, current value and description, and exits.
     """
     leaves = _leaves(cfg)
     for arg in argv:
         if arg in ("-h", "--help"):
-            print(format_config(cfg))
+            print(format_help(cfg))
             raise SystemExit(0)
         if arg.startswith("--local_rank") or arg.startswith("--local-rank"):
             continue  # injected by the deepspeed launcher; the rank is read from the environment
@@ -114,11 +140,13 @@ def apply_overrides(cfg: Any, argv: list[str]) -> Any:
 
 
 def parse_overrides(cfg: Any, argv: list[str]) -> Any:
-    """`apply_overrides` for a recipe's command line: a bad override prints one clear line and exits with status 2."""
-    try:
-        return apply_overrides(cfg, argv)
-    except ConfigError as err:
-        raise SystemExit(f"error: {err}") from None
+    """`apply_overrides` then `cfg.validate()` (when the config defines it) for a recipe's command line: a bad key or
+    value prints one clear line on stderr and exits with status 2 before any work starts."""
+    with config_errors_exit():
+        apply_overrides(cfg, argv)
+        if hasattr(cfg, "validate"):
+            cfg.validate()
+    return cfg
 
 
 def config_to_dict(cfg: Any) -> dict:
@@ -127,6 +155,64 @@ def config_to_dict(cfg: Any) -> dict:
 
 def format_config(cfg: Any) -> str:
     return "\n".join(f"  --{path}={getattr(owner, field.name)!r}" for path, (owner, field) in _leaves(cfg).items())
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """Field name → its description in the dataclass source: the comment at the end of the field's line, else the
+    comment lines right above it."""
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    comments = {tok.start[0]: tok.string.lstrip("#").strip()
+                for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+    lines = source.splitlines()
+    names = {f.name for f in dataclasses.fields(cls)}
+    docs = {}
+    for number, line in enumerate(lines, start=1):
+        name = line.strip().split(":", 1)[0]
+        if name not in names or name in docs:
+            continue
+        above, row = [], number - 1
+        while row in comments and lines[row - 1].lstrip().startswith("#"):  # a comment block right above the field
+            above.insert(0, comments[row])
+            row -= 1
+        docs[name] = comments.get(number) or " ".join(above)
+    return docs
+
+
+def _type_name(annotation: Any) -> str:
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Literal:
+        return "|".join(str(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if origin in (tuple, list):
+        return f"{origin.__name__} of " + ",".join(_type_name(a) for a in args if a is not Ellipsis)
+    return "None" if annotation is type(None) else getattr(annotation, "__name__", str(annotation))
+
+
+def format_help(cfg: Any) -> str:
+    """Every key grouped by section: `--name` (the short form, when the bare name is unique), the dotted form, type,
+    default and description."""
+    leaves = _leaves(cfg)
+    bare_counts: dict[str, int] = {}
+    for path in leaves:
+        bare_counts[path.rsplit(".", 1)[-1]] = bare_counts.get(path.rsplit(".", 1)[-1], 0) + 1
+    lines = [f"{type(cfg).__name__}: override any key as --key=value (short form, or the dotted one).", ""]
+    section = None
+    for path, (owner, field) in leaves.items():
+        head = path.rsplit(".", 1)[0] if "." in path else ""
+        if head != section:
+            section = head
+            lines.append(f"[{head}]" if head else "[top level]")
+        bare = path.rsplit(".", 1)[-1]
+        name = f"--{bare} (--{path})" if bare_counts[bare] == 1 and bare != path else f"--{path}"
+        doc = field_docs(type(owner)).get(field.name, "")
+        line = f"  {name}: {_type_name(field.type)} = {getattr(owner, field.name)!r}"
+        lines.append(f"{line}  # {doc}" if doc else line)
+    return "\n".join(lines)
 
 
 def save_config(cfg: Any, path: str | Path) -> None:

@@ -57,6 +57,13 @@ def list_models() -> list[str]:
     return sorted(_MODELS)
 
 
+def registered_config(name: str) -> dict:
+    """The architecture arguments `name` is built with (before overrides), e.g. `["patch_size"]`."""
+    if name not in _MODELS:
+        raise ValueError(f"unknown model {name!r}{_did_you_mean(str(name), list_models())}")
+    return dict(_MODELS[name][1])
+
+
 def _did_you_mean(word: str, choices: list[str]) -> str:
     close = difflib.get_close_matches(word, choices, n=3)
     return f" (did you mean {', '.join(close)}?)" if close else ""

@@ -9,7 +9,8 @@
 
 Global batch 1024, absolute LR 4e-3 (the README's value, not rescaled), layer decay 0.65, 100 epochs with 20 warmup,
 cosine to 1e-6, drop path 0.1, mixup 0.8 / cutmix 1.0, label smoothing 0.1, wd 0.05, RandAugment rand-m9-mstd0.5-inc1,
-random erasing 0.25, bf16 with ZeRO stage 1 (the official run used DeepSpeed fp16 without ZeRO).
+random erasing 0.25, bf16 on GPUs (`--precision=auto`) with ZeRO stage 1 (the official run used DeepSpeed fp16
+without ZeRO).
 """
 
 import logging
@@ -20,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from engine.config import parse_overrides  # noqa: E402
+from engine.config import config_errors_exit, exit_with_error, parse_overrides  # noqa: E402
 from engine.train.finetune import run_finetuning  # noqa: E402
 from engine.train.settings import FinetuneConfig, FinetuneData, ModelSettings, OptimSettings, RunSettings  # noqa: E402
 
@@ -36,7 +37,7 @@ def config() -> FinetuneConfig:
         optim=OptimSettings(lr=4e-3, min_lr=1e-6, warmup_epochs=20, weight_decay=0.05, clip_grad=0.0,
                             layer_decay=0.65),
         run=RunSettings(output_dir="runs/finetune_base", epochs=100, batch_size=128, global_batch=1024,
-                        precision="bf16", zero_stage=1, num_workers=10, save_every=2000, log_every=50),
+                        precision="auto", zero_stage=1, num_workers=10, save_every=2000, log_every=50),
     )
 
 
@@ -52,13 +53,12 @@ def main(cfg: FinetuneConfig) -> None:
     argv = sys.argv[1:]
     presets = [a.split("=", 1)[1] for a in argv if a.startswith("--preset=")]
     if presets and presets[-1] not in PRESETS:
-        raise SystemExit(f"--preset={presets[-1]}: expected one of {', '.join(PRESETS)}")
+        exit_with_error(f"--preset={presets[-1]}: expected one of {', '.join(PRESETS)}")
     if presets and presets[-1] == "cifar100":
         cfg = cifar100(cfg)
     cfg = parse_overrides(cfg, [a for a in argv if not a.startswith("--preset=")])
-    if not cfg.data.data_path:
-        raise SystemExit(f"--data_path=... is required (see the docstring of {Path(sys.argv[0]).name})")
-    summary = run_finetuning(cfg)
+    with config_errors_exit():
+        summary = run_finetuning(cfg)
     if summary.get("best"):
         print(f"best top-1 {summary['best']['acc1']:.2f}% at step {summary['best'].get('step')}")
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from engine.config import parse_overrides  # noqa: E402
+from engine.config import config_errors_exit, parse_overrides  # noqa: E402
 from engine.train.finetune import run_finetuning  # noqa: E402
 from engine.train.settings import (  # noqa: E402
     FinetuneConfig,
@@ -60,9 +60,6 @@ if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     started = time.time()
     cfg = parse_overrides(config(), sys.argv[1:])
-    if not Path(cfg.data.finetune).exists():
-        raise SystemExit(f"{cfg.data.finetune} not found: run `python recipes/pretrain_demo.py` first "
-                         "(or pass --finetune=DIR)")
     print(f"fine-tuning from {cfg.data.finetune} and from scratch, {cfg.run.epochs} epochs each: expect about "
           f"{expected_minutes(cfg):.0f} minutes on an idle 2-core CPU")
     scratch = copy.deepcopy(cfg)
@@ -71,7 +68,8 @@ if __name__ == "__main__":
     cfg.run.output_dir = str(Path(cfg.run.output_dir) / "from_pretrained")
     results = {}
     for name, arm in (("pretrained", cfg), ("scratch", scratch)):
-        results[name] = run_finetuning(arm)
+        with config_errors_exit():
+            results[name] = run_finetuning(arm)
         if results[name]["stopped_by"]:
             raise SystemExit(f"stopped during the {name} arm; run the same command again to resume it")
     print(f"\n=== fine-tuning demo finished in {time.time() - started:.0f} s ===")

@@ -28,9 +28,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from engine.config import parse_overrides  # noqa: E402
+from engine.config import config_errors_exit, parse_overrides  # noqa: E402
 from engine.probe import ProbeConfig, run_probe, summary_line  # noqa: E402
 from engine.tokenizer import read_tokenizer_config  # noqa: E402
+from engine.train import validation  # noqa: E402
 from engine.train.pretrain import run_pretraining  # noqa: E402
 from engine.train.settings import ModelSettings, OptimSettings, PretrainConfig, PretrainData, RunSettings  # noqa: E402
 
@@ -45,6 +46,12 @@ class DemoConfig(PretrainConfig):
     tokenizer_cache: str = ""
     # At the end, a linear probe and k-NN of the exported weights next to a random init (recipes/linear_probe.py).
     probe: bool = True
+
+    def validate(self) -> None:
+        super().validate()
+        validation.at_least("tokenizer_steps", self.tokenizer_steps, 1, optional=True)
+        if not self.data.tokenizer:  # the tokenizer trains first: the data must hold one global batch before that
+            validation.check_dataset_size(self.data.data_path, self.run)
 
 
 def config() -> DemoConfig:
@@ -105,12 +112,14 @@ if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     started = time.time()
     cfg = parse_overrides(config(), sys.argv[1:])
-    ensure_tokenizer(cfg)
-    cfg.data.second_input_size = read_tokenizer_config(cfg.data.tokenizer)["input_size"]  # the view it was trained on
-    summary = run_pretraining(cfg)
+    with config_errors_exit():
+        ensure_tokenizer(cfg)
+        cfg.data.second_input_size = read_tokenizer_config(cfg.data.tokenizer)["input_size"]  # its training view
+        summary = run_pretraining(cfg)
     if summary.get("first"):
         probe = None
         if cfg.probe:
+            print("linear probe and k-NN of the exported weights next to a random init (about a minute)")
             probe = run_probe(ProbeConfig(checkpoint=str(summary["export_dir"]), data_path=cfg.data.data_path,
                                           imagenet_mean_std=cfg.data.imagenet_mean_std, device=cfg.run.device,
                                           init_seed=cfg.run.seed))

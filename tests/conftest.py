@@ -16,6 +16,12 @@ os.environ.setdefault("BEIT_ENGINE_CACHE", tempfile.mkdtemp(prefix="beit-engine-
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# For recipes run as subprocesses (`from conftest import SUBPROCESS_ENV`): the plain PyTorch kernel paths
+# (TRITON_INTERPRET would make them crawl), and not the 1-rank process group that an in-process run of this session
+# exported (RANK, MASTER_PORT, ...). Taken when conftest is imported, before any test runs.
+_NOT_INHERITED = {"TRITON_INTERPRET", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+SUBPROCESS_ENV = {k: v for k, v in os.environ.items() if k not in _NOT_INHERITED}
+
 
 @pytest.fixture(autouse=True)
 def _seed():

@@ -1,7 +1,6 @@
 """DeepSpeed behaviour: gradient clipping really applies, and two CPU ranks (gloo) under the `deepspeed` launcher
 match a single process with the same global batch for ZeRO stages 0-3."""
 
-import os
 import shutil
 import subprocess
 import sys
@@ -10,6 +9,7 @@ from pathlib import Path
 import deepspeed
 import pytest
 import torch
+from conftest import SUBPROCESS_ENV
 
 from engine.train.deepspeed_config import build_deepspeed_config
 from engine.train.metrics import read_metrics
@@ -17,10 +17,6 @@ from engine.train.runtime import init_distributed
 from engine.train.settings import OptimSettings, RunSettings
 
 ROOT = Path(__file__).resolve().parent.parent
-# Subprocesses run the plain PyTorch kernel paths (conftest's TRITON_INTERPRET would make them crawl) and must not
-# inherit the 1-rank process group that an in-process run of this session exported (RANK, MASTER_PORT, ...).
-_NOT_INHERITED = {"TRITON_INTERPRET", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
-SUBPROCESS_ENV = {k: v for k, v in os.environ.items() if k not in _NOT_INHERITED}
 COMMON = ["--depth=2", "--epochs=2", "--max_steps=4", "--log_every=1", "--num_workers=0", "--progress=false",
           "--drop_path=0.0", "--warmup_steps=1", "--seed=5", "--save_every=0"]
 

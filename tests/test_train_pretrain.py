@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import SUBPROCESS_ENV
 
 from engine.config import apply_overrides
 from engine.train.checkpointing import complete_checkpoints, latest_checkpoint
@@ -17,10 +18,6 @@ from engine.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "pretrain_demo.py"
-# Subprocesses run the plain PyTorch kernel paths (conftest's TRITON_INTERPRET would make them crawl) and must not
-# inherit the 1-rank process group that an in-process run of this session exported (RANK, MASTER_PORT, ...).
-_NOT_INHERITED = {"TRITON_INTERPRET", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
-SUBPROCESS_ENV = {k: v for k, v in os.environ.items() if k not in _NOT_INHERITED}
 TINY = ["--depth=2", "--batch_size=16", "--epochs=2", "--max_steps=6", "--log_every=1", "--num_workers=0",
         "--progress=false", "--drop_path=0.1", "--warmup_steps=2", "--seed=3"]
 

@@ -34,6 +34,8 @@ from typing import Literal
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from engine.config import ConfigError
+
 logger = logging.getLogger(__name__)
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -234,13 +236,13 @@ class ImageFolderDataset:
 
         if layout == "classes":
             if not subfolders:
-                raise ValueError(f"{self.root}: layout 'classes' needs one subfolder per class, found none")
+                raise ConfigError(f"{self.root}: layout 'classes' needs one subfolder per class, found none")
             self.classes = subfolders
             self.samples = []
             for label, name in enumerate(subfolders):
                 files = self._scan(self.root / name, recursive=True)
                 if not files:
-                    raise ValueError(f"{self.root / name}: class folder {name!r} holds no readable image "
+                    raise ConfigError(f"{self.root / name}: class folder {name!r} holds no readable image "
                                      f"({', '.join(IMG_EXTENSIONS)}); add images or remove the folder")
                 self.samples += [(path, label) for path in files]
             loose = [e.path for e in os.scandir(self.root) if e.is_file() and not _is_hidden(e.name)]
@@ -252,7 +254,7 @@ class ImageFolderDataset:
             self.classes = []
             self.samples = [(path, -1) for path in self._scan(self.root, recursive=False)]
             if not self.samples:
-                raise ValueError(f"{self.root}: no readable image files ({', '.join(IMG_EXTENSIONS)}) found")
+                raise ConfigError(f"{self.root}: no readable image files ({', '.join(IMG_EXTENSIONS)}) found")
 
         if self.ignored_files:
             logger.info("%s: ignored %d non-image file(s), e.g. %s", self.root, len(self.ignored_files),
@@ -354,7 +356,7 @@ def build_dataset(data_path: str | os.PathLike = "embedded:fashion_mnist",
         raise FileNotFoundError(f"data_path {spec!r} does not exist; use an image folder, a directory of IDX files, "
                                 f"'embedded:fashion_mnist' or 'fashion_mnist_full'")
     if not root.is_dir():
-        raise ValueError(f"data_path {spec!r} is a file; point it at the folder that holds the data")
+        raise ConfigError(f"data_path {spec!r} is a file; point it at the folder that holds the data")
     if _is_idx_dir(root):
         return _idx_dir_dataset(root, split)
     return _image_folder_for_split(root, split)

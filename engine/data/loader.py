@@ -21,6 +21,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from engine.config import ConfigError
+
 _TRANSFORM_STREAM = 1  # keeps transform seeds apart from the masking generator's default_rng([seed, epoch, index])
 
 
@@ -68,6 +70,15 @@ class _EpochSeededDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.base)
+
+
+class SegmentationSamples(_EpochSeededDataset):
+    """Segmentation samples: `dataset[i]` → (image uint8 [3, H, W], label map uint8 [H, W]) with a
+    `SegTrainTransform`-like `transform(img, label, rng)` (engine/data/segmentation.py)."""
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image, label = self.base[index]
+        return self.transform(image, label, self.sample_rng(index))
 
 
 class MIMPretrainDataset(_EpochSeededDataset):
@@ -190,8 +201,8 @@ def build_loader(dataset: Dataset, batch_size: int, rank: int = 0, world_size: i
         raise ValueError("batch_size must be >= 1")
     sampler = EpochShardSampler(len(dataset), rank, world_size, seed, shuffle, drop_last, batch_size)
     if drop_last and len(sampler) < batch_size:
-        raise ValueError(f"rank {rank}'s shard holds {len(sampler)} samples, fewer than one batch of {batch_size} "
-                         f"with drop_last; lower the batch size or add data")
+        raise ConfigError(f"rank {rank}'s shard holds {len(sampler)} samples, fewer than one batch of {batch_size} "
+                          f"with drop_last; lower --batch_size or add data")
     if collate_fn is None and isinstance(dataset, MIMPretrainDataset):
         collate_fn = collate_mim
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,

@@ -5,6 +5,7 @@ import logging
 import torch
 from torch import nn
 
+from engine.config import ConfigError
 from engine.tokenizer.dalle import DalleEncoder
 
 logger = logging.getLogger(__name__)
@@ -89,4 +90,4 @@ def check_tokenizer_compatible(tokenizer: VisualTokenizer, vocab_size: int, toke
         problems.append(f"token grid {tokenizer.token_grid} != model patch grid {grid} (the tokenizer's "
                         f"{tokenizer.encoder.downsample}× downsampling must give the patch grid)")
     if problems:
-        raise ValueError("tokenizer does not match the pretraining config: " + "; ".join(problems))
+        raise ConfigError("tokenizer does not match the pretraining config: " + "; ".join(problems))

@@ -17,7 +17,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from engine.config import save_config
+from engine.config import ConfigError, save_config
 from engine.train import checkpointing
 from engine.train.deepspeed_config import build_deepspeed_config
 from engine.train.flops import device_peak_flops
@@ -27,6 +27,7 @@ from engine.train.optim import build_optimizer
 from engine.train.runtime import DistInfo, init_distributed, seed_everything
 from engine.train.schedules import Schedules, apply_schedules, build_schedules
 from engine.train.settings import OptimSettings, RunSettings
+from engine.train.validation import resolve_precision
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def resolve_grad_accum(run: RunSettings, world_size: int) -> None:
         return
     per_step = run.batch_size * world_size
     if run.global_batch % per_step:
-        raise ValueError(f"global_batch={run.global_batch} is not a multiple of batch_size × ranks = "
+        raise ConfigError(f"global_batch={run.global_batch} is not a multiple of batch_size × ranks = "
                          f"{run.batch_size} × {world_size}; change --batch_size or --global_batch")
     run.grad_accum = run.global_batch // per_step
 
@@ -59,7 +60,7 @@ def initialize_engine(module: torch.nn.Module, groups: list[dict], run: RunSetti
                       dist_info: DistInfo, base_lr: float, output_dir: Path):
     """DeepSpeed engine around `module` with our AdamW; writes the DeepSpeed JSON next to the run."""
     if run.precision == "fp16" and dist_info.device.type != "cuda":
-        raise ValueError("precision=fp16 needs a CUDA device (DeepSpeed's CPU accelerator has no fp16): use "
+        raise ConfigError("precision=fp16 needs a CUDA device (DeepSpeed's CPU accelerator has no fp16): use "
                          "--precision=bf16 or --precision=fp32")
     ds_config = build_deepspeed_config(run, optim, dist_info.world_size)
     if dist_info.is_main:
@@ -73,7 +74,7 @@ def check_resume_compatible(client: dict, world_size: int, global_batch: int, st
     """A checkpoint continues exactly only with the same world size and batch layout."""
     saved = (client["world_size"], client["global_batch"], client["steps_per_epoch"])
     if saved != (world_size, global_batch, steps_per_epoch):
-        raise ValueError(
+        raise ConfigError(
             f"the checkpoint was written with world_size={saved[0]}, global batch={saved[1]}, "
             f"steps_per_epoch={saved[2]}; this run has {world_size}, {global_batch}, {steps_per_epoch}. Resume with "
             "the same number of ranks and --batch_size/--grad_accum, or start a new --output_dir (the fp32 weights "
@@ -137,6 +138,7 @@ def train(cfg, task_class) -> dict:
     (rank 0 has the full one). A stop signal saves a checkpoint and returns with `stopped_by` set."""
     run = cfg.run
     dist_info = init_distributed(run.device)
+    resolve_precision(run)
     resolve_grad_accum(run, dist_info.world_size)
     output_dir = Path(run.output_dir)
     _write_run_config(cfg, output_dir, dist_info)
@@ -146,21 +148,21 @@ def train(cfg, task_class) -> dict:
     global_batch = run.batch_size * run.grad_accum * dist_info.world_size
     steps_per_epoch = len(task.loader) // run.grad_accum
     if steps_per_epoch == 0:
-        raise ValueError(f"one epoch holds {len(task.loader)} micro-batches per rank, fewer than grad_accum="
-                         f"{run.grad_accum}: lower --batch_size or --grad_accum")
-    total_steps = run.epochs * steps_per_epoch
+        raise ConfigError(f"one epoch holds {len(task.loader)} micro-batches of {run.batch_size} per rank, fewer "
+                          f"than grad_accum={run.grad_accum}: lower --batch_size, --grad_accum or --global_batch")
+    total_steps = run.steps if run.steps > 0 else run.epochs * steps_per_epoch
     last_step = min(total_steps, run.max_steps) if run.max_steps > 0 else total_steps
     base_lr = resolve_lr(cfg.optim, global_batch)
-    schedules = build_schedules(cfg.optim, base_lr, run.epochs, steps_per_epoch)
+    schedules = build_schedules(cfg.optim, base_lr, total_steps, steps_per_epoch)
     groups = task.param_groups()
     engine = initialize_engine(task.module, groups, run, cfg.optim, dist_info, base_lr, output_dir)
     if dist_info.is_main:
         logger.info("global batch %d = %d per device × %d accumulation × %d ranks; lr %.3g (%s)%s; %d steps/epoch, "
-                    "%d epochs, stopping at step %d", global_batch, run.batch_size, run.grad_accum,
+                    "%d steps in the schedule, stopping at step %d", global_batch, run.batch_size, run.grad_accum,
                     dist_info.world_size, base_lr, "absolute --lr" if cfg.optim.lr is not None else
                     f"blr {cfg.optim.blr:g} × {global_batch} / 256",
                     f", layer decay {cfg.optim.layer_decay}" if cfg.optim.layer_decay is not None else "",
-                    steps_per_epoch, run.epochs, last_step)
+                    steps_per_epoch, total_steps, last_step)
         checkpointing.remove_incomplete(output_dir)
     if dist.is_initialized():
         dist.barrier()

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from engine.config import ConfigError
 from engine.train.export import export_checkpoint
 from engine.train.flops import train_flops_per_image
 from engine.train.heldout import build_heldout_batch
@@ -147,7 +148,7 @@ class MaskedImageModeling(Task):
 def check_mask_backend(client: dict, mask_backend: str) -> None:
     saved = client.get("mask_backend", mask_backend)
     if saved != mask_backend:
-        raise ValueError(f"the checkpoint was written with the {saved!r} masking backend and this run uses "
+        raise ConfigError(f"the checkpoint was written with the {saved!r} masking backend and this run uses "
                          f"{mask_backend!r}: their masks differ, so the resume would not be exact. Use the same "
                          "installation (native extension built or not), or start a new --output_dir")
 

@@ -1,4 +1,5 @@
-"""Per-step schedules: the official BEiT `cosine_scheduler` (linear warmup from `start_warmup_value`, then cosine)."""
+"""Per-step schedules: the official BEiT `cosine_scheduler` (linear warmup from `start_warmup_value`, then cosine),
+and mmseg's `poly` LR policy with linear warm-up (the official BEiT segmentation runs)."""
 
 import math
 from dataclasses import dataclass
@@ -37,19 +38,35 @@ def cosine_scheduler(
     return schedule
 
 
+def poly_scheduler(base_value: float, final_value: float, total_steps: int, warmup_steps: int, power: float = 1.0,
+                   warmup_ratio: float = 1e-6) -> np.ndarray:
+    """mmseg `PolyLrUpdaterHook` by iteration: `(base - final)(1 - i / total)^power + final`; during the first
+    `warmup_steps` it is scaled by `1 - (1 - i / warmup_steps)(1 - warmup_ratio)` (mmcv's linear warm-up)."""
+    if total_steps <= 0:
+        raise ValueError(f"a schedule needs at least one step, got total_steps={total_steps}")
+    steps = np.arange(total_steps, dtype=np.float64)
+    schedule = (base_value - final_value) * (1 - steps / total_steps) ** power + final_value
+    if warmup_steps > 0:
+        warm = steps < warmup_steps
+        schedule[warm] *= 1 - (1 - steps[warm] / warmup_steps) * (1 - warmup_ratio)
+    return schedule
+
+
 @dataclass
 class Schedules:
     lr: np.ndarray  # [total_steps]
     wd: np.ndarray  # [total_steps]
 
 
-def build_schedules(optim: OptimSettings, base_lr: float, epochs: int, steps_per_epoch: int) -> Schedules:
+def build_schedules(optim: OptimSettings, base_lr: float, total_steps: int, steps_per_epoch: int) -> Schedules:
+    """LR and WD for each of `total_steps` optimizer steps; warm-up in steps, or in epochs of `steps_per_epoch`."""
     wd_end = optim.weight_decay if optim.weight_decay_end is None else optim.weight_decay_end
-    return Schedules(
-        lr=cosine_scheduler(base_lr, optim.min_lr, epochs, steps_per_epoch, optim.warmup_epochs,
-                            warmup_steps=optim.warmup_steps),
-        wd=cosine_scheduler(optim.weight_decay, wd_end, epochs, steps_per_epoch),
-    )
+    warmup = optim.warmup_steps if optim.warmup_steps > 0 else int(round(optim.warmup_epochs * steps_per_epoch))
+    if optim.lr_schedule == "poly":
+        lr = poly_scheduler(base_lr, optim.min_lr, total_steps, warmup, optim.poly_power)
+    else:
+        lr = cosine_scheduler(base_lr, optim.min_lr, 1, total_steps, warmup_steps=warmup)
+    return Schedules(lr=lr, wd=cosine_scheduler(optim.weight_decay, wd_end, 1, total_steps))
 
 
 def apply_schedules(optimizer: torch.optim.Optimizer, schedules: Schedules, step: int) -> tuple[float, float]:

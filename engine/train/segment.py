@@ -1,0 +1,154 @@
+"""Semantic segmentation (UperNet on a BEiT backbone, the official ADE20K recipe), a task of the training loop:
+`run_segmentation(cfg)` is what the segmentation recipes call.
+
+Data: an ADE20K-format folder (engine/data/segmentation.py: reader, mmseg's training pipeline, label 0 → ignore).
+Model: `engine.segmentation.create_segmenter` (backbone + official neck + UPerHead + auxiliary FCN head); encoder
+weights from `--finetune` through `engine.checkpoint.load_checkpoint` (pretraining or fine-tuned checkpoints, any
+image size). Optimisation: AdamW with layer-wise LR decay over the encoder blocks (neck and heads at full LR), poly
+schedule by iteration. Evaluation every `eval_every` steps and at the end: sliding-window (and optionally
+multi-scale + flip) inference on the validation split, one confusion matrix per rank on the device, one all-reduce,
+mIoU / per-class IoU / pixel accuracy to `eval.jsonl`; the best mIoU's weights go to `best/`, the last to `final/`.
+"""
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from engine.config import ConfigError
+from engine.train.flops import train_flops_per_image
+from engine.train.loop import input_dtype, train
+from engine.train.metrics import EVAL_FILE, read_metrics, truncate_after
+from engine.train.settings import SegmentationConfig
+from engine.train.state import model_state_dict, save_model
+from engine.train.task import Task
+
+logger = logging.getLogger(__name__)
+
+BEST_DIR = "best"
+FINAL_DIR = "final"
+
+
+class SemanticSegmentation(Task):
+    """UperNet training: pixel cross-entropy (decode + 0.4 × auxiliary), mIoU evaluation, best and final weights."""
+
+    curve_panels = ("loss", "lr")
+
+    def __init__(self, cfg: SegmentationConfig, dist_info):
+        super().__init__(cfg, dist_info)
+        from engine.checkpoint import load_checkpoint
+        from engine.data.loader import SegmentationSamples, build_loader
+        from engine.data.segmentation import ADE20KDataset, SegEvalTransform, SegTrainTransform
+        from engine.segmentation.model import STAT_NAMES, SegmentationLoss, create_segmenter
+
+        data, m, run, head = cfg.data, cfg.model, cfg.run, cfg.head
+        self.stat_names = STAT_NAMES
+        self.dtype = input_dtype(run.precision)
+        overrides = {"depth": m.depth} if m.depth is not None else {}
+        self.model = create_segmenter(
+            m.model, data.num_classes, channels=head.decode_channels, aux_channels=head.aux_channels,
+            aux_weight=head.aux_weight, sync_bn=dist_info.world_size > 1, img_size=m.input_size,
+            drop_path_rate=m.drop_path, layer_scale_init_value=m.layer_scale_init_value, attn_impl=m.attn_impl,
+            grad_checkpointing=m.grad_checkpointing, **overrides)
+        if data.finetune:
+            try:
+                load_checkpoint(self.model.backbone.encoder, data.finetune)
+            except ValueError as err:  # a checkpoint of another architecture: a usage error, one line
+                raise ConfigError(f"--finetune={data.finetune}: {err}") from None
+        self.transform = SegTrainTransform(m.input_size, img_scale=data.img_scale, ratio_range=data.ratio_range,
+                                           cat_max_ratio=data.cat_max_ratio, imagenet_mean_std=data.imagenet_mean_std)
+        train_set = ADE20KDataset(data.data_path, "training", num_classes=data.num_classes)
+        self.loader = build_loader(SegmentationSamples(train_set, self.transform, seed=run.seed), run.batch_size,
+                                   dist_info.rank, dist_info.world_size, run.seed, num_workers=run.num_workers)
+        self.eval_transform = SegEvalTransform(data.img_scale, imagenet_mean_std=data.imagenet_mean_std)
+        eval_set = ADE20KDataset(data.data_path, "validation", num_classes=data.num_classes)
+        count = min(len(eval_set), data.max_eval_images) if data.max_eval_images > 0 else len(eval_set)
+        # every rank scores its own images once (no padding repeats, so the summed confusion matrix is exact)
+        self.eval_loader = torch.utils.data.DataLoader(
+            SegmentationSamples(eval_set, self.eval_transform, seed=run.seed), batch_size=1,
+            sampler=list(range(dist_info.rank, count, dist_info.world_size)), num_workers=min(run.num_workers, 2))
+        self.module = SegmentationLoss(torch.compile(self.model) if m.compile else self.model)
+        self.best = {"mIoU": -1.0}
+        # MFU counts the encoder's matmuls only (the neck and the heads' convolutions are left out)
+        self.flops = train_flops_per_image(self.model.backbone.encoder.config)
+
+    def param_groups(self) -> list[dict]:
+        from engine.segmentation.model import segmentation_param_groups
+
+        optim = self.cfg.optim
+        return segmentation_param_groups(self.model, optim.weight_decay, optim.layer_decay,
+                                         self.model.get_num_layers(), optim.skip_rel_pos_tables_wd)
+
+    def inputs(self, batch, step: int) -> tuple:
+        images, labels = batch  # uint8 [B, 3, H, W], uint8 [B, H, W] (255 = ignore)
+        device = self.dist_info.device
+        images = self.transform.model_inputs(images.to(device, non_blocking=True), self.dtype)
+        return images, labels.to(device, non_blocking=True).long()
+
+    def flops_per_image(self, weight_per_image: float) -> float:
+        return self.flops
+
+    def client_state(self) -> dict:
+        return {"best": self.best}
+
+    def resume(self, client: dict, ckpt_dir: Path) -> None:
+        self.best = client["best"]
+        if self.dist_info.is_main:
+            truncate_after(self.output_dir / EVAL_FILE, client["step"])
+
+    @torch.no_grad()
+    def score(self) -> dict:
+        """mIoU, mAcc, aAcc (%) and per-class IoU over the validation images, all ranks together."""
+        from engine.segmentation.metrics import confusion_matrix, reduce_confusion, segmentation_metrics
+        from engine.segmentation.model import aug_inference
+
+        data, device = self.cfg.data, self.dist_info.device
+        crop, num_classes = self.cfg.model.input_size, data.num_classes
+        was_training = self.model.training
+        self.model.eval()
+        confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+        for images, labels in self.eval_loader:  # one image: uint8 [1, 3, h, w], its label at the original size
+            images = self.eval_transform.model_inputs(images.to(device), self.dtype)
+            labels = labels.to(device).long()
+            probs = aug_inference(self.model, images, scales=data.eval_scales, flip=data.eval_flip, crop_size=crop,
+                                  stride=data.eval_stride, mode="slide", out_size=tuple(labels.shape[-2:]),
+                                  num_classes=num_classes)  # [1, K, H0, W0]
+            confusion += confusion_matrix(probs.argmax(dim=1), labels, num_classes)
+        self.model.train(was_training)
+        return segmentation_metrics(reduce_confusion(confusion))
+
+    def evaluate(self, engine, step: int, epoch: int, epoch_done: bool, last_step: int) -> None:
+        if step % self.cfg.head.eval_every and step != last_step:
+            return
+        metrics = self.score()
+        improved = metrics["mIoU"] > self.best["mIoU"]
+        state = model_state_dict(engine, self.dist_info.rank) if improved else None  # collective under ZeRO-3
+        if improved:
+            self.best = {"mIoU": metrics["mIoU"], "step": step}
+        if self.dist_info.is_main:
+            logger.info("eval at step %d: mIoU %.2f%%, mAcc %.2f%%, pixel accuracy %.2f%%", step, metrics["mIoU"],
+                        metrics["mAcc"], metrics["aAcc"])
+            row = {"step": step, "epoch": epoch, **{k: v for k, v in metrics.items() if k != "class_names"}}
+            with open(self.output_dir / EVAL_FILE, "a") as f:
+                f.write(json.dumps(row, allow_nan=True) + "\n")
+            if state is not None:
+                save_model(self.model, state, self.output_dir / BEST_DIR)
+        if dist.is_initialized():
+            dist.barrier()
+
+    def finish(self, engine, ckpt_dir: Path) -> dict:
+        state = model_state_dict(engine, self.dist_info.rank)  # collective under ZeRO-3
+        summary = {"best": self.best}
+        if self.dist_info.is_main:
+            save_model(self.model, state, self.output_dir / FINAL_DIR)
+            summary.update(evals=read_metrics(self.output_dir / EVAL_FILE), final_dir=self.output_dir / FINAL_DIR,
+                           best_dir=self.output_dir / BEST_DIR)
+        return summary
+
+
+def run_segmentation(cfg: SegmentationConfig) -> dict:
+    """Trains (or resumes), evaluating every `eval_every` steps; returns a summary (complete on rank 0). A run
+    stopped by a signal returns `stopped_by` set and no `best`/`evals`."""
+    return train(cfg, SemanticSegmentation)

@@ -1,0 +1,228 @@
+"""Checks of every config value when the command line is parsed, before any work starts.
+
+Each check raises `ConfigError("--key=value: what is allowed")`; `engine.config.parse_overrides` turns it into one
+line on stderr and exit status 2. Only what can be known from the config and the file system is checked here; the
+dataset's size against one global batch is checked by the loop once the dataset is listed (engine/train/loop.py).
+"""
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from engine.config import ConfigError
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_DATASETS = ("embedded:fashion_mnist",)
+
+
+def require(ok: bool, key: str, value, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"--{key}={value}: {allowed}")
+
+
+def at_least(key: str, value, low, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    require(value is not None and value >= low, key, value, f"must be >= {low}")
+
+
+def in_unit_interval(key: str, value, closed_low: bool, closed_high: bool, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    ok = (0 <= value if closed_low else 0 < value) and (value <= 1 if closed_high else value < 1)
+    low, high = "[" if closed_low else "(", "]" if closed_high else ")"
+    require(ok, key, value, f"must be in {low}0, 1{high}")
+
+
+def existing_path(key: str, value: str, what: str) -> None:
+    if value:
+        require(Path(value).expanduser().exists(), key, value, f"{what} does not exist")
+
+
+def data_path(key: str, value: str) -> None:
+    """An embedded dataset name, `fashion_mnist_full` or an existing folder."""
+    require(bool(value), key, value, "required: an image folder, a directory of IDX files or embedded:fashion_mnist")
+    if value.startswith("embedded:"):
+        require(value in EMBEDDED_DATASETS, key, value, f"expected one of {', '.join(EMBEDDED_DATASETS)}")
+    elif value != "fashion_mnist_full":
+        require(Path(value).expanduser().is_dir(), key, value,
+                "no such folder (an image folder, a directory of IDX files, embedded:fashion_mnist or "
+                "fashion_mnist_full)")
+
+
+def check_dataset_size(data_path: str, run) -> None:
+    """Lists the training split (cheap: no image is decoded) and checks that it holds one global batch."""
+    from engine.data.datasets import build_dataset
+
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    global_batch = run.global_batch or run.batch_size * run.grad_accum * world_size
+    size = len(build_dataset(data_path, "train"))
+    require(size >= global_batch, "data_path", data_path,
+            f"holds {size} training images, fewer than one global batch of {global_batch}: lower --batch_size")
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX on x86 Linux; elsewhere assume not (the safe choice: fp32)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def device_type(device: str) -> str:
+    return "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
+
+
+def resolve_precision(run) -> None:
+    """`auto` → bf16 on a GPU that runs it (fp16 on older ones) and on a CPU with native bf16, else fp32."""
+    if run.precision != "auto":
+        return
+    if device_type(run.device) == "cuda":
+        run.precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    else:
+        run.precision = "bf16" if cpu_has_native_bf16() else "fp32"
+
+
+def bf16_slowdown_on_cpu(size: int = 384, repeats: int = 5) -> float:
+    """Time of a bf16 matmul over an fp32 one of the same shape on this CPU (median of `repeats`, ~0.2 s)."""
+    def median_time(dtype: torch.dtype) -> float:
+        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - start)
+        return sorted(times)[len(times) // 2]
+
+    return median_time(torch.bfloat16) / median_time(torch.float32)
+
+
+def check_model(model) -> None:
+    from engine.factory import list_models, registered_config
+
+    require(model.model in list_models(), "model", model.model, "not a registered model (engine.list_models())")
+    patch = registered_config(model.model)["patch_size"]
+    require(model.input_size >= patch and model.input_size % patch == 0, "input_size", model.input_size,
+            f"must be a positive multiple of {model.model}'s patch size {patch}")
+    at_least("depth", model.depth, 1, optional=True)
+    in_unit_interval("drop_path", model.drop_path, closed_low=True, closed_high=False)
+    at_least("layer_scale_init_value", model.layer_scale_init_value, 0)
+
+
+def check_optim(optim) -> None:
+    require(optim.lr is None or optim.lr > 0, "lr", optim.lr, "must be > 0 (or none: blr × global_batch / 256)")
+    require(optim.blr > 0, "blr", optim.blr, "must be > 0")
+    at_least("min_lr", optim.min_lr, 0)
+    at_least("warmup_epochs", optim.warmup_epochs, 0)
+    require(optim.warmup_steps == -1 or optim.warmup_steps >= 0, "warmup_steps", optim.warmup_steps,
+            "must be >= 0 (or -1: use warmup_epochs)")
+    at_least("weight_decay", optim.weight_decay, 0)
+    at_least("weight_decay_end", optim.weight_decay_end, 0, optional=True)
+    at_least("clip_grad", optim.clip_grad, 0)
+    in_unit_interval("layer_decay", optim.layer_decay, closed_low=False, closed_high=True, optional=True)
+    require(optim.poly_power > 0, "poly_power", optim.poly_power, "must be > 0")
+
+
+def check_run(run) -> None:
+    """Ranges, the device/precision/ZeRO combination, and the batch layout against the launcher's world size."""
+    for key, low in (("epochs", 1), ("batch_size", 1), ("grad_accum", 1), ("num_workers", 0), ("save_every", 0),
+                     ("keep_checkpoints", 1), ("log_every", 1), ("max_bad_steps", 1)):
+        at_least(key, getattr(run, key), low)
+    require(run.max_steps == -1 or run.max_steps > 0, "max_steps", run.max_steps, "must be > 0 (or -1: no limit)")
+    require(run.steps == -1 or run.steps > 0, "steps", run.steps, "must be > 0 (or -1: the schedule spans epochs)")
+    require(run.zero_stage in (0, 1, 2, 3), "zero_stage", run.zero_stage, "expected 0, 1, 2 or 3")
+    require(not run.offload or run.zero_stage >= 1, "offload", run.offload, "needs --zero_stage=1, 2 or 3")
+    require(bool(run.output_dir) and not Path(run.output_dir).is_file(), "output_dir", run.output_dir,
+            "must name a directory (it is created when missing)")
+    require(run.device in ("auto", "cpu", "cuda"), "device", run.device, "expected auto, cpu or cuda")
+    require(run.device != "cuda" or torch.cuda.is_available(), "device", run.device,
+            "no CUDA device is visible; use --device=cpu (or auto)")
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if run.global_batch is not None:
+        per_step = run.batch_size * world_size
+        require(run.global_batch >= per_step and run.global_batch % per_step == 0, "global_batch", run.global_batch,
+                f"must be a multiple of batch_size × ranks = {run.batch_size} × {world_size}")
+    on_cpu = device_type(run.device) == "cpu"
+    require(not (on_cpu and run.precision == "fp16"), "precision", run.precision,
+            "fp16 needs a CUDA device (DeepSpeed's CPU accelerator has no fp16): use auto, bf16 or fp32")
+    if on_cpu and run.precision == "bf16" and not cpu_has_native_bf16():
+        logger.warning("precision=bf16 on a CPU without native bf16: a bf16 matmul measured %.0f× slower than fp32 "
+                       "here just now; --precision=auto (or fp32) trains faster", bf16_slowdown_on_cpu())
+    resolve_precision(run)
+
+
+def check_pretrain_data(data, model) -> None:
+    from engine.factory import registered_config
+
+    data_path("data_path", data.data_path)
+    if data.tokenizer:
+        from engine.tokenizer import read_tokenizer_config
+
+        try:
+            read_tokenizer_config(data.tokenizer)
+        except (FileNotFoundError, ValueError) as err:
+            raise ConfigError(f"--tokenizer={data.tokenizer}: {err}") from None
+    patch = registered_config(model.model)["patch_size"]
+    num_patches = (model.input_size // patch) ** 2
+    at_least("second_input_size", data.second_input_size, 1)
+    require(0 < data.num_mask_patches < num_patches, "num_mask_patches", data.num_mask_patches,
+            f"must be in [1, {num_patches - 1}] ({num_patches} patches at input_size={model.input_size})")
+    require(1 <= data.min_mask_patches <= data.num_mask_patches, "min_mask_patches", data.min_mask_patches,
+            f"must be in [1, num_mask_patches={data.num_mask_patches}]")
+    require(data.max_mask_patches is None or data.max_mask_patches >= data.min_mask_patches, "max_mask_patches",
+            data.max_mask_patches, f"must be >= min_mask_patches={data.min_mask_patches} (or none)")
+    in_unit_interval("min_crop_scale", data.min_crop_scale, closed_low=False, closed_high=True)
+    at_least("heldout_images", data.heldout_images, 0)
+    at_least("heldout_every", data.heldout_every, 1)
+
+
+def check_finetune_data(data) -> None:
+    from engine.data.randaugment import RandAugmentConfig
+
+    data_path("data_path", data.data_path)
+    existing_path("finetune", data.finetune, "checkpoint not found (a folder written by a pretraining run's export, "
+                  "e.g. `python recipes/pretrain_demo.py` → runs/pretrain_demo/pretrained, or a weights file); it")
+    at_least("num_classes", data.num_classes, 1, optional=True)
+    at_least("eval_batch_size", data.eval_batch_size, 1, optional=True)
+    in_unit_interval("crop_pct", data.crop_pct, closed_low=False, closed_high=True, optional=True)
+    in_unit_interval("min_crop_scale", data.min_crop_scale, closed_low=False, closed_high=True)
+    if data.auto_augment:
+        try:
+            RandAugmentConfig.parse(data.auto_augment)
+        except ValueError as err:
+            raise ConfigError(f"--auto_augment={data.auto_augment}: {err}") from None
+    for key in ("color_jitter", "mixup", "cutmix"):
+        at_least(key, getattr(data, key), 0)
+    in_unit_interval("reprob", data.reprob, closed_low=True, closed_high=True)
+    in_unit_interval("smoothing", data.smoothing, closed_low=True, closed_high=False)
+
+
+def check_finetune_extras(extras) -> None:
+    in_unit_interval("model_ema_decay", extras.model_ema_decay, closed_low=False, closed_high=False)
+    at_least("eval_every", extras.eval_every, 1)
+
+
+def check_segmentation(cfg) -> None:
+    data, head = cfg.data, cfg.head
+    require(bool(data.data_path) and Path(data.data_path).expanduser().is_dir(), "data_path", data.data_path,
+            "an ADE20K-format folder (images/training, annotations/training, images/validation, "
+            "annotations/validation) is required")
+    existing_path("finetune", data.finetune, "checkpoint")
+    at_least("num_classes", data.num_classes, 1)
+    require(min(data.img_scale) >= 1, "img_scale", data.img_scale, "two positive sizes (long, short)")
+    require(0 < data.ratio_range[0] <= data.ratio_range[1], "ratio_range", data.ratio_range, "0 < low <= high")
+    in_unit_interval("cat_max_ratio", data.cat_max_ratio, closed_low=False, closed_high=True)
+    require(1 <= data.eval_stride <= cfg.model.input_size, "eval_stride", data.eval_stride,
+            f"must be in [1, input_size={cfg.model.input_size}] (windows must overlap or touch)")
+    require(len(data.eval_scales) >= 1 and min(data.eval_scales) > 0, "eval_scales", data.eval_scales,
+            "one or more positive scales")
+    at_least("max_eval_images", data.max_eval_images, 0)
+    at_least("decode_channels", head.decode_channels, 1, optional=True)
+    at_least("aux_channels", head.aux_channels, 1)
+    at_least("aux_weight", head.aux_weight, 0)
+    at_least("eval_every", head.eval_every, 1)
