@@ -7,6 +7,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -323,10 +324,19 @@ def test_train_tokenizer_on_a_flat_image_folder(tmp_path):
 
 
 def test_comparison_grid_layout(tmp_path):
+    """Finding 8: reconstructions.png had no labels. Now a header row names original / reconstruction / tokens."""
     from PIL import Image
 
     save_comparison_grid(torch.zeros(16, 3, 4, 4), torch.ones(16, 3, 4, 4), tmp_path / "g.png", columns=4, scale=1)
-    assert Image.open(tmp_path / "g.png").size == (4 * 2 * 6, 4 * 6)
+    assert Image.open(tmp_path / "g.png").size == (4 * 2 * 6, 14 + 4 * 6)
+    ids = torch.arange(16 * 4).reshape(16, 2, 2)
+    save_comparison_grid(torch.zeros(16, 3, 8, 8), torch.ones(16, 3, 8, 8), tmp_path / "t.png", columns=4, scale=4,
+                         token_ids=ids)
+    grid = np.asarray(Image.open(tmp_path / "t.png"))
+    assert grid.shape == (14 + 4 * 40, 4 * 3 * 40, 3)
+    assert (grid[:14] < 128).any()  # the header's text
+    tokens = grid[14 + 4:14 + 36, 80 + 4:80 + 36]  # the first token map: 2 × 2 cells of distinct colours
+    assert len({tuple(tokens[y, x]) for y in (2, 20) for x in (2, 20)}) == 4
 
 
 def test_clear_errors_for_bad_tokenizer_files(tmp_path):
@@ -424,3 +434,38 @@ def test_tokenizer_cache_key_follows_the_data(tmp_path):
     time.sleep(0.01)
     Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(folder / "new.png")
     assert cache_key(cfg) != key  # an added image is new data
+
+
+def test_sigterm_to_the_process_group_during_tokenizer_training_then_rerun_continues_exactly(tmp_path):
+    """Issue 12: a signal during tokenizer training (a scheduler's SIGTERM to the whole group) loses at most the
+    current step: the state is saved, the run exits with one line, and a rerun ends with the same tokenizer as a run
+    that was never stopped."""
+    import os
+    import signal
+    import subprocess
+
+    from conftest import SUBPROCESS_ENV
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "train_tokenizer.py"
+    common = ["--steps=240", "--log_every=10", "--batch_size=16", "--eval_images=32", "--max_train_images=512",
+              "--group_count=2", "--n_hid=16", "--n_blk_per_group=1", "--vocab_size=64", "--num_threads=1"]
+    subprocess.run([sys.executable, str(recipe), *common, f"--output_dir={tmp_path / 'whole'}"], check=True,
+                   capture_output=True, env=SUBPROCESS_ENV, timeout=600)
+    stopped = tmp_path / "stopped"
+    log_path = tmp_path / "log.txt"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, str(recipe), *common, f"--output_dir={stopped}"], stdout=log,
+                                stderr=log, env=SUBPROCESS_ENV, start_new_session=True)
+        deadline = time.time() + 300
+        while "step    20 |" not in log_path.read_text() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=120) == 1
+    text = log_path.read_text()
+    assert "tokenizer training stopped by SIGTERM after step" in text and "Traceback" not in text
+    assert (stopped / "interrupted.pt").is_file() and not (stopped / "metrics.json").exists()
+    subprocess.run([sys.executable, str(recipe), *common, f"--output_dir={stopped}"], check=True,
+                   capture_output=True, env=SUBPROCESS_ENV, timeout=600)
+    assert not (stopped / "interrupted.pt").exists()
+    whole, resumed = (json.loads((d / "metrics.json").read_text()) for d in (tmp_path / "whole", stopped))
+    assert resumed["mse"] == whole["mse"] and resumed["perplexity"] == whole["perplexity"]

@@ -79,3 +79,32 @@ def test_compiled_finetuning_saves_a_best_checkpoint_that_loads(pretrained_dir, 
         assert not any("_orig_mod" in key or key.startswith("model.") for key in state), name
         model = create_model_from_checkpoint(tmp_path / name)
         assert model.config["depth"] == 2
+
+
+def test_first_ctrl_c_stops_the_whole_finetune_demo_and_a_rerun_finishes_both_arms(pretrained_dir, tmp_path):
+    """Finding 2: the first Ctrl-C stopped only the pretrained arm, the scratch arm started, and stopping that ended
+    in `KeyError: 'evals'`. Now the first SIGINT (to the whole process group, as a terminal sends it) saves and stops
+    the demo; a rerun resumes the stopped arm and then runs the other."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from conftest import SUBPROCESS_ENV
+
+    args = [sys.executable, str(ROOT / "recipes" / "finetune_demo.py"), *TINY, "--max_steps=40", "--mixup=0",
+            "--cutmix=0", f"--finetune={pretrained_dir}", f"--output_dir={tmp_path}"]
+    log_path = tmp_path / "log.txt"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=log, env=SUBPROCESS_ENV, start_new_session=True)
+        deadline = time.time() + 300
+        while not (tmp_path / "from_pretrained" / "metrics.jsonl").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=120) == 1
+    text = log_path.read_text()
+    assert "stopped during the pretrained arm; run the same command again to resume it" in text
+    assert "Traceback" not in text and not (tmp_path / "from_scratch").exists()
+    rerun = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "resumed from" in rerun.stderr and "pretrained: top-1" in rerun.stdout and "scratch: top-1" in rerun.stdout

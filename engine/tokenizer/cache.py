@@ -68,8 +68,7 @@ def cached_tokenizer(cfg: TokenizerTrainConfig, cache_dir: str | Path | None = N
         while not (tokenizer_dir / TOKENIZER_CONFIG).is_file():
             time.sleep(2)
         return tokenizer_dir
-    staging = cache_dir / f"{entry.name}.tmp-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
+    staging = cache_dir / f"{entry.name}.partial"  # a stopped training's state stays here and is continued
     logger.info("training a tokenizer (%d steps on %s) into the cache: %s", cfg.steps, cfg.data_path, entry)
     train_tokenizer(dataclasses.replace(cfg, output_dir=str(staging)))
     try:

@@ -8,13 +8,14 @@ the directory the pretraining recipe loads (tokenizer.json + encoder/decoder saf
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 from torch.utils.data import Subset
 
 from engine.config import save_config
@@ -22,8 +23,11 @@ from engine.data.datasets import build_dataset
 from engine.tokenizer.dalle import DalleDecoder, DalleEncoder
 from engine.tokenizer.dvae import DiscreteVAE, ReconLoss, gumbel_temperature, kl_weight
 from engine.tokenizer.io import save_tokenizer
+from engine.train.guards import StopSignal
 
 logger = logging.getLogger(__name__)
+
+INTERRUPTED_FILE = "interrupted.pt"  # a stopped run's state; the next run with the same output_dir continues it
 
 
 @dataclass
@@ -122,21 +126,66 @@ def evaluate(vae: DiscreteVAE, images_u8: torch.Tensor, device: torch.device, ba
     p = usage / usage.sum()
     entropy = -(p[p > 0] * p[p > 0].log()).sum().item()
     return {"mse": mse, "psnr": 10 * math.log10(1 / max(mse, 1e-12)), "perplexity": math.exp(entropy),
-            "codebook_used": (usage > 0).float().mean().item(), "reconstructions": recon}
+            "codebook_used": (usage > 0).float().mean().item(), "reconstructions": recon, "token_ids": ids}
+
+
+def token_colours(token_ids: torch.Tensor) -> torch.Tensor:
+    """Token ids [N, h, w] → an RGB map [N, 3, h, w] in [0, 1]: golden-ratio hues, so neighbouring ids differ."""
+    hue = (token_ids.double() * 0.6180339887) % 1.0
+    k = (torch.tensor([5.0, 3.0, 1.0], dtype=torch.float64)[None, :, None, None] + hue[:, None] * 6) % 6
+    return (0.9 - 0.6 * torch.clamp(torch.minimum(k, 4 - k), 0, 1)).float()  # HSV → RGB at s = 0.67, v = 0.9
 
 
 def save_comparison_grid(originals: torch.Tensor, recons: torch.Tensor, path: Path, columns: int = 8,
-                         scale: int | None = None) -> None:
-    """Writes a PNG of pairs (original | reconstruction), `columns` pairs per row; images [N, 3, S, S] in [0, 1]."""
-    pairs = torch.stack([originals, recons], dim=1)  # [N, 2, 3, S, S]
-    columns = max(1, min(columns, pairs.shape[0]))  # fewer images than columns: one shorter row
-    n, s = pairs.shape[0] - pairs.shape[0] % columns, pairs.shape[-1]
-    pad = torch.nn.functional.pad(pairs[:n], (1, 1, 1, 1), value=1.0)  # white border between images
-    grid = pad.reshape(n // columns, columns * 2, 3, s + 2, s + 2).permute(0, 3, 1, 4, 2)  # [rows, S, cols, S, 3]
-    array = (grid.reshape(n // columns * (s + 2), columns * 2 * (s + 2), 3) * 255).round().byte().numpy()
+                         scale: int | None = None, token_ids: torch.Tensor | None = None) -> None:
+    """Writes a PNG of groups (original | reconstruction | token map), `columns` groups per row, under a header row
+    naming the three; images [N, 3, S, S] in [0, 1], token ids [N, h, w] (the map is left out when None)."""
+    panels = [originals, recons]
+    names = ["original", "reconstruction"]
+    if token_ids is not None:
+        size = originals.shape[-1]
+        panels.append(torch.nn.functional.interpolate(token_colours(token_ids), size=(size, size), mode="nearest"))
+        names.append("tokens")
+    groups = torch.stack(panels, dim=1)  # [N, P, 3, S, S]
+    columns = max(1, min(columns, groups.shape[0]))  # fewer images than columns: one shorter row
+    n, p, s = groups.shape[0] - groups.shape[0] % columns, groups.shape[1], groups.shape[-1]
+    pad = torch.nn.functional.pad(groups[:n], (1, 1, 1, 1), value=1.0)  # white border between images
+    grid = pad.reshape(n // columns, columns * p, 3, s + 2, s + 2).permute(0, 3, 1, 4, 2)  # [rows, S, cols, S, 3]
+    array = (grid.reshape(n // columns * (s + 2), columns * p * (s + 2), 3) * 255).round().byte().numpy()
     image = Image.fromarray(array)
     scale = scale or max(1, 84 // s)  # small images are enlarged (nearest) to about 84 px for viewing
-    image.resize((image.width * scale, image.height * scale), Image.NEAREST).save(path)
+    image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    header = 14
+    labelled = Image.new("RGB", (image.width, image.height + header), "white")
+    labelled.paste(image, (0, header))
+    draw = ImageDraw.Draw(labelled)
+    cell = (s + 2) * scale
+    for column in range(columns * p):
+        draw.text((column * cell + 2, 1), names[column % p], fill="black")
+    labelled.save(path)
+
+
+def save_interrupted(path: Path, vae: DiscreteVAE, optimizer: torch.optim.Optimizer, generator: torch.Generator,
+                     next_step: int, seconds: float) -> None:
+    """Everything the next run needs to continue exactly at `next_step` (written atomically)."""
+    state = {"next_step": next_step, "seconds": seconds, "vae": vae.state_dict(), "optimizer": optimizer.state_dict(),
+             "batch_rng": generator.get_state(), "torch_rng": torch.get_rng_state()}
+    torch.save(state, path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)
+
+
+def resume_interrupted(path: Path, vae: DiscreteVAE, optimizer: torch.optim.Optimizer,
+                       generator: torch.Generator) -> tuple[int, float]:
+    """(first step, seconds already trained): from an interrupted run's state in `path`, else (0, 0)."""
+    if not path.is_file():
+        return 0, 0.0
+    state = torch.load(path, weights_only=True)
+    vae.load_state_dict(state["vae"])
+    optimizer.load_state_dict(state["optimizer"])
+    generator.set_state(state["batch_rng"])
+    torch.set_rng_state(state["torch_rng"])
+    logger.info("continuing the interrupted tokenizer training at step %d (%s)", state["next_step"], path)
+    return state["next_step"], state["seconds"]
 
 
 def _build_vae(cfg: TokenizerTrainConfig) -> DiscreteVAE:
@@ -180,8 +229,10 @@ def _train_tokenizer(cfg: TokenizerTrainConfig) -> dict:
                 cfg.input_size, grid, grid, cfg.vocab_size)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(cfg.seed)
+    first_step, earlier_seconds = resume_interrupted(out_dir / INTERRUPTED_FILE, vae, optimizer, generator)
+    stop = StopSignal()
     start = tick = time.perf_counter()
-    for step in range(cfg.steps):
+    for step in range(first_step, cfg.steps):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, cfg)
         tau = gumbel_temperature(step, cfg.temperature_anneal_steps, cfg.temperature_start, cfg.temperature_end)
@@ -200,14 +251,23 @@ def _train_tokenizer(cfg: TokenizerTrainConfig) -> dict:
             logger.info("step %5d | loss %.4f | recon %.4f | kl %.3f | tau %.3f | beta %.4f | lr %.2e | grad %.2f | "
                         "%.0f img/s", step + 1, out["loss"].item(), out["recon"].item(), out["kl"].item(), tau, beta,
                         optimizer.param_groups[0]["lr"], grad_norm.item(), cfg.log_every * cfg.batch_size / dt)
-    train_seconds = time.perf_counter() - start
+        if stop.poll() and step + 1 < cfg.steps:
+            stop.restore()
+            save_interrupted(out_dir / INTERRUPTED_FILE, vae, optimizer, generator, step + 1,
+                             earlier_seconds + time.perf_counter() - start)
+            raise SystemExit(f"tokenizer training stopped by {stop.received} after step {step + 1} of {cfg.steps}; "
+                             f"its state is in {out_dir / INTERRUPTED_FILE}: run the same command again to continue")
+    stop.restore()
+    train_seconds = earlier_seconds + time.perf_counter() - start
 
     metrics = evaluate(vae, held_u8, device)
-    recon = metrics.pop("reconstructions")
-    save_comparison_grid(held_u8[:32].float() / 255, recon[:32], out_dir / "reconstructions.png")
+    recon, token_ids = metrics.pop("reconstructions"), metrics.pop("token_ids")
+    save_comparison_grid(held_u8[:32].float() / 255, recon[:32], out_dir / "reconstructions.png",
+                         token_ids=token_ids[:32])
     metrics.update(train_seconds=train_seconds, steps=cfg.steps, token_grid=[grid, grid], input_size=cfg.input_size,
                    vocab_size=cfg.vocab_size)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (out_dir / INTERRUPTED_FILE).unlink(missing_ok=True)
     save_tokenizer(out_dir / "tokenizer", vae.encoder, cfg.input_size, vae.decoder)
     logger.info("held-out: mse %.4f | psnr %.2f dB | codebook used %.1f%% | perplexity %.1f | %.0f s → %s",
                 metrics["mse"], metrics["psnr"], 100 * metrics["codebook_used"], metrics["perplexity"],

@@ -155,6 +155,8 @@ def train(cfg, task_class) -> dict:
     base_lr = resolve_lr(cfg.optim, global_batch)
     schedules = build_schedules(cfg.optim, base_lr, total_steps, steps_per_epoch)
     groups = task.param_groups()
+    if dist_info.is_main:
+        logger.info("initialising DeepSpeed (ZeRO stage %d, %s)", run.zero_stage, run.precision)
     engine = initialize_engine(task.module, groups, run, cfg.optim, dist_info, base_lr, output_dir)
     if dist_info.is_main:
         logger.info("global batch %d = %d per device × %d accumulation × %d ranks; lr %.3g (%s)%s; %d steps/epoch, "
@@ -212,6 +214,8 @@ def _loop(cfg, task, engine, schedules: Schedules, client_state, start_step: int
     epoch = start_step // steps_per_epoch
     batches = _epoch_batches(task.loader, epoch, (start_step % steps_per_epoch) * run.grad_accum)
     window_start, window_steps = time.perf_counter(), 0
+    if dist_info.is_main and run.num_workers > 0:
+        logger.info("starting %d DataLoader worker(s) per rank: the first step waits for them", run.num_workers)
     engine.train()
     try:
         while step < last_step:

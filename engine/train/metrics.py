@@ -40,8 +40,12 @@ class MetricsLogger:
         truncate_after(self.path, start_step)
         if progress:
             from tqdm import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
 
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+            # log records (checkpoints saved, evaluations, warnings) print above the bar instead of through it
+            self._redirect = logging_redirect_tqdm()
+            self._redirect.__enter__()
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -80,6 +84,7 @@ class MetricsLogger:
 
     def close(self) -> None:
         if self.bar is not None:
+            self._redirect.__exit__(None, None, None)
             self.bar.close()
         if self.tb is not None:
             self.tb.close()

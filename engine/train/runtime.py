@@ -58,6 +58,9 @@ def init_distributed(device: str) -> DistInfo:
     if device_type == "cuda":
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
+        if int(os.environ["RANK"]) == 0:  # the first run on a machine compiles DeepSpeed's shared-memory op (~30 s)
+            logger.info("joining the process group (%s; a first run also builds DeepSpeed's communication op)",
+                        "nccl" if device_type == "cuda" else "gloo")
         deepspeed.init_distributed(dist_backend="nccl" if device_type == "cuda" else "gloo")
     info = DistInfo(dist.get_rank(), local_rank, dist.get_world_size(),
                     torch.device("cuda", local_rank) if device_type == "cuda" else torch.device("cpu"))
