@@ -56,22 +56,32 @@ def expected_minutes(cfg: FinetuneConfig, num_train: int = 6000) -> float:
     return (2 * cfg.run.epochs * num_train / IMAGES_PER_SECOND_2_CORES + 60) / 60
 
 
+ARMS = {"pretrained": "from_pretrained", "scratch": "from_scratch"}  # arm → its subfolder of --output_dir
+
+
+def run_arms(cfg, run) -> dict:
+    """A demo's two arms with `run(cfg)`: from `cfg.data.finetune`, then the same from scratch, each in its folder of
+    ARMS under `cfg.run.output_dir`. The first stop signal stops the whole demo (a rerun resumes the stopped arm,
+    then runs the other)."""
+    results = {}
+    for name, folder in ARMS.items():
+        arm = copy.deepcopy(cfg)
+        arm.data.finetune = cfg.data.finetune if name == "pretrained" else ""
+        arm.run.output_dir = str(Path(cfg.run.output_dir) / folder)
+        with config_errors_exit():
+            results[name] = run(arm)
+        if results[name]["stopped_by"]:
+            raise SystemExit(f"stopped during the {name} arm; run the same command again to resume it")
+    return results
+
+
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     started = time.time()
     cfg = parse_overrides(config(), sys.argv[1:])
     print(f"fine-tuning from {cfg.data.finetune} and from scratch, {cfg.run.epochs} epochs each: expect about "
           f"{expected_minutes(cfg):.0f} minutes on an idle 2-core CPU")
-    scratch = copy.deepcopy(cfg)
-    scratch.data.finetune = ""
-    scratch.run.output_dir = str(Path(cfg.run.output_dir) / "from_scratch")
-    cfg.run.output_dir = str(Path(cfg.run.output_dir) / "from_pretrained")
-    results = {}
-    for name, arm in (("pretrained", cfg), ("scratch", scratch)):
-        with config_errors_exit():
-            results[name] = run_finetuning(arm)
-        if results[name]["stopped_by"]:
-            raise SystemExit(f"stopped during the {name} arm; run the same command again to resume it")
+    results = run_arms(cfg, run_finetuning)
     print(f"\n=== fine-tuning demo finished in {time.time() - started:.0f} s ===")
     for name, summary in results.items():
         last = summary["evals"][-1]

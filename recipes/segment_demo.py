@@ -18,7 +18,6 @@ photometric distortion), 600 steps of 32 images per arm, fp32; evaluation on the
 steps and at the end.
 """
 
-import copy
 import json
 import logging
 import sys
@@ -27,8 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from engine.config import config_errors_exit, parse_overrides  # noqa: E402
+from finetune_demo import ARMS, run_arms  # noqa: E402
+
+from engine.config import parse_overrides  # noqa: E402
 from engine.train.segment import run_segmentation  # noqa: E402
 from engine.train.settings import (  # noqa: E402
     ModelSettings,
@@ -153,25 +155,15 @@ def main() -> None:
     cfg = parse_overrides(cfg, argv)
     print(f"segmentation from {cfg.data.finetune or '(no checkpoint)'} and from scratch, {cfg.run.steps} steps of "
           f"{cfg.run.batch_size} images each: expect about {expected_minutes(cfg):.0f} minutes on an idle 2-core CPU")
-    scratch = copy.deepcopy(cfg)
-    scratch.data.finetune = ""
-    scratch.run.output_dir = str(Path(cfg.run.output_dir) / "from_scratch")
-    cfg.run.output_dir = str(Path(cfg.run.output_dir) / "from_pretrained")
-    results = {}
-    for name, arm in (("pretrained", cfg), ("scratch", scratch)):
-        with config_errors_exit():
-            results[name] = run_segmentation(arm)
-        if results[name]["stopped_by"]:
-            raise SystemExit(f"stopped during the {name} arm; run the same command again to resume it")
+    results = run_arms(cfg, run_segmentation)
     seconds = time.time() - started
-    out_dir = Path(cfg.run.output_dir).parent
+    out_dir = Path(cfg.run.output_dir)
     summary = {name: {"final": result["evals"][-1], "best": result["best"], "steps": result["step"]}
                for name, result in results.items()}
     summary["wall_seconds"] = round(seconds)
     metrics_path = out_dir / "segment_demo.json"
     metrics_path.write_text(json.dumps(summary, indent=2) + "\n")
-    picture = save_picture(cfg, {"pretrained": Path(cfg.run.output_dir), "scratch": Path(scratch.run.output_dir)},
-                           out_dir / "predictions.png")
+    picture = save_picture(cfg, {name: out_dir / folder for name, folder in ARMS.items()}, out_dir / "predictions.png")
     print(f"\n=== segmentation demo finished in {seconds:.0f} s ===")
     for name, result in summary.items():
         if name != "wall_seconds":

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from engine.segmentation.backbone import BeitBackbone, create_backbone, layer_id_for_segmentation
 from engine.segmentation.heads import FCNHead, UPerHead, convert_sync_batchnorm, resize
-from engine.train.optim import is_no_decay, layer_scales
+from engine.train.optim import param_groups
 
 IGNORE_INDEX = 255
 AUX_WEIGHT = 0.4
@@ -182,20 +182,7 @@ def segmentation_param_groups(model: nn.Module, weight_decay: float, layer_decay
     `num_layers` defaults to `model.get_num_layers()`. Frozen parameters are left out."""
     if layer_decay is not None and num_layers is None:
         num_layers = model.get_num_layers()
-    scales = layer_scales(layer_decay, num_layers) if layer_decay is not None else None
-    groups: dict[str, dict] = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        no_decay = is_no_decay(name, param, skip_rel_pos_tables)
-        layer = layer_id_for_segmentation(name, num_layers) if scales is not None else 0
-        key = f"layer_{layer}_{'no_decay' if no_decay else 'decay'}"
-        if key not in groups:
-            groups[key] = {"name": key, "weight_decay": 0.0 if no_decay else weight_decay,
-                           "lr_scale": scales[layer] if scales is not None else 1.0, "params": [], "param_names": []}
-        groups[key]["params"].append(param)
-        groups[key]["param_names"].append(name)
-    return list(groups.values())
+    return param_groups(model, weight_decay, layer_decay, num_layers, skip_rel_pos_tables, layer_id_for_segmentation)
 
 
 # -------------------------------------------------------------------------------------------------------- inference

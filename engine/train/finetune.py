@@ -9,7 +9,6 @@ head dropped on a class-count mismatch). Mixup/cutmix run on the device, on the 
 """
 
 import copy
-import json
 import logging
 from pathlib import Path
 
@@ -21,16 +20,12 @@ from torch import nn
 
 from engine.train.flops import train_flops_per_image
 from engine.train.loop import input_dtype, train
-from engine.train.metrics import EVAL_FILE, read_metrics, truncate_after
 from engine.train.optim import param_groups
 from engine.train.settings import FinetuneConfig
-from engine.train.state import model_state_dict, save_model
-from engine.train.task import Task
+from engine.train.task import EvaluatedTask
 
 logger = logging.getLogger(__name__)
 
-BEST_DIR = "best"
-FINAL_DIR = "final"
 EMA_FILE = "ema.pt"
 _HEAD_PARAMS = ("head.", "fc_norm.")
 
@@ -89,10 +84,11 @@ class ModelEma:
                 ema.mul_(self.decay).add_(current.float(), alpha=1 - self.decay)
 
 
-class ImageClassification(Task):
+class ImageClassification(EvaluatedTask):
     """Fine-tuning: mixup/cutmix + label smoothing, layer decay, EMA, evaluation, best and final weights."""
 
     stat_names = ("loss", "images")
+    best_keys = ("acc1", "acc5")
     curve_panels = ("loss", "lr")
 
     def __init__(self, cfg: FinetuneConfig, dist_info):
@@ -145,7 +141,6 @@ class ImageClassification(Task):
                            num_classes=self.num_classes) if data.mixup > 0 or data.cutmix > 0 else None
         self.module = ClassificationLoss(torch.compile(self.model) if m.compile else self.model)
         self.ema = ModelEma(self.model, extras.model_ema_decay) if extras.model_ema else None
-        self.best = {"acc1": -1.0}
         self.flops = train_flops_per_image(self.model.config)
 
     def freeze(self) -> None:
@@ -179,16 +174,11 @@ class ImageClassification(Task):
     def flops_per_image(self, weight_per_image: float) -> float:
         return self.flops
 
-    def client_state(self) -> dict:
-        return {"best": self.best}
-
     def checkpoint_files(self) -> dict[str, object]:
         return {EMA_FILE: self.ema.module.state_dict()} if self.ema is not None else {}
 
     def resume(self, client: dict, ckpt_dir: Path) -> None:
-        self.best = client["best"]
-        if self.dist_info.is_main:
-            truncate_after(self.output_dir / EVAL_FILE, client["step"])
+        super().resume(client, ckpt_dir)
         if self.ema is not None:
             self.ema.module.load_state_dict(torch.load(ckpt_dir / EMA_FILE, weights_only=True))
 
@@ -202,31 +192,15 @@ class ImageClassification(Task):
         steps_per_epoch = len(self.loader) // self.cfg.run.grad_accum
         if not (epoch_done and ((step // steps_per_epoch) % self.cfg.extras.eval_every == 0 or step == last_step)):
             return
-        device, is_main = self.dist_info.device, self.dist_info.is_main
+        device = self.dist_info.device
         result = {"step": step, "epoch": epoch, **evaluate(self.model, self.eval_loader, device, self.dtype)}
         if self.ema is not None:
             ema_result = evaluate(self.ema.module, self.eval_loader, device, torch.float32)
             result.update({f"ema_{k}": v for k, v in ema_result.items()})
-        improved = result["acc1"] > self.best["acc1"]
-        state = model_state_dict(engine, self.dist_info.rank) if improved else None  # collective under ZeRO-3
-        if improved:
-            self.best = {"acc1": result["acc1"], "acc5": result["acc5"], "step": step}
-        if is_main:
+        if self.dist_info.is_main:
             logger.info("eval at step %d (epoch %d): top-1 %.2f%% top-5 %.2f%% loss %.4f", step, epoch,
                         result["acc1"], result["acc5"], result["eval_loss"])
-            with open(self.output_dir / EVAL_FILE, "a") as f:
-                f.write(json.dumps(result) + "\n")
-            if state is not None:
-                save_model(self.model, state, self.output_dir / BEST_DIR)
-
-    def finish(self, engine, ckpt_dir: Path) -> dict:
-        state = model_state_dict(engine, self.dist_info.rank)  # collective under ZeRO-3
-        summary = {"best": self.best}
-        if self.dist_info.is_main:
-            save_model(self.model, state, self.output_dir / FINAL_DIR)
-            summary.update(evals=read_metrics(self.output_dir / EVAL_FILE), final_dir=self.output_dir / FINAL_DIR,
-                           best_dir=self.output_dir / BEST_DIR)
-        return summary
+        self.record(engine, result)
 
 
 class LinearProbe(ImageClassification):

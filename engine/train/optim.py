@@ -6,6 +6,7 @@ Layer ids follow unilm `optim_factory.get_num_layer_for_vit`: cls_token/mask_tok
 """
 
 import logging
+from collections.abc import Callable
 
 import torch
 
@@ -43,10 +44,12 @@ def param_groups(
     layer_decay: float | None = None,
     num_layers: int | None = None,
     skip_rel_pos_tables: bool = False,
+    layer_id: Callable[[str, int], int] = layer_id_for_vit,
 ) -> list[dict]:
     """AdamW groups named `layer_{id}_{decay|no_decay}`, each with `weight_decay`, `lr_scale` and `param_names`.
 
     `layer_decay=None` (pretraining) puts every parameter at `lr_scale` 1. Frozen parameters are left out.
+    `layer_id(name, num_layers)` places a parameter (the ViT rule by default; dense models pass their own).
     """
     if layer_decay is not None and num_layers is None:
         raise ValueError("layer_decay needs num_layers (the number of transformer blocks)")
@@ -56,7 +59,7 @@ def param_groups(
         if not param.requires_grad:
             continue
         no_decay = is_no_decay(name, param, skip_rel_pos_tables)
-        layer = layer_id_for_vit(name, num_layers) if scales is not None else 0
+        layer = layer_id(name, num_layers) if scales is not None else 0
         key = f"layer_{layer}_{'no_decay' if no_decay else 'decay'}"
         if key not in groups:
             groups[key] = {

@@ -10,31 +10,24 @@ multi-scale + flip) inference on the validation split, one confusion matrix per 
 mIoU / per-class IoU / pixel accuracy to `eval.jsonl`; the best mIoU's weights go to `best/`, the last to `final/`.
 """
 
-import json
 import logging
-from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from engine.config import ConfigError
 from engine.train.flops import train_flops_per_image
 from engine.train.loop import input_dtype, train
-from engine.train.metrics import EVAL_FILE, read_metrics, truncate_after
 from engine.train.settings import SegmentationConfig
-from engine.train.state import model_state_dict, save_model
-from engine.train.task import Task
+from engine.train.task import EvaluatedTask
 
 logger = logging.getLogger(__name__)
 
-BEST_DIR = "best"
-FINAL_DIR = "final"
 
-
-class SemanticSegmentation(Task):
+class SemanticSegmentation(EvaluatedTask):
     """UperNet training: pixel cross-entropy (decode + 0.4 × auxiliary), mIoU evaluation, best and final weights."""
 
     curve_panels = ("loss", "lr")
+    best_keys = ("mIoU",)
 
     def __init__(self, cfg: SegmentationConfig, dist_info):
         super().__init__(cfg, dist_info)
@@ -70,7 +63,6 @@ class SemanticSegmentation(Task):
             SegmentationSamples(eval_set, self.eval_transform, seed=run.seed), batch_size=1,
             sampler=list(range(dist_info.rank, count, dist_info.world_size)), num_workers=min(run.num_workers, 2))
         self.module = SegmentationLoss(torch.compile(self.model) if m.compile else self.model)
-        self.best = {"mIoU": -1.0}
         # MFU counts the encoder's matmuls only (the neck and the heads' convolutions are left out)
         self.flops = train_flops_per_image(self.model.backbone.encoder.config)
 
@@ -89,14 +81,6 @@ class SemanticSegmentation(Task):
 
     def flops_per_image(self, weight_per_image: float) -> float:
         return self.flops
-
-    def client_state(self) -> dict:
-        return {"best": self.best}
-
-    def resume(self, client: dict, ckpt_dir: Path) -> None:
-        self.best = client["best"]
-        if self.dist_info.is_main:
-            truncate_after(self.output_dir / EVAL_FILE, client["step"])
 
     @torch.no_grad()
     def score(self) -> dict:
@@ -123,29 +107,10 @@ class SemanticSegmentation(Task):
         if step % self.cfg.head.eval_every and step != last_step:
             return
         metrics = self.score()
-        improved = metrics["mIoU"] > self.best["mIoU"]
-        state = model_state_dict(engine, self.dist_info.rank) if improved else None  # collective under ZeRO-3
-        if improved:
-            self.best = {"mIoU": metrics["mIoU"], "step": step}
         if self.dist_info.is_main:
             logger.info("eval at step %d: mIoU %.2f%%, mAcc %.2f%%, pixel accuracy %.2f%%", step, metrics["mIoU"],
                         metrics["mAcc"], metrics["aAcc"])
-            row = {"step": step, "epoch": epoch, **{k: v for k, v in metrics.items() if k != "class_names"}}
-            with open(self.output_dir / EVAL_FILE, "a") as f:
-                f.write(json.dumps(row, allow_nan=True) + "\n")
-            if state is not None:
-                save_model(self.model, state, self.output_dir / BEST_DIR)
-        if dist.is_initialized():
-            dist.barrier()
-
-    def finish(self, engine, ckpt_dir: Path) -> dict:
-        state = model_state_dict(engine, self.dist_info.rank)  # collective under ZeRO-3
-        summary = {"best": self.best}
-        if self.dist_info.is_main:
-            save_model(self.model, state, self.output_dir / FINAL_DIR)
-            summary.update(evals=read_metrics(self.output_dir / EVAL_FILE), final_dir=self.output_dir / FINAL_DIR,
-                           best_dir=self.output_dir / BEST_DIR)
-        return summary
+        self.record(engine, {"step": step, "epoch": epoch, **metrics})
 
 
 def run_segmentation(cfg: SegmentationConfig) -> dict:

@@ -8,13 +8,19 @@ of micro-batches and ranks and logs `sum / weight` under `stat_names`, so every 
 Nothing here may read a device value on the host outside the hooks the loop calls at log, evaluation and save steps.
 """
 
+import json
 from abc import ABC, abstractmethod
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from engine.train.metrics import EVAL_FILE, read_metrics, truncate_after
 from engine.train.runtime import DistInfo
+from engine.train.state import model_state_dict, save_model
+
+BEST_DIR = "best"
+FINAL_DIR = "final"
 
 
 class Task(ABC):
@@ -72,3 +78,45 @@ class Task(ABC):
     def finish(self, engine, ckpt_dir: Path) -> dict:
         """After the final checkpoint of a run that was not stopped (every rank): exports and summary values."""
         return {}
+
+
+class EvaluatedTask(Task):
+    """A task scored on held-out data (classification, segmentation): `record` appends each evaluation to
+    `eval.jsonl` and saves the weights to `best/` when `best_keys[0]` improves (higher is better); `finish` saves
+    `final/`. The best score survives a resume, and rows past the resumed step are dropped (they will be redone)."""
+
+    best_keys: tuple[str, ...]  # the score first, then other values kept with it (e.g. top-5)
+
+    def __init__(self, cfg, dist_info: DistInfo):
+        super().__init__(cfg, dist_info)
+        self.best = {self.best_keys[0]: -1.0}
+
+    def client_state(self) -> dict:
+        return {"best": self.best}
+
+    def resume(self, client: dict, ckpt_dir: Path) -> None:
+        self.best = client["best"]
+        if self.dist_info.is_main:
+            truncate_after(self.output_dir / EVAL_FILE, client["step"])
+
+    def record(self, engine, row: dict) -> None:
+        """Every rank, after an evaluation: `row` (step, epoch, scores) to eval.jsonl, best/ if it improved."""
+        score = self.best_keys[0]
+        improved = row[score] > self.best[score]
+        state = model_state_dict(engine, self.dist_info.rank) if improved else None  # collective under ZeRO-3
+        if improved:
+            self.best = {**{key: row[key] for key in self.best_keys}, "step": row["step"]}
+        if self.dist_info.is_main:
+            with open(self.output_dir / EVAL_FILE, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            if state is not None:
+                save_model(self.model, state, self.output_dir / BEST_DIR)
+
+    def finish(self, engine, ckpt_dir: Path) -> dict:
+        state = model_state_dict(engine, self.dist_info.rank)  # collective under ZeRO-3
+        summary = {"best": self.best}
+        if self.dist_info.is_main:
+            save_model(self.model, state, self.output_dir / FINAL_DIR)
+            summary.update(evals=read_metrics(self.output_dir / EVAL_FILE), final_dir=self.output_dir / FINAL_DIR,
+                           best_dir=self.output_dir / BEST_DIR)
+        return summary
