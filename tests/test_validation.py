@@ -131,6 +131,7 @@ def test_cpu_smoke_of_the_large_recipe_names_the_batch_layout(tokenizer_dir, tmp
                       "--num_mask_patches=20", "--min_mask_patches=4", f"--output_dir={tmp_path / 'run'}",
                       "--num_workers=0")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "accelerator" not in proc.stderr  # finding 7: no "unable to detect a GPU" message on a CPU machine
     assert proc.stderr.strip().splitlines()[-1] == (
         "error: one epoch holds 2 micro-batches of 4 per rank, fewer than grad_accum=512: lower --batch_size, "
         "--grad_accum or --global_batch")

@@ -367,8 +367,9 @@ class SegEvalTransform(_SegTransform):
 
 
 def _demo_sample(photos: list[Image.Image], garments_images: np.ndarray, garments_labels: np.ndarray, size: int,
-                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """One demo pair: a random square crop of a photo, then 1-3 tinted garments pasted over it →
+                 rng: np.random.Generator, garment_scale: tuple[float, float], max_garments: int,
+                 grey: bool) -> tuple[np.ndarray, np.ndarray]:
+    """One demo pair: a random square crop of a photo, then 1..max_garments tinted garments pasted over it →
     (image uint8 [size, size, 3], raw label uint8 [size, size]: 0 ignore, 1 background, 2 + garment class)."""
     photo = photos[rng.integers(len(photos))]
     short = min(photo.size)
@@ -376,10 +377,12 @@ def _demo_sample(photos: list[Image.Image], garments_images: np.ndarray, garment
     left, top = int(rng.integers(photo.width - side + 1)), int(rng.integers(photo.height - side + 1))
     background = photo.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BILINEAR)
     image = np.asarray(background, dtype=np.float32)[:, :: 1 if rng.random() < 0.5 else -1].copy()
+    if grey:  # Fashion-MNIST-like: white garments over a darkened grey photo
+        image = np.repeat(image.mean(axis=2, keepdims=True), 3, axis=2) * 0.4
     label = np.ones((size, size), dtype=np.uint8)
-    for _ in range(int(rng.integers(1, 4))):
+    for _ in range(int(rng.integers(1, max_garments + 1))):
         index = int(rng.integers(len(garments_labels)))
-        side = min(size, max(4, round(28 * rng.uniform(0.8, 1.6) * size / 56)))  # ~22-45 px at 56 px
+        side = min(size, max(4, round(size * rng.uniform(*garment_scale))))
         garment = Image.fromarray(garments_images[index]).resize((side, side), Image.Resampling.BILINEAR)
         alpha = np.asarray(garment, dtype=np.float32)[..., None]  # [side, side, 1]
         alpha /= max(float(alpha.max()), 1.0)  # intensity stretched per garment: dark garments stay visible
@@ -387,7 +390,7 @@ def _demo_sample(photos: list[Image.Image], garments_images: np.ndarray, garment
         region = (slice(top, top + side), slice(left, left + side))
         # of 4 random colours, the farthest from the region's mean, so that garments rarely vanish into it
         tints = rng.integers(0, 256, (4, 3)).astype(np.float32)
-        tint = tints[np.abs(tints - image[region].mean((0, 1))).sum(1).argmax()]
+        tint = np.full(3, 255.0) if grey else tints[np.abs(tints - image[region].mean((0, 1))).sum(1).argmax()]
         image[region] = image[region] * (1 - alpha) + tint * alpha
         alpha = alpha[..., 0]
         label[region] = np.where(alpha >= 0.5, garments_labels[index] + 2,
@@ -403,15 +406,16 @@ def _marker_params(marker: Path) -> dict | None:
 
 
 def build_demo_segmentation(root: str | os.PathLike, num_train: int = 2000, num_val: int = 200,
-                            image_size: int = 56, seed: int = 0) -> Path:
+                            image_size: int = 56, seed: int = 0, garment_scale: tuple[float, float] = (0.4, 0.8),
+                            max_garments: int = 3, grey: bool = False) -> Path:
     """Writes (once) a small ADE20K-format set under `root` and returns `root`.
 
-    Each image (image_size², JPEG quality 95) is a crop of a photo from assets/photos/ with 1-3 Fashion-MNIST
-    garments pasted on it (training: the embedded train images; validation: the embedded test images), at 0.8-1.6×
-    28 px × image_size / 56, with a random tint and alpha = intensity / the garment's maximum; later garments
-    occlude earlier ones. PNG labels: 0 = ignore (faint garment pixels, alpha in (0.1, 0.5)), 1 = background,
-    2..11 = garment class + 2, so after `reduce_zero_label` 11 classes named by DEMO_CLASSES. Sample i of a split
-    depends only on (seed, split, i).
+    Each image (image_size², JPEG quality 95) is a crop of a photo from assets/photos/ with 1..max_garments
+    Fashion-MNIST garments pasted on it (training: the embedded train images; validation: the embedded test images),
+    each garment_scale × image_size wide (uniform in the range), with a random tint and alpha = intensity / the
+    garment's maximum; later garments occlude earlier ones. PNG labels: 0 = ignore (faint garment pixels, alpha in
+    (0.1, 0.5)), 1 = background, 2..11 = garment class + 2, so after `reduce_zero_label` 11 classes named by
+    DEMO_CLASSES. Sample i of a split depends only on (seed, split, i).
 
     Idempotent: `root/.complete` records the parameters; a complete set with the same ones is reused. The set is
     written to a temporary folder and renamed into place, so an interrupted build leaves nothing half-written.
@@ -423,8 +427,11 @@ def build_demo_segmentation(root: str | os.PathLike, num_train: int = 2000, num_
     if image_size < 16:
         raise ValueError(f"image_size must be >= 16 (garments are ~0.4-0.8 of it), got {image_size}")
     root = Path(root)
+    if not (0 < garment_scale[0] <= garment_scale[1] <= 1) or max_garments < 1:
+        raise ValueError(f"need 0 < garment_scale low <= high <= 1 and max_garments >= 1, got {garment_scale}, "
+                         f"{max_garments}")
     params = {"version": _DEMO_VERSION, "num_train": num_train, "num_val": num_val, "image_size": image_size,
-              "seed": seed}
+              "seed": seed, "garment_scale": list(garment_scale), "max_garments": max_garments, "grey": grey}
     marker = root / ".complete"
     if _marker_params(marker) == params:
         return root
@@ -448,7 +455,8 @@ def build_demo_segmentation(root: str | os.PathLike, num_train: int = 2000, num_
             label_dir.mkdir(parents=True)
             for index in range(count):
                 rng = np.random.default_rng([seed, stream, index])
-                image, label = _demo_sample(photos, garments.images, garments.labels, image_size, rng)
+                image, label = _demo_sample(photos, garments.images, garments.labels, image_size, rng,
+                                            garment_scale, max_garments, grey)
                 Image.fromarray(image, "RGB").save(image_dir / f"{split}_{index:05d}.jpg", quality=95)
                 Image.fromarray(label, "L").save(label_dir / f"{split}_{index:05d}.png")
         (building / ".complete").write_text(json.dumps(params, sort_keys=True))
