@@ -281,3 +281,18 @@ def test_demo_segmentation_set(tmp_path):
     (tmp_path / "user" / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="not a demo segmentation set"):
         build_demo_segmentation(tmp_path / "user", num_train=2, num_val=1)
+
+
+def test_demo_set_of_the_segmentation_demo_grey_single_garment(tmp_path):
+    """The demo's settings: grey photos, one white garment per image, 0.75-1.0 of the image wide."""
+    root = build_demo_segmentation(tmp_path / "grey", num_train=6, num_val=2, image_size=28, garment_scale=(0.75, 1.0),
+                                   max_garments=1, grey=True)
+    dataset = ADE20KDataset(root, "training", num_classes=len(DEMO_CLASSES))
+    for index in range(len(dataset)):
+        image, label = dataset[index]
+        pixels, labels = np.asarray(image).astype(int), np.asarray(label)
+        assert np.abs(pixels - pixels.mean(axis=2, keepdims=True)).max() <= 8  # grey up to JPEG chroma noise
+        garments = set(np.unique(labels).tolist()) - {0, 255}  # background, ignore
+        assert len(garments) == 1  # one garment, one class
+    with pytest.raises(ValueError, match="garment_scale"):
+        build_demo_segmentation(tmp_path / "bad", num_train=1, num_val=1, image_size=28, garment_scale=(0.5, 1.5))
