@@ -29,6 +29,8 @@ class ConfigError(ValueError):
 
 def exit_with_error(message: str) -> typing.NoReturn:
     """One line on stderr, exit status 2 (a usage error, as argparse), no traceback."""
+    if "Original Traceback" in message:  # raised in a DataLoader worker: keep the original message only
+        message = message.strip().splitlines()[-1].split(": ", 1)[-1]
     print(f"error: {message}", file=sys.stderr, flush=True)
     raise SystemExit(2)
 

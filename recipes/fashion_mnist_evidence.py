@@ -103,6 +103,7 @@ def finetune_configs(cfg: EvidenceConfig, pretrained: Path) -> dict[str, object]
     run.epochs, run.batch_size, run.num_workers, run.device = cfg.finetune_epochs, cfg.finetune_batch, \
         cfg.num_workers, cfg.device
     run.max_steps, run.progress, run.log_every = cfg.max_steps, False, 50
+    base.data.finetune = ""  # each arm sets its own below; the demo's default path must not be validated here
     base = parse_overrides(base, cfg.finetune_overrides)
     configs = {}
     for seed in cfg.seeds:

@@ -6,7 +6,8 @@
     deepspeed --num_gpus 8 recipes/segment_ade20k_base.py --preset=in1k_finetuned --data_path=... \\
         --finetune=/weights/beit_base_in1k_finetuned                    # from an ImageNet-fine-tuned BEiT-B
     python recipes/segment_ade20k_base.py --data_path=ANY_ADE20K_FORMAT_DIR --num_classes=K --input_size=64 \\
-        --depth=2 --batch_size=2 --max_steps=4 --eval_every=2 --device=cpu --num_workers=0   # a tiny CPU run
+        --depth=2 --batch_size=2 --global_batch=none --max_steps=4 --eval_every=2 --eval_stride=32 --device=cpu \\
+        --num_workers=0                                                   # a tiny CPU run
 
 Model: BEiT-B (per-layer relative position bias, layer scale 0.1, drop path 0.1) at a 512 crop, blocks 3/5/7/11
 through the official neck (strides 4/8/16/32), UPerHead (768 channels, pool scales 1/2/3/6) and an auxiliary FCN

@@ -23,6 +23,7 @@ steps and at the end.
 
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -76,9 +77,14 @@ class SegmentDemoConfig(SegmentationConfig):
         validation.at_least("max_garments", demo.max_garments, 1)
         validation.require(0 < demo.garment_scale[0] <= demo.garment_scale[1] <= 1, "garment_scale",
                            demo.garment_scale, "0 < low <= high <= 1")
+        validation.require(self.model.input_size >= 16, "input_size", self.model.input_size,
+                           "the demo set needs images of >= 16 px")
         if self.data.data_path == DEMO_DATA:
-            print("building the demo segmentation set (once; a few seconds) ...", flush=True)
-            build_demo_segmentation(DEMO_DATA, image_size=self.model.input_size, **asdict(demo))
+            if int(os.environ.get("RANK", "0")) == 0:
+                print("building the demo segmentation set (once; a few seconds) ...", flush=True)
+                build_demo_segmentation(DEMO_DATA, image_size=self.model.input_size, **asdict(demo))
+            while not Path(DEMO_DATA, ".complete").is_file():  # other ranks: rank 0 is building it
+                time.sleep(1)
         super().validate()
 
 
@@ -89,7 +95,8 @@ def config() -> SegmentDemoConfig:
         data=SegmentationData(data_path=DEMO_DATA, finetune="runs/pretrain_demo/pretrained",
                               num_classes=11, img_scale=(112, 28), ratio_range=(0.75, 1.5), cat_max_ratio=0.75,
                               eval_stride=28, imagenet_mean_std=False),
-        head=SegmentationHead(decode_channels=32, aux_channels=16, aux_weight=0.4, eval_every=200),
+        head=SegmentationHead(decode_channels=32, aux_channels=16, aux_weight=0.4, eval_every=200,
+                              loss_average="valid"),
         optim=OptimSettings(lr=1e-3, min_lr=0.0, warmup_steps=50, weight_decay=0.05, layer_decay=0.9,
                             lr_schedule="poly", clip_grad=3.0),
         run=RunSettings(output_dir="runs/segment_demo", steps=600, batch_size=32, precision="fp32", zero_stage=0,

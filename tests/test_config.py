@@ -59,3 +59,14 @@ def test_bad_overrides_are_clear_errors(argv, message):
 def test_unknown_key_lists_valid_keys():
     with pytest.raises(ConfigError, match="valid keys: .*optim.lr"):
         apply_overrides(RunConfig(), ["--nonsense=1"])
+
+
+def test_a_config_error_raised_in_a_dataloader_worker_prints_its_own_line(capsys):
+    from engine.config import config_errors_exit
+
+    wrapped = ("Caught ConfigError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+               '  File "x.py", line 1, in <module>\nengine.config.ConfigError: a.png: label 200 is outside [0, 150)')
+    with pytest.raises(SystemExit) as stop, config_errors_exit():
+        raise ConfigError(wrapped)
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == "error: a.png: label 200 is outside [0, 150)\n"

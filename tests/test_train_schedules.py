@@ -141,3 +141,13 @@ def test_non_finite_loss_under_bf16_stops_at_the_next_check():
     health.count_step(torch.tensor(2.0))
     with pytest.raises(FloatingPointError, match="non-finite in 1 step\\(s\\) up to step 7 under bf16"):
         health.check(7)
+
+
+def test_warmup_steps_zero_means_no_warmup():
+    from engine.train.schedules import build_schedules
+    from engine.train.settings import OptimSettings
+
+    optim = OptimSettings(lr=1.0, min_lr=0.0, warmup_epochs=5, warmup_steps=0, lr_schedule="poly")
+    assert build_schedules(optim, 1.0, total_steps=10, steps_per_epoch=2).lr[0] == 1.0  # not 5 epochs of warm-up
+    optim.warmup_steps = -1  # the epochs then count
+    assert build_schedules(optim, 1.0, total_steps=20, steps_per_epoch=2).lr[0] < 1e-5

@@ -173,7 +173,7 @@ class EpochShardSampler(Sampler[int]):
         return self.num_samples - self.start_index
 
 
-def _init_worker(worker_id: int) -> None:
+def worker_init(worker_id: int) -> None:
     """Each DataLoader worker ignores SIGINT/SIGTERM: a Ctrl-C or a scheduler's SIGTERM goes to the whole process
     group, and a worker that died first would crash the main process before it saved. The main process handles the
     signal, saves, and shuts its workers down (they also exit when it dies).
@@ -208,7 +208,7 @@ def build_loader(dataset: Dataset, batch_size: int, rank: int = 0, world_size: i
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       pin_memory=pin_memory and torch.cuda.is_available(), drop_last=drop_last,
                       persistent_workers=persistent_workers and num_workers > 0, collate_fn=collate_fn,
-                      worker_init_fn=_init_worker, generator=torch.Generator().manual_seed(seed + rank))
+                      worker_init_fn=worker_init, generator=torch.Generator().manual_seed(seed + rank))
 
 
 def set_loader_epoch(loader: DataLoader, epoch: int, start_batch: int = 0) -> None:

@@ -18,7 +18,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import Subset
 
-from engine.config import save_config
+from engine.config import ConfigError, config_to_dict, save_config
 from engine.data.datasets import build_dataset
 from engine.tokenizer.dalle import DalleDecoder, DalleEncoder
 from engine.tokenizer.dvae import DiscreteVAE, ReconLoss, gumbel_temperature, kl_weight
@@ -165,21 +165,29 @@ def save_comparison_grid(originals: torch.Tensor, recons: torch.Tensor, path: Pa
     labelled.save(path)
 
 
-def save_interrupted(path: Path, vae: DiscreteVAE, optimizer: torch.optim.Optimizer, generator: torch.Generator,
-                     next_step: int, seconds: float) -> None:
+def save_interrupted(path: Path, cfg: TokenizerTrainConfig, vae: DiscreteVAE, optimizer: torch.optim.Optimizer,
+                     generator: torch.Generator, next_step: int, seconds: float) -> None:
     """Everything the next run needs to continue exactly at `next_step` (written atomically)."""
     state = {"next_step": next_step, "seconds": seconds, "vae": vae.state_dict(), "optimizer": optimizer.state_dict(),
-             "batch_rng": generator.get_state(), "torch_rng": torch.get_rng_state()}
+             "batch_rng": generator.get_state(), "torch_rng": torch.get_rng_state(), "settings": json.dumps(
+                 config_to_dict(cfg), sort_keys=True, default=str),
+             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
     torch.save(state, path.with_suffix(".tmp"))
     os.replace(path.with_suffix(".tmp"), path)
 
 
-def resume_interrupted(path: Path, vae: DiscreteVAE, optimizer: torch.optim.Optimizer,
+def resume_interrupted(path: Path, cfg: TokenizerTrainConfig, vae: DiscreteVAE, optimizer: torch.optim.Optimizer,
                        generator: torch.Generator) -> tuple[int, float]:
-    """(first step, seconds already trained): from an interrupted run's state in `path`, else (0, 0)."""
+    """(first step, seconds already trained): from an interrupted run's state in `path`, else (0, 0). The state of
+    a run with other settings is refused (continuing it would mix two runs)."""
     if not path.is_file():
         return 0, 0.0
     state = torch.load(path, weights_only=True)
+    if state["settings"] != json.dumps(config_to_dict(cfg), sort_keys=True, default=str):
+        raise ConfigError(f"{path} holds a stopped tokenizer training with other settings: rerun with those, or "
+                          f"delete it (or choose another --output_dir) to start afresh")
+    if state["cuda_rng"]:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
     vae.load_state_dict(state["vae"])
     optimizer.load_state_dict(state["optimizer"])
     generator.set_state(state["batch_rng"])
@@ -229,7 +237,7 @@ def _train_tokenizer(cfg: TokenizerTrainConfig) -> dict:
                 cfg.input_size, grid, grid, cfg.vocab_size)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(cfg.seed)
-    first_step, earlier_seconds = resume_interrupted(out_dir / INTERRUPTED_FILE, vae, optimizer, generator)
+    first_step, earlier_seconds = resume_interrupted(out_dir / INTERRUPTED_FILE, cfg, vae, optimizer, generator)
     stop = StopSignal()
     start = tick = time.perf_counter()
     for step in range(first_step, cfg.steps):
@@ -253,7 +261,7 @@ def _train_tokenizer(cfg: TokenizerTrainConfig) -> dict:
                         optimizer.param_groups[0]["lr"], grad_norm.item(), cfg.log_every * cfg.batch_size / dt)
         if stop.poll() and step + 1 < cfg.steps:
             stop.restore()
-            save_interrupted(out_dir / INTERRUPTED_FILE, vae, optimizer, generator, step + 1,
+            save_interrupted(out_dir / INTERRUPTED_FILE, cfg, vae, optimizer, generator, step + 1,
                              earlier_seconds + time.perf_counter() - start)
             raise SystemExit(f"tokenizer training stopped by {stop.received} after step {step + 1} of {cfg.steps}; "
                              f"its state is in {out_dir / INTERRUPTED_FILE}: run the same command again to continue")

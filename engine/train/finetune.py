@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from engine.config import ConfigError
 from engine.train.flops import train_flops_per_image
 from engine.train.loop import input_dtype, train
 from engine.train.optim import param_groups
@@ -124,7 +125,10 @@ class ImageClassification(EvaluatedTask):
                                   drop_path_rate=m.drop_path, attn_impl=m.attn_impl,
                                   grad_checkpointing=m.grad_checkpointing, **depth)
         if data.finetune:
-            load_checkpoint(self.model, data.finetune)
+            try:
+                load_checkpoint(self.model, data.finetune)
+            except ValueError as err:  # a checkpoint of another architecture: a usage error, one line
+                raise ConfigError(f"--finetune={data.finetune}: {err}") from None
         self.freeze()
         mean, std = mean_std(data.imagenet_mean_std)
         train_tf = FinetuneTransform(m.input_size, scale=(data.min_crop_scale, 1.0), color_jitter=data.color_jitter,

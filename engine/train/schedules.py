@@ -61,7 +61,7 @@ class Schedules:
 def build_schedules(optim: OptimSettings, base_lr: float, total_steps: int, steps_per_epoch: int) -> Schedules:
     """LR and WD for each of `total_steps` optimizer steps; warm-up in steps, or in epochs of `steps_per_epoch`."""
     wd_end = optim.weight_decay if optim.weight_decay_end is None else optim.weight_decay_end
-    warmup = optim.warmup_steps if optim.warmup_steps > 0 else int(round(optim.warmup_epochs * steps_per_epoch))
+    warmup = optim.warmup_steps if optim.warmup_steps >= 0 else int(round(optim.warmup_epochs * steps_per_epoch))
     if optim.lr_schedule == "poly":
         lr = poly_scheduler(base_lr, optim.min_lr, total_steps, warmup, optim.poly_power)
     else:

@@ -32,7 +32,7 @@ class SemanticSegmentation(EvaluatedTask):
     def __init__(self, cfg: SegmentationConfig, dist_info):
         super().__init__(cfg, dist_info)
         from engine.checkpoint import load_checkpoint
-        from engine.data.loader import SegmentationSamples, build_loader
+        from engine.data.loader import SegmentationSamples, build_loader, worker_init
         from engine.data.segmentation import ADE20KDataset, SegEvalTransform, SegTrainTransform
         from engine.segmentation.model import STAT_NAMES, SegmentationLoss, create_segmenter
 
@@ -42,7 +42,8 @@ class SemanticSegmentation(EvaluatedTask):
         overrides = {"depth": m.depth} if m.depth is not None else {}
         self.model = create_segmenter(
             m.model, data.num_classes, channels=head.decode_channels, aux_channels=head.aux_channels,
-            aux_weight=head.aux_weight, sync_bn=dist_info.world_size > 1, img_size=m.input_size,
+            aux_weight=head.aux_weight, img_size=m.input_size,
+            sync_bn=dist_info.world_size > 1 and dist_info.device.type == "cuda",  # SyncBatchNorm is CUDA-only
             drop_path_rate=m.drop_path, layer_scale_init_value=m.layer_scale_init_value, attn_impl=m.attn_impl,
             grad_checkpointing=m.grad_checkpointing, **overrides)
         if data.finetune:
@@ -61,8 +62,10 @@ class SemanticSegmentation(EvaluatedTask):
         # every rank scores its own images once (no padding repeats, so the summed confusion matrix is exact)
         self.eval_loader = torch.utils.data.DataLoader(
             SegmentationSamples(eval_set, self.eval_transform, seed=run.seed), batch_size=1,
-            sampler=list(range(dist_info.rank, count, dist_info.world_size)), num_workers=min(run.num_workers, 2))
-        self.module = SegmentationLoss(torch.compile(self.model) if m.compile else self.model)
+            sampler=list(range(dist_info.rank, count, dist_info.world_size)), num_workers=min(run.num_workers, 2),
+            worker_init_fn=worker_init)  # workers ignore SIGINT/SIGTERM: a stop during evaluation still saves
+        compiled = torch.compile(self.model) if m.compile else self.model
+        self.module = SegmentationLoss(compiled, average=head.loss_average)
         # MFU counts the encoder's matmuls only (the neck and the heads' convolutions are left out)
         self.flops = train_flops_per_image(self.model.backbone.encoder.config)
 

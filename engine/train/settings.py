@@ -32,7 +32,7 @@ class OptimSettings:
     blr: float = 1.5e-3  # base LR per 256 images, used when lr is none
     min_lr: float = 1e-5  # end of the cosine schedule
     warmup_epochs: float = 10.0  # linear LR warm-up, in epochs
-    warmup_steps: int = -1  # > 0 overrides warmup_epochs
+    warmup_steps: int = -1  # >= 0 overrides warmup_epochs (0: no warm-up); -1: use warmup_epochs
     weight_decay: float = 0.05  # AdamW weight decay (not on biases, norms, tokens, position tables)
     weight_decay_end: float | None = None  # None: constant weight decay; else cosine from weight_decay to this
     clip_grad: float = 3.0  # global gradient-norm clip; 0 disables clipping
@@ -159,6 +159,9 @@ class SegmentationHead:
     aux_channels: int = 256  # auxiliary FCN head width (on the stride-16 level)
     aux_weight: float = 0.4  # auxiliary loss weight (0 drops the auxiliary head)
     eval_every: int = 16000  # optimizer steps between evaluations (and best-checkpoint updates); also at the end
+    # the pixel loss's mean: over all pixels, ignored ones included ("all", mmseg 0.x, so the official runs), or over
+    # the labelled pixels only ("valid")
+    loss_average: Literal["all", "valid"] = "all"
 
 
 @dataclass

@@ -17,6 +17,8 @@ from engine.config import ConfigError
 logger = logging.getLogger(__name__)
 
 EMBEDDED_DATASETS = ("embedded:fashion_mnist",)
+MISSING_CHECKPOINT = ("checkpoint not found (a folder written by a pretraining run's export, e.g. `python "
+                      "recipes/pretrain_demo.py` → runs/pretrain_demo/pretrained, or a weights file); it")
 
 
 def require(ok: bool, key: str, value, allowed: str) -> None:
@@ -83,7 +85,7 @@ def resolve_precision(run) -> None:
     if run.precision != "auto":
         return
     if device_type(run.device) == "cuda":
-        run.precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        run.precision = "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     else:
         run.precision = "bf16" if cpu_has_native_bf16() else "fp32"
 
@@ -185,8 +187,7 @@ def check_finetune_data(data) -> None:
     from engine.data.randaugment import RandAugmentConfig
 
     data_path("data_path", data.data_path)
-    existing_path("finetune", data.finetune, "checkpoint not found (a folder written by a pretraining run's export, "
-                  "e.g. `python recipes/pretrain_demo.py` → runs/pretrain_demo/pretrained, or a weights file); it")
+    existing_path("finetune", data.finetune, MISSING_CHECKPOINT)
     at_least("num_classes", data.num_classes, 1, optional=True)
     at_least("eval_batch_size", data.eval_batch_size, 1, optional=True)
     in_unit_interval("crop_pct", data.crop_pct, closed_low=False, closed_high=True, optional=True)
@@ -212,8 +213,12 @@ def check_segmentation(cfg) -> None:
     require(bool(data.data_path) and Path(data.data_path).expanduser().is_dir(), "data_path", data.data_path,
             "an ADE20K-format folder (images/training, annotations/training, images/validation, "
             "annotations/validation) is required")
-    existing_path("finetune", data.finetune, "checkpoint")
-    at_least("num_classes", data.num_classes, 1)
+    existing_path("finetune", data.finetune, MISSING_CHECKPOINT)
+    require(1 <= data.num_classes <= 255, "num_classes", data.num_classes,
+            "must be in [1, 255] (label maps are 8-bit and 255 is the ignore index)")
+    require(cfg.run.zero_stage <= 2, "zero_stage", cfg.run.zero_stage,
+            "segmentation supports ZeRO 0-2 (its evaluation runs a different number of windows per rank, which "
+            "ZeRO-3's per-forward parameter gathers cannot match)")
     require(min(data.img_scale) >= 1, "img_scale", data.img_scale, "two positive sizes (long, short)")
     require(0 < data.ratio_range[0] <= data.ratio_range[1], "ratio_range", data.ratio_range, "0 < low <= high")
     in_unit_interval("cat_max_ratio", data.cat_max_ratio, closed_low=False, closed_high=True)
