@@ -413,9 +413,37 @@ def test_tokenizer_cache_reuses_a_tokenizer_across_output_dirs(tmp_path, monkeyp
                                                            "log_every": 7}), tmp_path / "cache")
     assert first == again and len(trained) == 1  # same settings and data, another output dir: reused
     assert (first.parent / "metrics.json").is_file() and load_tokenizer(first).token_grid == (7, 7)
-    assert [p.name for p in (tmp_path / "cache").iterdir()] == [first.parent.name]  # no staging dir left behind
+    left = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert left == [first.parent.name, first.parent.name + ".lock"]  # no staging dir left behind
     other = TokenizerTrainConfig(**{**vars(cfg), "steps": 3})
     assert cache.cache_key(other) != cache.cache_key(cfg)  # other settings: another entry
+
+
+def test_two_runs_needing_the_same_tokenizer_train_it_once(tmp_path, monkeypatch):
+    """Two runs (processes) starting together on the same data: one trains, the other waits on the entry's lock
+    and reuses it."""
+    import multiprocessing
+    import os
+
+    import engine.tokenizer.cache as cache
+
+    def slow_train(cfg):
+        (tmp_path / f"trained-{os.getpid()}").touch()
+        time.sleep(1.0)  # the other run arrives while this one trains
+        return train_tokenizer(cfg)
+
+    monkeypatch.setattr(cache, "train_tokenizer", slow_train)  # forked children inherit the patch
+    cfg = TokenizerTrainConfig(input_size=28, steps=2, batch_size=4, max_train_images=32, eval_images=16,
+                               output_dir=str(tmp_path / "run"), num_threads=1, **TINY)
+    context = multiprocessing.get_context("fork")
+    runs = [context.Process(target=cache.cached_tokenizer, args=(cfg, tmp_path / "cache")) for _ in range(2)]
+    for run in runs:
+        run.start()
+    for run in runs:
+        run.join(timeout=300)
+    assert [run.exitcode for run in runs] == [0, 0]
+    assert len(list(tmp_path.glob("trained-*"))) == 1
+    assert (cache.cached_tokenizer(cfg, tmp_path / "cache") / "tokenizer.json").is_file()
 
 
 def test_tokenizer_cache_key_follows_the_data(tmp_path):

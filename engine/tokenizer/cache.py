@@ -12,6 +12,7 @@ into a temporary directory and renamed into place when complete, so a killed run
 """
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import logging
@@ -69,10 +70,14 @@ def cached_tokenizer(cfg: TokenizerTrainConfig, cache_dir: str | Path | None = N
             time.sleep(2)
         return tokenizer_dir
     staging = cache_dir / f"{entry.name}.partial"  # a stopped training's state stays here and is continued
-    logger.info("training a tokenizer (%d steps on %s) into the cache: %s", cfg.steps, cfg.data_path, entry)
-    train_tokenizer(dataclasses.replace(cfg, output_dir=str(staging)))
-    try:
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with open(cache_dir / f"{entry.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another run training this entry now: wait for it, then reuse its result
+        if (tokenizer_dir / TOKENIZER_CONFIG).is_file():
+            logger.info("reusing the tokenizer another run just trained: %s", tokenizer_dir)
+            return tokenizer_dir
+        logger.info("training a tokenizer (%d steps on %s) into the cache: %s", cfg.steps, cfg.data_path, entry)
+        train_tokenizer(dataclasses.replace(cfg, output_dir=str(staging)))
+        shutil.rmtree(entry, ignore_errors=True)  # an incomplete entry (no tokenizer.json) left by an older version
         os.replace(staging, entry)
-    except OSError:  # another process finished the same entry first: keep theirs
-        shutil.rmtree(staging, ignore_errors=True)
     return tokenizer_dir
