@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from engine.config import ConfigError
+from engine.train.runtime import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -76,15 +77,11 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def device_type(device: str) -> str:
-    return "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
-
-
 def resolve_precision(run) -> None:
     """`auto` → bf16 on a GPU that runs it (fp16 on older ones) and on a CPU with native bf16, else fp32."""
     if run.precision != "auto":
         return
-    if device_type(run.device) == "cuda":
+    if resolve_device(run.device) == "cuda":
         run.precision = "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     else:
         run.precision = "bf16" if cpu_has_native_bf16() else "fp32"
@@ -149,7 +146,7 @@ def check_run(run) -> None:
         per_step = run.batch_size * world_size
         require(run.global_batch >= per_step and run.global_batch % per_step == 0, "global_batch", run.global_batch,
                 f"must be a multiple of batch_size × ranks = {run.batch_size} × {world_size}")
-    on_cpu = device_type(run.device) == "cpu"
+    on_cpu = resolve_device(run.device) == "cpu"  # the device was checked just above
     require(not (on_cpu and run.precision == "fp16"), "precision", run.precision,
             "fp16 needs a CUDA device (DeepSpeed's CPU accelerator has no fp16): use auto, bf16 or fp32")
     if on_cpu and run.precision == "bf16" and not cpu_has_native_bf16():
