@@ -31,6 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 import kernels
 from engine.pos_embed import num_relative_distance, relative_position_index
+from kernels._dispatch import require_triton_available
 from kernels.rel_pos_bias import TableGradPlan, table_grad_plan
 
 logger = logging.getLogger(__name__)
@@ -46,11 +47,12 @@ class SharedRelPos(NamedTuple):
     `[H, N, N]` bias gathered once per forward for eager/sdpa (None entries when the model has no shared table)."""
 
     table: torch.Tensor | None  # [R, H]
-    index: torch.Tensor | None  # [N, N] int64
+    index: torch.Tensor | None  # [N, N] int32
+    plan: TableGradPlan | None  # the index's table-gradient plan, triton only
     bias: torch.Tensor | None  # [H, N, N], eager/sdpa only
 
 
-NO_SHARED_REL_POS = SharedRelPos(None, None, None)
+NO_SHARED_REL_POS = SharedRelPos(None, None, None, None)
 
 
 def _pair(value: int | Sequence[int], what: str) -> tuple[int, int]:
@@ -60,12 +62,14 @@ def _pair(value: int | Sequence[int], what: str) -> tuple[int, int]:
     return pair
 
 
-def _resolve_kernel(name: str, choice: str) -> Callable:
-    """`kernels.<name>`, looked up at build so a missing kernel fails there with the fix, not mid-training."""
+def _resolve_kernel(name: str, choice: str, alternative: str) -> Callable:
+    """`kernels.<name>`, resolved once at build: a missing kernel, or a machine where Triton cannot run, fails here
+    with the fix (`alternative`), never mid-training and never by silently running the PyTorch reference."""
     kernel = getattr(kernels, name, None)
     if kernel is None:
-        raise ValueError(f"{choice} needs kernels.{name}, which this installation does not provide; choose the "
-                         "PyTorch implementation (attn_impl='sdpa' or 'eager', mlm_loss='reference')")
+        raise ValueError(f"{choice} needs kernels.{name}, which this installation does not provide; choose "
+                         f"{alternative}")
+    require_triton_available(choice, alternative)
     return kernel
 
 
@@ -115,23 +119,29 @@ class PatchEmbed(nn.Module):
 
 
 def register_rel_pos_index(module: nn.Module, window_size: tuple[int, int]) -> None:
-    """Buffers built once per model (not saved): the `[N, N]` int64 index and the plan of the Triton table gradient
-    (`kernels.rel_pos_bias.table_grad_plan`), so no forward or backward recomputes them."""
-    index = relative_position_index(window_size)
+    """Buffers built once per model (not saved): the `[N, N]` int32 index (the kernels' index type, so no call
+    converts it) and the plan of the Triton table gradient (`kernels.rel_pos_bias.table_grad_plan`), so no forward
+    or backward recomputes them."""
+    index = relative_position_index(window_size).to(torch.int32)
     order, offsets = table_grad_plan(index, num_relative_distance(window_size))
     module.register_buffer("relative_position_index", index, persistent=False)
     module.register_buffer("relative_position_order", order, persistent=False)
     module.register_buffer("relative_position_offsets", offsets, persistent=False)
 
 
+def rel_pos_plan(module: nn.Module) -> TableGradPlan:
+    """The table-gradient plan held by a module's `register_rel_pos_index` buffers."""
+    return TableGradPlan(module.relative_position_order, module.relative_position_offsets)
+
+
 def gathered_bias(module: nn.Module) -> torch.Tensor:
     """`[H, N, N]` bias of a module holding `relative_position_bias_table` and the `register_rel_pos_index` buffers."""
-    plan = TableGradPlan(module.relative_position_order, module.relative_position_offsets)
-    return kernels.rel_pos_bias(module.relative_position_bias_table, module.relative_position_index, plan)
+    return kernels.rel_pos_bias(module.relative_position_bias_table, module.relative_position_index,
+                                rel_pos_plan(module))
 
 
 class RelativePositionBias(nn.Module):
-    """The shared table of the pretraining model: `[R, H]` zero-initialised, read through an `[N, N]` index (an int64
+    """The shared table of the pretraining model: `[R, H]` zero-initialised, read through an `[N, N]` index (an int32
     buffer built once). `forward()` hands it to the blocks: gathered once into `[H, N, N]` for eager/sdpa, as the
     table for the triton kernel (which reads it directly)."""
 
@@ -147,8 +157,8 @@ class RelativePositionBias(nn.Module):
         if self.attn_impl == "triton":
             # A copy that outlives this call: ZeRO-3 may release the parameter itself once this forward returns,
             # before the blocks read it. [R, H] values, a few KB; gradients flow back through the copy.
-            return SharedRelPos(table.clone(), index, None)
-        return SharedRelPos(table, index, gathered_bias(self))  # bias [H, N, N]
+            return SharedRelPos(table.clone(), index, rel_pos_plan(self), None)
+        return SharedRelPos(table, index, None, gathered_bias(self))  # bias [H, N, N]
 
 
 class Attention(nn.Module):
@@ -159,8 +169,8 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5
         self.attn_impl = attn_impl
-        self.triton_attention = _resolve_kernel("rel_pos_attention", f"attn_impl={attn_impl!r}") \
-            if attn_impl == "triton" else None
+        self.triton_attention = _resolve_kernel("rel_pos_attention", "attn_impl='triton'",
+                                                "attn_impl='sdpa' or 'eager'") if attn_impl == "triton" else None
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.q_bias = nn.Parameter(torch.zeros(dim))
         self.v_bias = nn.Parameter(torch.zeros(dim))
@@ -172,12 +182,14 @@ class Attention(nn.Module):
             self.relative_position_index = None
         self.proj = nn.Linear(dim, dim)
 
-    def _triton_table(self, shared: SharedRelPos) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """This layer's table plus the shared one (same index, so summing tables = summing biases)."""
+    def _triton_table(self, shared: SharedRelPos) -> tuple[torch.Tensor | None, torch.Tensor | None,
+                                                           TableGradPlan | None]:
+        """This layer's table plus the shared one (same index, so summing tables = summing biases), the index and
+        its table-gradient plan."""
         own = self.relative_position_bias_table
         if own is None:
-            return shared.table, shared.index
-        return (own if shared.table is None else own + shared.table), self.relative_position_index
+            return shared.table, shared.index, shared.plan
+        return (own if shared.table is None else own + shared.table), self.relative_position_index, rel_pos_plan(self)
 
     def _dense_bias(self, shared: SharedRelPos) -> torch.Tensor | None:
         """`[H, N, N]`: this layer's gathered table plus the shared bias (gathered once for all blocks)."""
@@ -192,7 +204,8 @@ class Attention(nn.Module):
         qkv = F.linear(x, self.qkv.weight, qkv_bias)  # [B, N, 3C]
         q, k, v = qkv.view(batch, num_tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, N, D]
         if self.attn_impl == "triton":
-            out = self.triton_attention(q, k, v, *self._triton_table(shared), self.scale)  # [B, H, N, D]
+            table, index, plan = self._triton_table(shared)
+            out = self.triton_attention(q, k, v, table, index, self.scale, plan)  # [B, H, N, D]
         else:
             bias = self._dense_bias(shared)  # [H, N, N] or None
             if self.attn_impl == "sdpa":
@@ -372,8 +385,8 @@ class MaskedLMHead(nn.Linear):
             raise ValueError(f"unknown mlm_loss {loss_impl!r}; choose one of {MLM_LOSSES}")
         self.loss_impl = loss_impl
         self.max_masked_per_image = max_masked_per_image
-        self.loss_fn = _resolve_kernel("masked_lm_loss", f"mlm_loss={loss_impl}") if loss_impl == "fused" \
-            else kernels.masked_lm_loss_ref
+        self.loss_fn = _resolve_kernel("masked_lm_loss", "mlm_loss='fused'", "mlm_loss='reference'") \
+            if loss_impl == "fused" else kernels.masked_lm_loss_ref
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor | None = None):
         """hidden `[B, L, C]`, mask `[B, L]` bool → logits `[M, V]` of the masked patches (row-major) when `labels` is

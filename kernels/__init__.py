@@ -1,7 +1,8 @@
 """Kernels of the engine: each op as a one-line functional API, with its PyTorch reference beside it.
 
-Device dispatch (see `kernels._dispatch`): Triton kernels for CUDA tensors, or for any tensor under
-`TRITON_INTERPRET=1`; the PyTorch reference for CPU tensors otherwise.
+Where they run (see `kernels._dispatch`): `rel_pos_attention` and `masked_lm_loss` are Triton kernels only (CUDA
+tensors, or any tensor under `TRITON_INTERPRET=1`); on a CPU tensor otherwise they raise, and their `_ref` is the CPU
+path. `rel_pos_bias` has both implementations and picks by its input's device.
 """
 
 from kernels.masked_lm_loss import masked_lm_loss, masked_lm_loss_ref

@@ -1,9 +1,14 @@
-"""Device dispatch shared by the kernels: Triton for CUDA tensors, PyTorch for CPU tensors.
+"""Where the Triton kernels can run, and the one clear error when they cannot.
 
-Like a torch op with a CPU and a CUDA kernel, each public function picks its implementation from the device of its
-input: Triton kernels run on CUDA tensors, and on any tensor when Triton's interpreter is active
-(`TRITON_INTERPRET=1`, how the CPU-only test suite exercises the kernels); CPU tensors otherwise take the PyTorch
-reference. The choice is read per call (never at import) and logged once per op and backend.
+Triton kernels run on CUDA tensors, and on any tensor under Triton's CPU interpreter (`TRITON_INTERPRET=1`, set
+before triton is imported: how the CPU-only test suite exercises them). The user-chosen backends built on them
+(`attn_impl="triton"` → `kernels.rel_pos_attention`, `mlm_loss="fused"` → `kernels.masked_lm_loss`) are resolved
+once, when the model is built (`require_triton_available`), and called on a tensor where Triton cannot run they
+raise (`require_triton_on`): never a silent switch to the PyTorch reference.
+
+`kernels.rel_pos_bias` is different: one op with two implementations (a Triton gather for CUDA tensors, the
+PyTorch gather for CPU tensors), like a torch op with CPU and CUDA kernels, used inside the eager and sdpa paths.
+It dispatches on its input's device (`use_triton`), and logs which implementation runs once per op and backend.
 """
 
 import logging
@@ -13,6 +18,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 _logged: set[tuple[str, str]] = set()
+_INTERPRETER_HINT = "or set TRITON_INTERPRET=1 before importing triton to debug the kernels on CPU (slowly)"
 
 
 def triton_interpreter_active() -> bool:
@@ -20,9 +26,33 @@ def triton_interpreter_active() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def triton_runs_on(device: torch.device) -> bool:
+    """Whether Triton kernels can run on tensors of `device`."""
+    return device.type == "cuda" or triton_interpreter_active()
+
+
+def triton_available() -> bool:
+    """Whether this process can run Triton kernels at all (a visible CUDA device, or the interpreter)."""
+    return torch.cuda.is_available() or triton_interpreter_active()
+
+
+def require_triton_available(choice: str, alternative: str) -> None:
+    """At model build: `choice` (e.g. "attn_impl='triton'") needs Triton; fail with the fix when it cannot run."""
+    if not triton_available():
+        raise ValueError(f"{choice} runs Triton kernels, which need a CUDA GPU, and none is visible; choose "
+                         f"{alternative} on this machine, {_INTERPRETER_HINT}")
+
+
+def require_triton_on(op_name: str, tensor: torch.Tensor) -> None:
+    """At call: `kernels.<op_name>` runs only Triton kernels; a tensor where they cannot run is an error."""
+    if not triton_runs_on(tensor.device):
+        raise RuntimeError(f"kernels.{op_name} runs Triton kernels and got a {tensor.device.type} tensor; move the "
+                           f"inputs to a CUDA device, call kernels.{op_name}_ref on CPU, {_INTERPRETER_HINT}")
+
+
 def use_triton(op_name: str, tensor: torch.Tensor) -> bool:
-    """Whether `op_name` runs its Triton kernels on `tensor` (CUDA or interpreter) or its PyTorch path (CPU)."""
-    triton_path = tensor.is_cuda or triton_interpreter_active()
+    """Device dispatch of a two-implementation op: True for its Triton path (CUDA or interpreter), else PyTorch."""
+    triton_path = triton_runs_on(tensor.device)
     backend = "triton" if triton_path else "pytorch (cpu tensor, no TRITON_INTERPRET=1)"
     if (op_name, backend) not in _logged:
         _logged.add((op_name, backend))

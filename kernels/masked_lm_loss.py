@@ -14,10 +14,10 @@ rows go through the GEMMs and rows past the count contribute exactly zero (≈ N
 work: 2.6× at BEiT's 75 of 196). Pass `max_masked` (a static upper bound on the masked count, e.g. B × the masking
 generator's `num_masking_patches`, which it never exceeds) to run the GEMMs on that many rows only; a count above the
 bound fails a device-side assertion rather than giving a wrong loss. grad_weight accumulates each chunk's
-`dlogitsᵀ @ x` product (computed in the compute dtype) in fp32. A label outside `[0, V)` at a masked position gives
-a NaN loss (a device-side signal, no sync); labels at unmasked positions are never read. The weight is cast to the
-hidden dtype for the GEMMs (autocast-style).
-Dispatch: Triton for CUDA tensors or under `TRITON_INTERPRET=1`, `masked_lm_loss_ref` for CPU tensors otherwise.
+`dlogitsᵀ @ x` product in fp32, and the product itself comes out of the GEMM in fp32 (never rounded to bf16 per
+chunk). A label outside `[0, V)` at a masked position gives a NaN loss (a device-side signal, no sync); labels at
+unmasked positions are never read. The weight is cast to the hidden dtype for the GEMMs (autocast-style).
+Dispatch: Triton for CUDA tensors or under `TRITON_INTERPRET=1`; a CPU tensor otherwise is an error naming the fix.
 """
 
 import torch
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels._dispatch import use_triton
+from kernels._dispatch import require_triton_on
 
 
 def masked_lm_loss_ref(
@@ -100,6 +100,14 @@ def _cross_entropy_kernel(
         tl.store(logits_row + offs, grad.to(LOGITS.dtype.element_ty), mask=offs < V)
 
 
+def _matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`a @ b` returned in fp32 without a rounding to the half input dtype on the way: cuBLAS's fp32-output GEMM of
+    half inputs on CUDA (tensor-core speed), an fp32 GEMM otherwise (CPU, fp32 inputs)."""
+    if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16):
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
+
+
 def _chunk_rows(total_rows: int, vocab: int, channels: int) -> int:
     """Liger's chunking: each chunk's logits are about the size of the hidden rows."""
     return min(total_rows, triton.next_power_of_2(triton.cdiv(total_rows, triton.cdiv(vocab, channels))))
@@ -143,7 +151,7 @@ def masked_lm_loss_forward(
             start, vocab, BLOCK_V=min(4096, triton.next_power_of_2(vocab)),
         )
         grad_rows[start:stop] = logits @ head_weight  # [c, C]
-        grad_weight += (logits.t() @ x).float()
+        grad_weight += _matmul_fp32(logits.t(), x)
         if bias is not None:
             grad_bias += logits.float().sum(dim=0)
     # rows never gathered (past the bound) are unmasked: their gradient is zero
@@ -223,11 +231,10 @@ def masked_lm_loss(
     hidden `[B, N, C]` patch tokens (no CLS), bool_masked_pos `[B, N]`, weight `[V, C]`, bias `[V]` or None,
     labels `[B, N]` (read only at masked positions). Zero masked tokens give loss 0 with zero gradients.
     `max_masked`: optional static bound on the number of masked tokens in the batch (see the module docstring).
-    CPU tensors without `TRITON_INTERPRET=1` run `masked_lm_loss_ref`.
+    Triton kernels only: CPU tensors without `TRITON_INTERPRET=1` raise (the CPU path is `masked_lm_loss_ref`).
     """
     _check_inputs(hidden, bool_masked_pos, weight, bias, labels)
     if max_masked is not None and max_masked < 0:
         raise ValueError(f"max_masked must be a non-negative bound on the masked count, got {max_masked}")
-    if not use_triton("masked_lm_loss", hidden):
-        return masked_lm_loss_ref(hidden, bool_masked_pos, weight, bias, labels, max_masked)
+    require_triton_on("masked_lm_loss", hidden)
     return MaskedLMLossFunction.apply(hidden, bool_masked_pos, weight, bias, labels, max_masked)

@@ -1,18 +1,17 @@
-"""Attention with a learnable relative position bias read from its table inside the kernel (FlashAttention-style).
+"""Attention with a learnable relative position bias, FlashAttention-style (no `[B, H, N, N]` tensor in memory).
 
-    out = softmax(q kᵀ·scale + bias_table[rel_index].permute(2, 0, 1)) v        q, k, v, out: [B, H, N, D]
+    out = softmax(q kᵀ·scale + bias) v,   bias = bias_table[rel_index].permute(2, 0, 1)   q, k, v, out: [B, H, N, D]
 
-Forward: online softmax in the exp2 domain over key blocks; the bias of each [BLOCK_M, BLOCK_N] score tile is
-gathered from the `[R, H]` table through the `[N, N]` index, so neither the `[B, H, N, N]` scores nor the `[H, N, N]`
-bias ever exist in memory. It saves the log2-domain row logsumexp `[B*H, N]` (fp32) for the backward.
-Backward: Δ = rowsum(O∘dO); a dK/dV kernel per key block (it also emits dS, the bias gradient) and a dQ kernel per
-query block, both recomputing P from the saved logsumexp. dS reaches the fp32 table gradient in one of two ways:
-  - default: `tl.atomic_add` through the index (fast, NOT deterministic: fp32 sums in arbitrary order);
-  - `deterministic=True` (default when `torch.use_deterministic_algorithms(True)`): the dK/dV programs of one head
-    walk a fixed group of batch elements and add dS into a dense fp32 partial `[G, H, N, N]` buffer they own
-    (G ≤ B batch groups, chosen to fill the GPU; never `[B, H, N, N]`), summed over G, then scattered into the
-    table by a fixed-order segment sum (`kernels.rel_pos_bias.table_grad_from_dense`). Cost: G·H·N²·4 bytes extra
-    (BEiT-L at N=197: ≤ 20 MB) and less parallelism in the dK/dV kernel when B·H is small; bitwise reproducible.
+The `[H, N, N]` bias (shared by every batch element; 1.2 MB in bf16 for BEiT-L) is gathered from the `[R, H]` table
+once per call by `kernels.rel_pos_bias`'s gather kernel, so each score tile costs the kernels one coalesced load
+instead of an index load plus a dependent strided gather.
+Forward: online softmax in the exp2 domain over key blocks; saves the log2-domain row logsumexp `[B*H, N]` (fp32).
+Backward: Δ = rowsum(O∘dO); a dK/dV kernel per key block and a dQ kernel per query block, both recomputing P from the
+saved logsumexp. The bias gradient is reduced over the batch without atomics: the dK/dV program of (key block,
+head, batch group g) walks batches g, g+G, g+2G, ... and keeps their dS sum in a dense fp32 partial `[G, H, N, N]` it
+alone owns (the first batch stores, later ones add; G is chosen from the device's SM count for ~2 waves, so the
+buffer stays L2-sized: ≤ 20 MB for BEiT-L). The G partials are summed, then the table gradient is the fixed-order
+segment sum of `kernels.rel_pos_bias` (`table_grad_from_dense`). Every path is deterministic (bitwise repeatable).
 
 Layers: `_fwd_kernel`, `_bwd_preprocess_kernel`, `_bwd_dkdv_kernel`, `_bwd_dq_kernel` → launchers
 `rel_pos_attention_forward` / `rel_pos_attention_backward` (registered as torch.library custom ops so torch.compile
@@ -20,20 +19,30 @@ treats them as opaque) → `RelPosAttentionFunction` → `rel_pos_attention`; `r
 
 Limits: head dim D ≤ 256 (the D block is padded to the next power of two ≥ 16 with masks; fast path D = 64);
 any N ≥ 1 (tiles are masked at the edges); q, k, v must share dtype (fp32, fp16 or bf16) and have a unit stride in
-the last dim; bias_table `[R, H]` of any float dtype, gradients accumulated in fp32; rel_index `[N, N]` integer in
-`[0, R)` (not range-checked on device). fp32 inputs use IEEE fp32 dot products (no TF32).
-Dispatch: Triton for CUDA tensors or under `TRITON_INTERPRET=1`; CPU tensors otherwise run the PyTorch reference
-(`kernels._dispatch`). CUDA configs are autotuned; the interpreter uses one fixed small config.
+the last dim; bias_table `[R, H]` of any float dtype (the bias keeps it; gradients accumulated in fp32); rel_index
+`[N, N]` integer in `[0, R)` (not range-checked on device; int32 avoids a conversion per call). fp32 inputs use
+IEEE fp32 dot products (no TF32). Offsets into q/k/v/out and the gradient buffers are 64-bit (batch × stride and
+(batch·H + head) × N × D pass 2³¹ at large batch × long sequences).
+Dispatch: Triton for CUDA tensors or under `TRITON_INTERPRET=1`; a CPU tensor otherwise is an error naming the fix,
+never a silent reference (`kernels._dispatch`). CUDA configs are autotuned over the configs that compile without
+register spills on the running arch (`kernels.aot` checks them); the interpreter uses one fixed small config.
 """
 
+import functools
 import math
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels._dispatch import triton_interpreter_active, use_triton
-from kernels.rel_pos_bias import rel_pos_bias_ref, table_grad_from_dense, table_grad_plan
+from kernels._dispatch import require_triton_on, triton_interpreter_active
+from kernels.rel_pos_bias import (
+    TableGradPlan,
+    rel_pos_bias_forward,
+    rel_pos_bias_ref,
+    table_grad_from_dense,
+    table_grad_plan,
+)
 
 LOG2E = 1.4426950408889634
 _INTERPRETER_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 16}  # small tiles: several blocks and edge masks at test shapes
@@ -95,13 +104,10 @@ def _bwd_configs() -> list[triton.Config]:
 def _score_tile(
     q,  # [BLOCK_M, BLOCK_D] query tile
     k,  # [BLOCK_N, BLOCK_D] key tile
-    TABLE,  # [R, H] bias table
-    INDEX,  # [N, N] int32 rel index
-    head,  # head of this program
+    BIAS_HEAD,  # [N, N] this head's bias, contiguous
     offs_m,  # [BLOCK_M] query positions
     offs_n,  # [BLOCK_N] key positions
     N,
-    H,
     qk_scale,  # softmax scale · log2(e)
     HAS_BIAS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -110,8 +116,7 @@ def _score_tile(
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     if HAS_BIAS:
         in_tile = (offs_m[:, None] < N) & (offs_n[None, :] < N)
-        row = tl.load(INDEX + offs_m[:, None] * N + offs_n[None, :], mask=in_tile, other=0)  # [BLOCK_M, BLOCK_N]
-        bias = tl.load(TABLE + row * H + head, mask=in_tile, other=0.0)
+        bias = tl.load(BIAS_HEAD + offs_m[:, None] * N + offs_n[None, :], mask=in_tile, other=0.0)
         s += bias.to(tl.float32) * 1.4426950408889634
     return s
 
@@ -121,8 +126,7 @@ def _fwd_kernel(
     Q,  # [B, H, N, D] queries
     K,  # [B, H, N, D] keys
     V,  # [B, H, N, D] values
-    TABLE,  # [R, H] bias table (unused without HAS_BIAS)
-    INDEX,  # [N, N] int32 rel index, contiguous (unused without HAS_BIAS)
+    BIAS,  # [H, N, N] bias, contiguous (unused without HAS_BIAS)
     OUT,  # [B, H, N, D] output, contiguous
     LSE,  # [B*H, N] fp32 log2-domain row logsumexp (output)
     stride_qb, stride_qh, stride_qn,  # q strides (batch, head, token); unit stride in D
@@ -138,9 +142,9 @@ def _fwd_kernel(
     BLOCK_N: tl.constexpr,  # keys per inner step
 ):
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    batch = pid_bh // H
-    head = pid_bh % H
+    bh = tl.program_id(1).to(tl.int64)  # 64-bit: bh·N·D and batch·stride pass 2³¹ on large inputs
+    batch = bh // H
+    head = bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d[None, :] < HEAD_DIM
@@ -151,12 +155,13 @@ def _fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     k_base = K + batch * stride_kb + head * stride_kh
     v_base = V + batch * stride_vb + head * stride_vh
+    bias_head = BIAS + head * N * N
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kv_mask = (offs_n[:, None] < N) & mask_d
         k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = _score_tile(q, k, TABLE, INDEX, head, offs_m, offs_n, N, H, qk_scale, HAS_BIAS, DOT_PRECISION)
+        s = _score_tile(q, k, bias_head, offs_m, offs_n, N, qk_scale, HAS_BIAS, DOT_PRECISION)
         s = tl.where(offs_n[None, :] < N, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         p = tl.exp2(s - m_new[:, None])  # [BLOCK_M, BLOCK_N]
@@ -165,9 +170,9 @@ def _fwd_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     acc = acc / l_i[:, None]
-    out_ptrs = OUT + pid_bh * N * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+    out_ptrs = OUT + bh * N * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=(offs_m[:, None] < N) & mask_d)
-    tl.store(LSE + pid_bh * N + offs_m, m_i + tl.log2(l_i), mask=offs_m < N)
+    tl.store(LSE + bh * N + offs_m, m_i + tl.log2(l_i), mask=offs_m < N)
 
 
 @triton.jit
@@ -181,27 +186,25 @@ def _bwd_preprocess_kernel(
     BLOCK_M: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m[:, None] < N) & (offs_d[None, :] < HEAD_DIM)
-    offsets = pid_bh * N * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+    offsets = bh * N * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
     o = tl.load(OUT + offsets, mask=mask, other=0.0).to(tl.float32)
     do = tl.load(DO + offsets, mask=mask, other=0.0).to(tl.float32)
-    tl.store(DELTA + pid_bh * N + offs_m, tl.sum(o * do, axis=1), mask=offs_m < N)
+    tl.store(DELTA + bh * N + offs_m, tl.sum(o * do, axis=1), mask=offs_m < N)
 
 
 @triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V,  # [B, H, N, D] forward inputs
-    TABLE,  # [R, H] bias table
-    INDEX,  # [N, N] int32 rel index, contiguous
+    BIAS,  # [H, N, N] bias, contiguous
     DO,  # [B, H, N, D] output gradient, contiguous
     LSE,  # [B*H, N] fp32 log2-domain logsumexp from the forward
     DELTA,  # [B*H, N] fp32 rowsum(O∘dO)
     DK, DV,  # [B, H, N, D] key/value gradients (output), contiguous
-    DTABLE,  # [R, H] fp32 table gradient, atomically accumulated (non-deterministic mode)
-    DBIAS,  # [G, H, N, N] fp32 dense partial bias gradient owned per (group, head, key block) (deterministic mode)
+    DBIAS,  # [G, H, N, N] fp32 bias gradient summed over the batches of each group (output, every element written)
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -212,19 +215,20 @@ def _bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    DETERMINISTIC: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,  # queries per inner step
     BLOCK_N: tl.constexpr,  # keys per program
 ):
     pid_n = tl.program_id(0)
-    pid_gh = tl.program_id(1)
+    pid_gh = tl.program_id(1).to(tl.int64)
     group = pid_gh // H
     head = pid_gh % H
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d[None, :] < HEAD_DIM
     kv_mask = (offs_n[:, None] < N) & mask_d
+    bias_head = BIAS + head * N * N
+    dbias_group = DBIAS + pid_gh * N * N  # [N, N] slice owned by (group, head): no other program touches it
     for batch in range(group, B, GROUPS):
         bh = batch * H + head
         k = tl.load(K + batch * stride_kb + head * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
@@ -242,7 +246,7 @@ def _bwd_dkdv_kernel(
                          mask=valid_m[:, None] & mask_d, other=0.0)
             lse = tl.load(LSE + bh * N + offs_m, mask=valid_m, other=0.0)  # [BLOCK_M]
             delta = tl.load(DELTA + bh * N + offs_m, mask=valid_m, other=0.0)
-            s = _score_tile(q, k, TABLE, INDEX, head, offs_m, offs_n, N, H, qk_scale, HAS_BIAS, DOT_PRECISION)
+            s = _score_tile(q, k, bias_head, offs_m, offs_n, N, qk_scale, HAS_BIAS, DOT_PRECISION)
             in_tile = valid_m[:, None] & (offs_n[None, :] < N)
             p = tl.where(in_tile, tl.exp2(s - lse[:, None]), 0.0)  # [BLOCK_M, BLOCK_N] probabilities
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
@@ -250,12 +254,10 @@ def _bwd_dkdv_kernel(
             ds = p * (dp - delta[:, None])  # d loss / d (scaled score + bias)
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
             if HAS_BIAS:
-                if DETERMINISTIC:
-                    dbias_ptrs = DBIAS + (group * H + head) * N * N + offs_m[:, None] * N + offs_n[None, :]
-                    tl.store(dbias_ptrs, tl.load(dbias_ptrs, mask=in_tile, other=0.0) + ds, mask=in_tile)
-                else:
-                    row = tl.load(INDEX + offs_m[:, None] * N + offs_n[None, :], mask=in_tile, other=0)
-                    tl.atomic_add(DTABLE + row * H + head, ds, mask=in_tile)
+                dbias_ptrs = dbias_group + offs_m[:, None] * N + offs_n[None, :]
+                if batch != group:  # later batches of the group add to what the first one stored
+                    ds += tl.load(dbias_ptrs, mask=in_tile, other=0.0)
+                tl.store(dbias_ptrs, ds, mask=in_tile)
         out_offsets = bh * N * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
         tl.store(DK + out_offsets, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
         tl.store(DV + out_offsets, dv.to(DV.dtype.element_ty), mask=kv_mask)
@@ -264,8 +266,7 @@ def _bwd_dkdv_kernel(
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, V,  # [B, H, N, D] forward inputs
-    TABLE,  # [R, H] bias table
-    INDEX,  # [N, N] int32 rel index, contiguous
+    BIAS,  # [H, N, N] bias, contiguous
     DO,  # [B, H, N, D] output gradient, contiguous
     LSE,  # [B*H, N] fp32 log2-domain logsumexp
     DELTA,  # [B*H, N] fp32 rowsum(O∘dO)
@@ -284,19 +285,20 @@ def _bwd_dq_kernel(
     BLOCK_N: tl.constexpr,  # keys per inner step
 ):
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    batch = pid_bh // H
-    head = pid_bh % H
+    bh = tl.program_id(1).to(tl.int64)
+    batch = bh // H
+    head = bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d[None, :] < HEAD_DIM
     valid_m = offs_m < N
     q = tl.load(Q + batch * stride_qb + head * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
                 mask=valid_m[:, None] & mask_d, other=0.0)  # [BLOCK_M, BLOCK_D]
-    do = tl.load(DO + pid_bh * N * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
+    do = tl.load(DO + bh * N * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
                  mask=valid_m[:, None] & mask_d, other=0.0)
-    lse = tl.load(LSE + pid_bh * N + offs_m, mask=valid_m, other=0.0)
-    delta = tl.load(DELTA + pid_bh * N + offs_m, mask=valid_m, other=0.0)
+    lse = tl.load(LSE + bh * N + offs_m, mask=valid_m, other=0.0)
+    delta = tl.load(DELTA + bh * N + offs_m, mask=valid_m, other=0.0)
+    bias_head = BIAS + head * N * N
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -305,19 +307,17 @@ def _bwd_dq_kernel(
                     mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
         v = tl.load(V + batch * stride_vb + head * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
                     mask=kv_mask, other=0.0)
-        s = _score_tile(q, k, TABLE, INDEX, head, offs_m, offs_n, N, H, qk_scale, HAS_BIAS, DOT_PRECISION)
+        s = _score_tile(q, k, bias_head, offs_m, offs_n, N, qk_scale, HAS_BIAS, DOT_PRECISION)
         p = tl.where(valid_m[:, None] & (offs_n[None, :] < N), tl.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])  # [BLOCK_M, BLOCK_N]
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
-    tl.store(DQ + pid_bh * N * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
+    tl.store(DQ + bh * N * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=valid_m[:, None] & mask_d)
 
 
 _fwd_kernel_tuned = triton.autotune(_fwd_configs(), key=["N", "HEAD_DIM", "HAS_BIAS"])(_fwd_kernel)
-_bwd_dkdv_kernel_tuned = triton.autotune(
-    _bwd_configs(), key=["N", "HEAD_DIM", "HAS_BIAS", "DETERMINISTIC"], reset_to_zero=["DTABLE", "DBIAS"]
-)(_bwd_dkdv_kernel)
+_bwd_dkdv_kernel_tuned = triton.autotune(_bwd_configs(), key=["N", "HEAD_DIM", "HAS_BIAS"])(_bwd_dkdv_kernel)
 _bwd_dq_kernel_tuned = triton.autotune(_fwd_configs(), key=["N", "HEAD_DIM", "HAS_BIAS"])(_bwd_dq_kernel)
 
 
@@ -340,6 +340,12 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
+def _gathered_bias(bias_table: torch.Tensor | None, rel_index: torch.Tensor | None, like: torch.Tensor
+                   ) -> torch.Tensor:
+    """`[H, N, N]` bias in the table's dtype (Triton gather), or `like` as a dummy pointer when there is no table."""
+    return rel_pos_bias_forward(bias_table, rel_index) if bias_table is not None else like
+
+
 def rel_pos_attention_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -353,23 +359,34 @@ def rel_pos_attention_forward(
     batch, heads, tokens, head_dim = q.shape
     out = torch.empty(batch, heads, tokens, head_dim, device=q.device, dtype=q.dtype)
     lse = torch.empty(batch * heads, tokens, device=q.device, dtype=torch.float32)
-    has_bias = bias_table is not None
-    table = bias_table.contiguous() if has_bias else q  # dummy pointer when there is no bias
-    index = rel_index.to(torch.int32).contiguous() if has_bias else q
+    bias = _gathered_bias(bias_table, rel_index, q)
     kernel, blocks = _pick(_fwd_kernel, _fwd_kernel_tuned, q.device)
     grid = lambda meta: (triton.cdiv(tokens, meta["BLOCK_M"]), batch * heads)  # noqa: E731
     kernel[grid](
-        q, k, v, table, index, out, lse, *_strides(q), *_strides(k), *_strides(v), heads, tokens, scale * LOG2E,
-        HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), HAS_BIAS=has_bias, DOT_PRECISION=_dot_precision(q.dtype),
-        **blocks,
+        q, k, v, bias, out, lse, *_strides(q), *_strides(k), *_strides(v), heads, tokens, scale * LOG2E,
+        HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), HAS_BIAS=bias_table is not None,
+        DOT_PRECISION=_dot_precision(q.dtype), **blocks,
     )
     return out, lse
 
 
-def _batch_groups(batch: int, heads: int, tokens: int) -> int:
-    """Batch groups G for the deterministic dK/dV pass: enough programs to fill ~264 SMs' worth of work."""
+@functools.lru_cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def device_sm_count(device: torch.device) -> int:
+    """Multiprocessors of a CUDA device (H200: 132, A100: 108); 1 under the interpreter."""
+    if device.type != "cuda":
+        return 1
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def batch_groups(batch: int, heads: int, tokens: int, sm_count: int) -> int:
+    """Batch groups G of the dK/dV pass with a bias: enough programs (key blocks × heads × G) for ~2 waves on
+    `sm_count` multiprocessors, and no more, since the `[G, H, N, N]` fp32 partial grows with G."""
     key_blocks = triton.cdiv(tokens, 64)
-    return max(1, min(batch, triton.cdiv(264, key_blocks * heads)))
+    return max(1, min(batch, triton.cdiv(2 * sm_count, key_blocks * heads)))
 
 
 def rel_pos_attention_backward(
@@ -381,11 +398,12 @@ def rel_pos_attention_backward(
     lse: torch.Tensor,
     bias_table: torch.Tensor | None,
     rel_index: torch.Tensor | None,
+    plan_order: torch.Tensor | None,
+    plan_offsets: torch.Tensor | None,
     scale: float,
-    deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward kernels. Returns dq, dk, dv `[B, H, N, D]` and the fp32 table gradient `[R, H]`
-    (an empty tensor when there is no table)."""
+    (an empty tensor when there is no table). plan_order/plan_offsets: `table_grad_plan(rel_index, R)`."""
     q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
     batch, heads, tokens, head_dim = q.shape
     grad_out = grad_out.contiguous()
@@ -396,31 +414,28 @@ def rel_pos_attention_backward(
     )
     dq, dk, dv = (torch.empty(batch, heads, tokens, head_dim, device=q.device, dtype=q.dtype) for _ in range(3))
     has_bias = bias_table is not None
-    table = bias_table.contiguous() if has_bias else q
-    index = rel_index.to(torch.int32).contiguous() if has_bias else q
-    groups = _batch_groups(batch, heads, tokens) if deterministic and has_bias else batch
-    num_rows = bias_table.shape[0] if has_bias else 0
-    dtable = torch.zeros(num_rows, heads, device=q.device, dtype=torch.float32)
-    dense_shape = (groups, heads, tokens, tokens) if deterministic and has_bias else (1,)
-    dbias = torch.zeros(dense_shape, device=q.device, dtype=torch.float32)
+    bias = _gathered_bias(bias_table, rel_index, q)
+    groups = batch_groups(batch, heads, tokens, device_sm_count(q.device)) if has_bias else batch
+    dbias = torch.empty((groups, heads, tokens, tokens) if has_bias else (1,), device=q.device, dtype=torch.float32)
     common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, HAS_BIAS=has_bias, DOT_PRECISION=_dot_precision(q.dtype))
     strides = (*_strides(q), *_strides(k), *_strides(v))
 
     kernel, blocks = _pick(_bwd_dkdv_kernel, _bwd_dkdv_kernel_tuned, q.device)
     grid = lambda meta: (triton.cdiv(tokens, meta["BLOCK_N"]), groups * heads)  # noqa: E731
     kernel[grid](
-        q, k, v, table, index, grad_out, lse, delta, dk, dv, dtable, dbias, *strides,
-        batch, heads, tokens, groups, scale, scale * LOG2E, DETERMINISTIC=deterministic, **common, **blocks,
+        q, k, v, bias, grad_out, lse, delta, dk, dv, dbias, *strides,
+        batch, heads, tokens, groups, scale, scale * LOG2E, **common, **blocks,
     )
     kernel, blocks = _pick(_bwd_dq_kernel, _bwd_dq_kernel_tuned, q.device)
     grid = lambda meta: (triton.cdiv(tokens, meta["BLOCK_M"]), batch * heads)  # noqa: E731
     kernel[grid](
-        q, k, v, table, index, grad_out, lse, delta, dq, *strides, heads, tokens, scale, scale * LOG2E,
+        q, k, v, bias, grad_out, lse, delta, dq, *strides, heads, tokens, scale, scale * LOG2E,
         **common, **blocks,
     )
-    if has_bias and deterministic:
-        dtable = table_grad_from_dense(dbias.sum(dim=0), table_grad_plan(rel_index, num_rows))
-    return dq, dk, dv, dtable
+    if not has_bias:
+        return dq, dk, dv, torch.zeros(0, heads, device=q.device, dtype=torch.float32)
+    plan = TableGradPlan(plan_order, plan_offsets)
+    return dq, dk, dv, table_grad_from_dense(dbias.sum(dim=0), plan)  # [G, H, N, N] → [H, N, N] → [R, H]
 
 
 # torch.library custom ops: opaque to torch.compile (fake kernels give shapes), differentiated by the Function below.
@@ -452,38 +467,40 @@ def _bwd_op(
     lse: torch.Tensor,
     bias_table: torch.Tensor | None,
     rel_index: torch.Tensor | None,
+    plan_order: torch.Tensor | None,
+    plan_offsets: torch.Tensor | None,
     scale: float,
-    deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return rel_pos_attention_backward(grad_out, q, k, v, out, lse, bias_table, rel_index, scale, deterministic)
+    return rel_pos_attention_backward(grad_out, q, k, v, out, lse, bias_table, rel_index, plan_order, plan_offsets,
+                                      scale)
 
 
 @_bwd_op.register_fake
-def _bwd_fake(grad_out, q, k, v, out, lse, bias_table, rel_index, scale, deterministic):
+def _bwd_fake(grad_out, q, k, v, out, lse, bias_table, rel_index, plan_order, plan_offsets, scale):
     table_shape = (bias_table.shape[0] if bias_table is not None else 0, q.shape[1])
     dtable = q.new_empty(table_shape, dtype=torch.float32)
     return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape), dtable
 
 
 class RelPosAttentionFunction(torch.autograd.Function):
-    """Autograd over the custom ops: saves q, k, v, out and the fp32 logsumexp (O(B·H·N) extra, no N² buffer)."""
+    """Autograd over the custom ops: saves q, k, v, out and the fp32 logsumexp (O(B·H·N) extra, no N² buffer; the
+    backward gathers the `[H, N, N]` bias again, a few microseconds, rather than keeping it alive)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, bias_table, rel_index, scale: float, deterministic: bool):
+    def forward(ctx, q, k, v, bias_table, rel_index, plan_order, plan_offsets, scale: float):
         out, lse = torch.ops.kernels.rel_pos_attention_fwd(q, k, v, bias_table, rel_index, scale)
-        ctx.save_for_backward(q, k, v, out, lse, bias_table, rel_index)
+        ctx.save_for_backward(q, k, v, out, lse, bias_table, rel_index, plan_order, plan_offsets)
         ctx.scale = scale
-        ctx.deterministic = deterministic
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, out, lse, bias_table, rel_index = ctx.saved_tensors
+        q, k, v, out, lse, bias_table, rel_index, plan_order, plan_offsets = ctx.saved_tensors
         dq, dk, dv, dtable = torch.ops.kernels.rel_pos_attention_bwd(
-            grad_out, q, k, v, out, lse, bias_table, rel_index, ctx.scale, ctx.deterministic
+            grad_out, q, k, v, out, lse, bias_table, rel_index, plan_order, plan_offsets, ctx.scale
         )
         dtable = dtable.to(bias_table.dtype) if bias_table is not None else None
-        return dq, dk, dv, dtable, None, None, None
+        return dq, dk, dv, dtable, None, None, None, None
 
 
 def _check_inputs(q, k, v, bias_table, rel_index) -> None:
@@ -512,22 +529,22 @@ def rel_pos_attention(
     bias_table: torch.Tensor | None,
     rel_index: torch.Tensor | None,
     scale: float | None = None,
-    deterministic: bool | None = None,
+    plan: TableGradPlan | None = None,
 ) -> torch.Tensor:
     """softmax(q kᵀ·scale + bias_table[rel_index].permute(2, 0, 1)) v → `[B, H, N, D]`.
 
     q, k, v `[B, H, N, D]` (fp32/fp16/bf16); bias_table `[R, H]` (learnable, any float dtype) or None for plain
-    attention; rel_index `[N, N]` integer in `[0, R)`; scale defaults to `D ** -0.5`. Differentiable in q, k, v and
-    the table. deterministic: bitwise-reproducible table gradient (slower, see module docstring); None follows
-    `torch.are_deterministic_algorithms_enabled()`. The default table gradient uses fp32 atomics: NOT deterministic.
-    CPU tensors without `TRITON_INTERPRET=1` run `rel_pos_attention_ref` (materialises `[B, H, N, N]`).
+    attention; rel_index `[N, N]` integer in `[0, R)` (int32 spares a conversion per call); scale defaults to
+    `D ** -0.5`. Differentiable in q, k, v and the table; the table gradient is deterministic (no atomics).
+    `plan` (`kernels.rel_pos_bias.table_grad_plan(rel_index, R)`, built once per index) spares each backward a sort.
+    Triton kernels only: CPU tensors without `TRITON_INTERPRET=1` raise (the CPU path is `rel_pos_attention_ref`).
     """
     _check_inputs(q, k, v, bias_table, rel_index)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
-    if not use_triton("rel_pos_attention", q):
-        return rel_pos_attention_ref(q, k, v, bias_table, rel_index, scale)
-    if deterministic is None:
-        deterministic = torch.are_deterministic_algorithms_enabled()
-    return RelPosAttentionFunction.apply(q, k, v, bias_table, rel_index, scale, deterministic)
+    require_triton_on("rel_pos_attention", q)
+    if bias_table is not None and plan is None:
+        plan = table_grad_plan(rel_index, bias_table.shape[0])
+    order, offsets = plan if plan is not None else (None, None)
+    return RelPosAttentionFunction.apply(q, k, v, bias_table, rel_index, order, offsets, scale)

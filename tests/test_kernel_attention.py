@@ -5,16 +5,26 @@ PyTorch's own error at the same precision, with floors of 1e-5 (fp32) and 2e-2 (
 interpreter at small shapes (fp32/fp16: the interpreter mis-computes bf16 dots); CUDA runs add full shapes and bf16.
 """
 
+import importlib
+
 import pytest
 import torch
 
 import kernels
 from engine.pos_embed import relative_position_index
-from kernels.rel_pos_attention import RelPosAttentionFunction, rel_pos_attention_ref
+from kernels.rel_pos_attention import RelPosAttentionFunction, batch_groups, rel_pos_attention_ref
+from kernels.rel_pos_bias import table_grad_plan
 
+rel_pos_attention_module = importlib.import_module("kernels.rel_pos_attention")  # the module, not the function
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-cuda_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+
+
+def cuda_only(test):
+    """Marked `cuda` (what `pytest -m cuda` and benchmarks/gpu_check.py select) and skipped without a CUDA device."""
+    return pytest.mark.cuda(pytest.mark.skipif(not CUDA, reason="needs a CUDA device")(test))
+
+
 FLOOR = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 
 
@@ -43,10 +53,9 @@ def max_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item()
 
 
-def check_against_reference(q, k, v, table, index, deterministic=False):
+def check_against_reference(q, k, v, table, index):
     grad_out = torch.randn_like(q)
-    out, grads = attention_and_grads(kernels.rel_pos_attention, q, k, v, table, index, grad_out,
-                                     deterministic=deterministic)
+    out, grads = attention_and_grads(kernels.rel_pos_attention, q, k, v, table, index, grad_out)
     leaves64 = [t.detach().double().requires_grad_() if t is not None else None for t in (q, k, v, table)]
     out64, grads64 = attention_and_grads(rel_pos_attention_ref, *leaves64, index, grad_out.double())
     leaves_low = [t.detach().clone().requires_grad_() if t is not None else None for t in (q, k, v, table)]
@@ -73,9 +82,17 @@ def test_matches_reference_beit_index_n197():
     check_against_reference(*make_case(1, 2, 0, 32, torch.float32, "beit", grid=(14, 14)))
 
 
-@pytest.mark.parametrize("deterministic", [False, True])
-def test_beit_index_small_grid(deterministic):
-    check_against_reference(*make_case(2, 2, 0, 32, torch.float32, "beit", grid=(4, 4)), deterministic=deterministic)
+@pytest.mark.parametrize("sm_count", [1, 2, 64])
+def test_beit_index_small_grid_any_batch_grouping(sm_count, monkeypatch):
+    """The bias gradient is summed over batch groups (G = 1, 2 of 3 batches unevenly, and G = B): all exact."""
+    monkeypatch.setattr(rel_pos_attention_module, "device_sm_count", lambda device: sm_count)
+    check_against_reference(*make_case(3, 2, 0, 32, torch.float32, "beit", grid=(4, 4)))
+
+
+def test_batch_groups_fill_the_device_and_no_more():
+    assert batch_groups(batch=128, heads=16, tokens=197, sm_count=132) == 5  # 4 key blocks × 16 heads × 5 ≥ 264
+    assert batch_groups(batch=2, heads=16, tokens=197, sm_count=132) == 2  # never more groups than batches
+    assert batch_groups(batch=128, heads=12, tokens=197, sm_count=108) == 5
 
 
 def test_plain_attention_without_table():
@@ -91,11 +108,10 @@ def test_non_contiguous_qkv_from_packed_projection():
     check_against_reference(q, k, v, table, index)
 
 
-def test_deterministic_table_grad_is_bitwise_repeatable():
+def test_table_grad_is_bitwise_repeatable():
     q, k, v, table, index = make_case(3, 2, 17, 32, torch.float32)
     grad_out = torch.randn_like(q)
-    runs = [attention_and_grads(kernels.rel_pos_attention, q, k, v, table, index, grad_out, deterministic=True)[1][3]
-            for _ in range(2)]
+    runs = [attention_and_grads(kernels.rel_pos_attention, q, k, v, table, index, grad_out)[1][3] for _ in range(2)]
     assert torch.equal(runs[0], runs[1])
 
 
@@ -115,8 +131,8 @@ def test_every_output_element_is_written(monkeypatch):
 
 def test_functional_matches_function_apply():
     q, k, v, table, index = make_case(1, 2, 17, 32, torch.float32)
-    functional = kernels.rel_pos_attention(q, k, v, table, index, scale=0.3, deterministic=True)
-    applied = RelPosAttentionFunction.apply(q, k, v, table, index, 0.3, True)
+    functional = kernels.rel_pos_attention(q, k, v, table, index, scale=0.3)
+    applied = RelPosAttentionFunction.apply(q, k, v, table, index, *table_grad_plan(index, table.shape[0]), 0.3)
     assert torch.equal(functional, applied)
 
 
@@ -144,24 +160,26 @@ def test_bad_input_raises_clear_error(kwargs, message):
         kernels.rel_pos_attention(q, k, q, table, index)
 
 
-def test_cpu_without_interpreter_uses_reference(monkeypatch):
+def test_cpu_without_interpreter_is_an_error_naming_the_fix(monkeypatch):
+    """Never a silent switch to the reference: the kernel is what the caller asked for."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     q, k, v, table, index = (t.detach().cpu() for t in make_case(1, 2, 17, 32, torch.float32))
-    torch.testing.assert_close(kernels.rel_pos_attention(q, k, v, table, index),
-                               rel_pos_attention_ref(q, k, v, table, index))
+    with pytest.raises(RuntimeError, match="rel_pos_attention runs Triton kernels and got a cpu tensor.*_ref on CPU"):
+        kernels.rel_pos_attention(q, k, v, table, index)
 
 
 def test_torch_compile_traces_custom_ops():
     """aot_eager exercises dynamo + fake kernels + autograd without needing a C++ compile."""
     q, k, v, table, index = make_case(1, 2, 17, 32, torch.float32)
     compiled = torch.compile(kernels.rel_pos_attention, backend="aot_eager", fullgraph=True)
-    out = compiled(q, k, v, table, index, deterministic=False)
+    out = compiled(q, k, v, table, index)
     torch.testing.assert_close(out, kernels.rel_pos_attention(q, k, v, table, index))
     out.sum().backward()
     assert table.grad is not None and torch.isfinite(table.grad).all()
 
 
 @cuda_only
+@pytest.mark.slow  # 8 (head dim, dtype) pairs, each autotuned afresh: gpu_check runs it last, in what time is left
 @pytest.mark.parametrize("tokens", [197, 577, 1025])
 @pytest.mark.parametrize("head_dim", [32, 64, 80, 128])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -170,6 +188,39 @@ def test_full_shapes_cuda(tokens, head_dim, dtype):
 
 
 @cuda_only
+@pytest.mark.parametrize("heads", [12, 16], ids=["beit_base", "beit_large"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_beit_large_224_cuda(dtype):
-    check_against_reference(*make_case(8, 16, 0, 64, dtype, "beit", grid=(14, 14)), deterministic=True)
+def test_beit_224_cuda(heads, dtype):
+    """BEiT-B/L attention at 224 px: N = 197 (14×14 + CLS), D = 64, the table gradient included."""
+    check_against_reference(*make_case(8, heads, 0, 64, dtype, "beit", grid=(14, 14)))
+
+
+OFFSETS_BEYOND_INT32 = """
+import torch, kernels
+from kernels.rel_pos_attention import rel_pos_attention_ref
+batch, heads, tokens, head_dim, stride_b = 3, 2, 17, 16, 2**30  # batch 2 starts at element 2**31
+storage = torch.empty(2 * stride_b + 3 * heads * tokens * head_dim, dtype=torch.float16)  # virtual; few pages touched
+q, k, v = (storage.as_strided((batch, heads, tokens, head_dim), (stride_b, tokens * head_dim, head_dim, 1),
+                              offset * heads * tokens * head_dim) for offset in range(3))
+for t in (q, k, v):
+    t.copy_(torch.randn(t.shape, dtype=torch.float16))
+table, index = torch.randn(40, heads), torch.randint(0, 40, (tokens, tokens))
+out = kernels.rel_pos_attention(q, k, v, table, index)
+expected = rel_pos_attention_ref(*(t.contiguous() for t in (q, k, v)), table, index)
+torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)
+print("ok")
+"""
+
+
+def test_offsets_beyond_int32_address_the_right_elements():
+    """q/k/v whose last batch starts 2³¹ elements in (a strided view of a mostly untouched 4 GB buffer): 32-bit
+    offsets would wrap and read the wrong memory. In a subprocess, so that a wrap cannot crash the test session."""
+    import subprocess
+    import sys
+
+    from conftest import SUBPROCESS_ENV
+
+    env = dict(SUBPROCESS_ENV, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", OFFSETS_BEYOND_INT32], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]

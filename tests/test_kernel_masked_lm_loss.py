@@ -8,7 +8,13 @@ from kernels.masked_lm_loss import MaskedLMLossFunction
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-cuda_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+
+
+def cuda_only(test):
+    """Marked `cuda` (what `pytest -m cuda` and benchmarks/gpu_check.py select) and skipped without a CUDA device."""
+    return pytest.mark.cuda(pytest.mark.skipif(not CUDA, reason="needs a CUDA device")(test))
+
+
 FLOOR = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 
 
@@ -105,11 +111,11 @@ def test_functional_matches_function_apply():
     assert torch.equal(kernels.masked_lm_loss(*case)[0], MaskedLMLossFunction.apply(*case)[0])
 
 
-def test_cpu_without_interpreter_uses_reference(monkeypatch):
+def test_cpu_without_interpreter_is_an_error_naming_the_fix(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     hidden, mask, weight, bias, labels = (t.detach().cpu() for t in make_case(2, 17, 32, 50, torch.float32, 0.4))
-    torch.testing.assert_close(kernels.masked_lm_loss(hidden, mask, weight, bias, labels),
-                               kernels.masked_lm_loss_ref(hidden, mask, weight, bias, labels))
+    with pytest.raises(RuntimeError, match="masked_lm_loss runs Triton kernels and got a cpu tensor.*_ref on CPU"):
+        kernels.masked_lm_loss(hidden, mask, weight, bias, labels)
 
 
 def test_bad_shapes_raise_clear_error():
@@ -121,9 +127,26 @@ def test_bad_shapes_raise_clear_error():
 
 
 @cuda_only
+@pytest.mark.parametrize("channels", [768, 1024], ids=["beit_base", "beit_large"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_beit_shapes_cuda(dtype):
-    check_against_reference(*make_case(16, 196, 768, 8192, dtype, 75 / 196))
+def test_beit_shapes_cuda(channels, dtype):
+    """BEiT-B/L pretraining heads: 196 patches, ~75 masked, 8192 visual tokens."""
+    check_against_reference(*make_case(16, 196, channels, 8192, dtype, 75 / 196))
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_beit_shapes_with_the_trainers_bound_cuda(dtype):
+    """The trainer passes max_masked = B × 75 (GEMMs over the masked rows only): same loss and gradients."""
+    hidden, mask, weight, bias, labels = make_case(16, 196, 768, 8192, dtype, 1.0)
+    mask = torch.rand(16, 196, device=DEVICE).argsort(dim=1) < 75  # exactly 75 per image, as the masking generator
+    bounded = lambda *args: kernels.masked_lm_loss(*args, max_masked=16 * 75)  # noqa: E731
+    loss, accuracy, grads = loss_and_grads(bounded, hidden, mask, weight, bias, labels)
+    loss_ref, accuracy_ref, grads_ref = loss_and_grads(kernels.masked_lm_loss, hidden, mask, weight, bias, labels)
+    torch.testing.assert_close(loss, loss_ref)
+    assert accuracy.item() == accuracy_ref.item()
+    for grad, grad_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(grad, grad_ref)
 
 
 def test_max_masked_bound_limits_rows_and_matches_reference():
@@ -143,3 +166,17 @@ def test_max_masked_below_the_count_fails_instead_of_a_wrong_loss():
     with pytest.raises(RuntimeError, match="more masked tokens than max_masked"):
         loss, _ = kernels.masked_lm_loss(hidden, mask, weight, bias, labels, max_masked=5)
         loss.item()
+
+
+@cuda_only
+def test_grad_weight_products_are_not_rounded_to_bf16_cuda():
+    """Each chunk's dlogitsᵀ @ x comes out of the GEMM in fp32: as close to the fp32 product of the same bf16 inputs
+    as fp32 accumulation order allows, far closer than a bf16-rounded product."""
+    from kernels.masked_lm_loss import _matmul_fp32
+
+    a, b = (torch.randn(512, 1024, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
+    exact = a.t().double() @ b.double()
+    product = _matmul_fp32(a.t(), b)
+    assert product.dtype == torch.float32
+    error, rounded_error = ((t.double() - exact).abs().max().item() for t in (product, (a.t() @ b).float()))
+    assert error < rounded_error / 10

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import engine.model
 import kernels
 from engine.factory import create_model, list_models
 from engine.model import BeitForImageClassification, BeitForMaskedImageModeling
@@ -17,7 +18,7 @@ CLS = "beit_tiny_patch4_32"
 
 @pytest.fixture(autouse=True)
 def _pytorch_kernel_paths(monkeypatch):
-    """Model tests check the model: kernels.* run their PyTorch paths on CPU tensors (the Triton interpreter would
+    """Model tests check the model on CPU, interpreter off (the Triton interpreter would
     make every forward slow); `test_triton_kernels_run_inside_the_model` turns the interpreter back on."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
 
@@ -267,8 +268,11 @@ def test_eager_and_sdpa_agree_in_fp32(name):
     _assert_same(eager, sdpa, rtol=1e-5, atol=1e-5)
 
 
-def test_triton_path_passes_summed_tables_to_the_kernel():
-    # interpreter off (fixture): kernels.* take their PyTorch paths, which checks the model's wiring of the triton path
+def test_triton_path_passes_summed_tables_to_the_kernel(monkeypatch):
+    # the kernel's PyTorch reference stands in for it (interpreter off, fixture): checks the model's wiring only
+    monkeypatch.setattr(kernels, "rel_pos_attention", lambda q, k, v, table, index, scale, plan:
+                        kernels.rel_pos_attention_ref(q, k, v, table, index, scale))
+    monkeypatch.setattr(engine.model, "require_triton_available", lambda choice, alternative: None)
     model = create_model(MIM, depth=2, attn_impl="sdpa", use_rel_pos_bias=True)
     _randomise_tables(model)
     images, mask, labels = _images(), _mask(), torch.randint(0, 8192, (2, 64))
@@ -277,16 +281,13 @@ def test_triton_path_passes_summed_tables_to_the_kernel():
     _assert_same(sdpa, triton, rtol=1e-5, atol=1e-5)
 
 
-def test_triton_kernels_run_inside_the_model(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the real Triton kernels, interpreted on the CPU: tiny shapes only
-    model = create_model(MIM, img_size=16, depth=1, embed_dim=32, num_heads=2, vocab_size=64,
-                         use_rel_pos_bias=True, attn_impl="triton")
-    _randomise_tables(model)
-    images, mask, labels = _images(size=16), _mask(num_patches=16), torch.randint(0, 64, (2, 16))
-    triton = _forward_backward(model, images, mask, labels)
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    sdpa = _forward_backward(_twin(model, attn_impl="sdpa"), images, mask, labels)
-    _assert_same(triton, sdpa, rtol=1e-4, atol=1e-4)
+@pytest.mark.parametrize("choice", [dict(attn_impl="triton"), dict(mlm_loss="fused")])
+def test_triton_backend_where_triton_cannot_run_is_an_error_at_build(choice):
+    # fixture: TRITON_INTERPRET=0, and this machine has no GPU
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: Triton can run")
+    with pytest.raises(ValueError, match="runs Triton kernels, which need a CUDA GPU.*choose .*(sdpa|reference)"):
+        create_model(MIM, depth=1, **choice)
 
 
 def test_triton_without_the_kernel_is_a_clear_error(monkeypatch):
@@ -312,13 +313,14 @@ def test_grad_checkpointing_gives_identical_grads():
     assert create_model(MIM, depth=1, grad_checkpointing=True).grad_checkpointing
 
 
-def test_mlm_loss_is_chosen_explicitly_and_gives_the_same_loss():
+def test_mlm_loss_is_chosen_explicitly_and_gives_the_same_loss(monkeypatch):
     """The loss implementation is its own choice (not inferred from attn_impl); both agree."""
     torch.manual_seed(0)
     images, mask = _images(), _mask()
     labels = torch.randint(0, 8192, mask.shape)
     losses = []
     for mlm_loss in ("reference", "fused"):
+        monkeypatch.setenv("TRITON_INTERPRET", "1" if mlm_loss == "fused" else "0")  # the fused kernel, interpreted
         torch.manual_seed(1)
         model = create_model(MIM, depth=1, attn_impl="eager", mlm_loss=mlm_loss, max_masked_per_image=64).eval()
         assert model.lm_head.loss_impl == mlm_loss and model.config["mlm_loss"] == mlm_loss

@@ -178,3 +178,29 @@ def test_help_documents_every_key_by_section():
 def test_help_from_a_recipe_exits_0():
     proc = run_recipe("recipes/finetune_demo.py", "--help")
     assert proc.returncode == 0 and "[data]" in proc.stdout and "--finetune (--data.finetune)" in proc.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    ("--attn_impl=triton", "--attn_impl=triton: runs Triton kernels, which need a CUDA device (this run's device is "
+                           "cpu): use --attn_impl=sdpa"),
+    ("--mlm_loss=fused", "--mlm_loss=fused: runs Triton kernels, which need a CUDA device (this run's device is cpu): "
+                         "use --mlm_loss=reference (or auto)"),
+])
+def test_triton_backends_on_a_cpu_run_are_refused_when_parsed(args, message, monkeypatch, capsys):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(SystemExit) as stop:
+        parse_overrides(pretrain_config(), [args, "--device=cpu"])
+    assert stop.value.code == 2 and capsys.readouterr().err == f"error: {message}\n"
+
+
+def test_mlm_loss_auto_resolves_once_per_device(monkeypatch, caplog):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    cfg = pretrain_config()
+    assert cfg.model.mlm_loss == "auto"
+    with caplog.at_level(logging.INFO, logger="engine.train.validation"):
+        parse_overrides(cfg, ["--device=cpu"])
+    assert cfg.model.mlm_loss == "reference" and "mlm_loss=auto → reference (device cpu)" in caplog.text
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # Triton runs (interpreted): auto takes the fused kernel
+    cfg = pretrain_config()
+    parse_overrides(cfg, ["--device=cpu"])
+    assert cfg.model.mlm_loss == "fused"

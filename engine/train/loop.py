@@ -27,7 +27,7 @@ from engine.train.optim import build_optimizer
 from engine.train.runtime import DistInfo, init_distributed, seed_everything
 from engine.train.schedules import Schedules, apply_schedules, build_schedules
 from engine.train.settings import OptimSettings, RunSettings
-from engine.train.validation import resolve_precision
+from engine.train.validation import check_backends, resolve_precision
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +139,7 @@ def train(cfg, task_class) -> dict:
     run = cfg.run
     dist_info = init_distributed(run.device)
     resolve_precision(run)
+    check_backends(cfg.model, run)
     resolve_grad_accum(run, dist_info.world_size)
     output_dir = Path(run.output_dir)
     _write_run_config(cfg, output_dir, dist_info)

@@ -20,7 +20,8 @@ class ModelSettings:
     layer_scale_init_value: float = 0.1  # LayerScale init (0.1 up to Base, 1e-5 for Large; 0 disables)
     use_shared_rel_pos_bias: bool = True  # one relative position bias table for all blocks (pretraining)
     attn_impl: Literal["eager", "sdpa", "triton"] = "sdpa"  # attention backend, fixed when the model is built
-    mlm_loss: Literal["fused", "reference"] = "fused"  # pretraining loss: Triton kernel (GPUs) or PyTorch
+    # pretraining loss: the fused Triton kernel (GPUs), the PyTorch reference, or auto (fused where Triton runs)
+    mlm_loss: Literal["auto", "fused", "reference"] = "auto"
     grad_checkpointing: bool = False  # recompute each block in the backward pass (less memory, ~30% more compute)
     compile: bool = False  # torch.compile the model before DeepSpeed wraps it
 
@@ -95,6 +96,7 @@ class PretrainConfig:
         validation.check_pretrain_data(self.data, self.model)
         validation.check_optim(self.optim)
         validation.check_run(self.run)
+        validation.check_backends(self.model, self.run)
 
 
 @dataclass
@@ -136,6 +138,7 @@ class FinetuneConfig:
         validation.check_finetune_extras(self.extras)
         validation.check_optim(self.optim)
         validation.check_run(self.run)
+        validation.check_backends(self.model, self.run)
 
 
 @dataclass
@@ -180,3 +183,4 @@ class SegmentationConfig:
         validation.check_segmentation(self)
         validation.check_optim(self.optim)
         validation.check_run(self.run)
+        validation.check_backends(self.model, self.run)

@@ -87,6 +87,27 @@ def resolve_precision(run) -> None:
         run.precision = "bf16" if cpu_has_native_bf16() else "fp32"
 
 
+def _triton_runs_on(device: str) -> bool:
+    from kernels._dispatch import triton_runs_on
+
+    return triton_runs_on(torch.device(device))
+
+
+def check_backends(model, run) -> None:
+    """attn_impl='triton' and mlm_loss='fused' run Triton kernels: refuse them where Triton cannot run (a CPU
+    device without TRITON_INTERPRET=1), then resolve mlm_loss='auto' once, logged."""
+    device = resolve_device(run.device)
+    runs_triton = _triton_runs_on(device)
+    require(model.attn_impl != "triton" or runs_triton, "attn_impl", model.attn_impl,
+            f"runs Triton kernels, which need a CUDA device (this run's device is {device}): use --attn_impl=sdpa")
+    require(model.mlm_loss != "fused" or runs_triton, "mlm_loss", model.mlm_loss,
+            f"runs Triton kernels, which need a CUDA device (this run's device is {device}): use --mlm_loss=reference "
+            "(or auto)")
+    if model.mlm_loss == "auto":
+        model.mlm_loss = "fused" if runs_triton else "reference"
+        logger.info("mlm_loss=auto → %s (device %s)", model.mlm_loss, device)
+
+
 def bf16_slowdown_on_cpu(size: int = 384, repeats: int = 5) -> float:
     """Time of a bf16 matmul over an fp32 one of the same shape on this CPU (median of `repeats`, ~0.2 s)."""
     def median_time(dtype: torch.dtype) -> float:
