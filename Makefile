@@ -3,7 +3,7 @@ PYTHON ?= python
 # The CPU build of torch is installed by exact version so pip never pulls the multi-GB CUDA build on a CPU machine.
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test lint bench
+.PHONY: install demo test lint bench aot gpu-wheels gpu-check bench-pytest
 
 install:
 	$(PYTHON) -m pip install $(TORCH)
@@ -22,3 +22,47 @@ lint:
 bench: install
 	for script in masking attention rel_pos_bias masked_lm_loss block train; do \
 		$(PYTHON) benchmarks/bench_$$script.py || exit 1; done
+
+# Compiles every Triton kernel for sm_80/sm_90 with the ptxas in Triton's wheel, no GPU needed (kernels/aot.py);
+# fails on compile errors, shared-memory overflow and spilling configs. Writes benchmarks/results/aot/.
+# AOT_SUBSET=full: every autotune config (long); PYTHON=/tmp/venv_tr36/bin/python: the tool under another Triton.
+AOT_SUBSET ?= ci
+aot:
+	env -u TRITON_INTERPRET $(PYTHON) -m kernels.aot --subset=$(AOT_SUBSET)
+
+# GPU validation on a bare node (benchmarks/README.md, "GPU validation on a bare node"); neither target runs `install`.
+# gpu-wheels (here, with network): .whl/ (git-ignored) holds what the node lacks: DeepSpeed built without ops (pure
+# Python) and its dependencies missing there, for CPython 3.12 on manylinux x86_64; .whl/COMMIT names the commit.
+# gpu-check (there, no network): installs .whl/ into $(GPU_SITE) when DeepSpeed is not importable, then runs
+# benchmarks/gpu_check.py into OUT (an OUT in the environment wins); DRY_RUN=1 is its CPU rehearsal (< 2 min).
+GPU_PYTHON ?= python3
+GPU_SITE ?= /tmp/site
+GPU_WHEELS ?= .whl
+GPU_WHEEL_PYTHON ?= 3.12
+OUT ?= benchmarks/results/
+GPU_WHEEL_DEEPSPEED ?= deepspeed==0.19.8
+GPU_WHEEL_DEPS ?= hjson==3.1.0 pydantic==2.13.4 pydantic-core==2.46.4 annotated-types==0.7.0 \
+	typing-inspection==0.4.2 typing-extensions==4.16.0
+GPU_WHEEL_PLATFORM = --only-binary=:all: --python-version $(GPU_WHEEL_PYTHON) --implementation cp \
+	--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
+GPU_CHECK_PATH = PYTHONPATH=$(GPU_SITE):.$${PYTHONPATH:+:$$PYTHONPATH}
+
+gpu-wheels:
+	mkdir -p $(GPU_WHEELS) && rm -f $(GPU_WHEELS)/*.whl
+	DS_BUILD_OPS=0 $(PYTHON) -m pip wheel -q --no-deps --no-cache-dir $(GPU_WHEEL_DEEPSPEED) -w $(GPU_WHEELS)
+	$(PYTHON) -m pip download -q --no-deps $(GPU_WHEEL_PLATFORM) -d $(GPU_WHEELS) $(GPU_WHEEL_DEPS)
+	git describe --always --dirty > $(GPU_WHEELS)/COMMIT 2>/dev/null || echo unknown > $(GPU_WHEELS)/COMMIT
+	ls -l $(GPU_WHEELS) && du -sh $(GPU_WHEELS)
+
+gpu-check:
+	@if ls $(GPU_WHEELS)/*.whl >/dev/null 2>&1 && ! $(GPU_CHECK_PATH) $(GPU_PYTHON) -c "import deepspeed" >/dev/null 2>&1; \
+	then echo "installing $(GPU_WHEELS)/ into $(GPU_SITE)"; \
+		$(GPU_PYTHON) -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+			--target $(GPU_SITE) $(GPU_WHEELS)/*.whl || exit 1; fi
+	$(GPU_CHECK_PATH) $(GPU_PYTHON) benchmarks/gpu_check.py --out $(OUT) $(if $(filter 1 yes true,$(DRY_RUN)),--dry-run)
+
+# pytest-benchmark over the kernels (benchmarks/test_bench_kernels.py): BEiT shapes on a GPU, tiny shapes through
+# Triton's interpreter on CPU. Saved under .benchmarks/; `--benchmark-compare` in BENCH_PYTEST_ARGS compares.
+BENCH_PYTEST_ARGS ?=
+bench-pytest:
+	$(PYTHON) -m pytest benchmarks --benchmark-only --benchmark-autosave $(BENCH_PYTEST_ARGS)

@@ -2,16 +2,33 @@
 
     python benchmarks/bench_attention.py            # GPU: BEiT-B/L at 224 (N=197) and 384 (N=577), bf16
                                                     # CPU: one tiny fp32 shape, ours through Triton's interpreter
-Rows go to benchmarks/results/attention.jsonl. FLOPs: 4·B·H·N²·D forward, 2.5× that backward, 3.5× fwd+bwd
-(flash-attn's convention; backward credits the recomputation). Every provider computes the bias gradient except
-the no-bias ceilings (sdpa_flash_nobias, flash_attn).
+    python benchmarks/bench_attention.py --shapes=beit_base_224,beit_large_224 --out=DIR
+Rows go to benchmarks/results/attention.jsonl (or DIR/attention.jsonl). FLOPs: 4·B·H·N²·D forward, 2.5× that
+backward, 3.5× fwd+bwd (flash-attn's convention; backward credits the recomputation). Every provider computes the
+bias gradient except the no-bias ceilings (sdpa_flash_nobias, flash_attn).
+
+Providers: ours (kernels.rel_pos_attention), eager (the PyTorch reference without upcasting), sdpa_bias (SDPA with
+the gathered bias as an additive mask, backend left to PyTorch's dispatcher), sdpa_mem_efficient_bias (the same,
+pinned to the memory-efficient kernel: the fused SDPA kernel that takes and differentiates a bias), flex
+(FlexAttention with a table-reading score_mod, torch.compile'd on CUDA), sdpa_flash_nobias and flash_attn (no bias:
+the speed ceiling). On CPU the memory-efficient kernel and FlexAttention's backward do not exist; those rows record
+the error.
 """
 
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import append_rows, environment, measure_ms, measure_row, peak_memory_mb, use_interpreter_on_cpu  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    append_rows,
+    environment,
+    measure_ms,
+    measure_row,
+    parse_bench_args,
+    peak_memory_mb,
+    select_shapes,
+    use_interpreter_on_cpu,
+)
 
 ON_CPU = use_interpreter_on_cpu()
 
@@ -44,6 +61,18 @@ def flex_provider(device: str):
     return run
 
 
+def sdpa_bias(q, k, v, table, index):
+    bias = kernels.rel_pos_bias_ref(table, index).unsqueeze(0).to(q.dtype)  # [1, H, N, N], broadcast over the batch
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+
+def sdpa_mem_efficient_bias(q, k, v, table, index):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+        return sdpa_bias(q, k, v, table, index)
+
+
 def sdpa_flash_nobias(q, k, v, table, index):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -61,12 +90,12 @@ def providers(device: str) -> dict:
     found = {
         "ours": kernels.rel_pos_attention,
         "eager": lambda q, k, v, t, i: kernels.rel_pos_attention_ref(q, k, v, t, i, upcast=False),
-        "sdpa_bias": lambda q, k, v, t, i: F.scaled_dot_product_attention(
-            q, k, v, attn_mask=kernels.rel_pos_bias_ref(t, i).unsqueeze(0).to(q.dtype)),
+        "sdpa_bias": sdpa_bias,
+        "sdpa_mem_efficient_bias": sdpa_mem_efficient_bias,
         "flex": flex_provider(device),
+        "sdpa_flash_nobias": sdpa_flash_nobias,
     }
     if device == "cuda":
-        found["sdpa_flash_nobias"] = sdpa_flash_nobias
         try:
             import flash_attn  # noqa: F401
 
@@ -98,20 +127,20 @@ def bench_one(provider, mode: str, shape, device: str, dtype: torch.dtype) -> di
             "head_dim": head_dim}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    args = parse_bench_args(argv, __doc__.splitlines()[0], GPU_SHAPES)
     device = "cpu" if ON_CPU else "cuda"
     dtype = torch.float32 if ON_CPU else torch.bfloat16
     env = environment(device)
-    rows = []
-    for shape in CPU_SHAPES if ON_CPU else GPU_SHAPES:
+    for shape in select_shapes(GPU_SHAPES, CPU_SHAPES, ON_CPU, args.shapes):
         for name, provider in providers(device).items():
             for mode in ("fwd", "bwd", "fwd+bwd"):
                 base = {"bench": "attention", "shape": shape[0], "provider": name, "mode": mode,
                         "dtype": str(dtype).removeprefix("torch."), **env}
-                rows.append(measure_row(base, lambda: bench_one(provider, mode, shape, device, dtype),
-                                        ON_CPU and name == "ours"))
-    append_rows("attention", rows)
+                row = measure_row(base, lambda: bench_one(provider, mode, shape, device, dtype),
+                                  ON_CPU and name == "ours")
+                append_rows("attention", [row], args.out)  # row by row: a timed-out run keeps its rows
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

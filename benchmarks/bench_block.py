@@ -4,14 +4,24 @@ attention backends alone.
 
     python benchmarks/bench_block.py   # GPU: BEiT-B/L MIM at 224 with 4 blocks, bf16 autocast
                                        # CPU: a tiny 2-block model, triton path through the interpreter
-Rows go to benchmarks/results/block.jsonl (ms per step, images/s, peak MB).
+Rows go to benchmarks/results/block.jsonl, or DIR/block.jsonl with `--out=DIR` (ms per step, images/s, peak MB);
+`--shapes=beit_base_224_depth4` runs a subset of the GPU shapes.
 """
 
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import append_rows, environment, measure_ms, measure_row, peak_memory_mb, use_interpreter_on_cpu  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    append_rows,
+    environment,
+    measure_ms,
+    measure_row,
+    parse_bench_args,
+    peak_memory_mb,
+    select_shapes,
+    use_interpreter_on_cpu,
+)
 
 ON_CPU = use_interpreter_on_cpu()
 
@@ -48,18 +58,18 @@ def bench_one(attn_impl: str, shape, device: str) -> dict:
             "peak_mb": peak_memory_mb(step, device), "batch": batch, "model": model_name, **overrides}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    args = parse_bench_args(argv, __doc__.splitlines()[0], GPU_SHAPES)
     device = "cpu" if ON_CPU else "cuda"
     env = environment(device)
-    rows = []
-    for shape in CPU_SHAPES if ON_CPU else GPU_SHAPES:
+    for shape in select_shapes(GPU_SHAPES, CPU_SHAPES, ON_CPU, args.shapes):
         for attn_impl in IMPLS:
             base = {"bench": "block", "shape": shape[0], "provider": attn_impl, "mode": "fwd+bwd", "mlm_loss": MLM_LOSS,
                     "dtype": "float32" if ON_CPU else "bf16-autocast", **env}
             interpreted = ON_CPU and attn_impl == "triton"
-            rows.append(measure_row(base, lambda: bench_one(attn_impl, shape, device), interpreted))
-    append_rows("block", rows)
+            row = measure_row(base, lambda: bench_one(attn_impl, shape, device), interpreted)
+            append_rows("block", [row], args.out)  # row by row: a timed-out run keeps its rows
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -2,15 +2,25 @@
 
     python benchmarks/bench_masked_lm_loss.py   # GPU: BEiT-B/L pretraining heads (196 patches, 75 masked, V=8192)
                                                 # CPU: one tiny fp32 shape, ours through Triton's interpreter
-Rows go to benchmarks/results/masked_lm_loss.jsonl (ms, peak MB; fwd and fwd+bwd). The fused path computes its
-gradients in the forward, so its fwd time already contains most of the backward work.
+Rows go to benchmarks/results/masked_lm_loss.jsonl, or DIR/ with `--out=DIR` (ms, peak MB; fwd and fwd+bwd);
+`--shapes=beit_base_224` runs a subset of the GPU shapes. The fused path computes its gradients in the forward, so its
+fwd time already contains most of the backward work.
 """
 
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import append_rows, environment, measure_ms, measure_row, peak_memory_mb, use_interpreter_on_cpu  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    append_rows,
+    environment,
+    measure_ms,
+    measure_row,
+    parse_bench_args,
+    peak_memory_mb,
+    select_shapes,
+    use_interpreter_on_cpu,
+)
 
 ON_CPU = use_interpreter_on_cpu()
 
@@ -45,20 +55,20 @@ def bench_one(provider, mode: str, shape, device: str, dtype: torch.dtype) -> di
             "tokens": tokens, "channels": channels, "vocab": vocab, "masked_per_image": masked}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    args = parse_bench_args(argv, __doc__.splitlines()[0], GPU_SHAPES)
     device = "cpu" if ON_CPU else "cuda"
     dtype = torch.float32 if ON_CPU else torch.bfloat16
     env = environment(device)
-    rows = []
-    for shape in CPU_SHAPES if ON_CPU else GPU_SHAPES:
+    for shape in select_shapes(GPU_SHAPES, CPU_SHAPES, ON_CPU, args.shapes):
         for name, provider in PROVIDERS.items():
             for mode in ("fwd", "fwd+bwd"):
                 base = {"bench": "masked_lm_loss", "shape": shape[0], "provider": name, "mode": mode,
                         "dtype": str(dtype).removeprefix("torch."), **env}
-                rows.append(measure_row(base, lambda: bench_one(provider, mode, shape, device, dtype),
-                                        ON_CPU and name.startswith("ours")))
-    append_rows("masked_lm_loss", rows)
+                row = measure_row(base, lambda: bench_one(provider, mode, shape, device, dtype),
+                                  ON_CPU and name.startswith("ours"))
+                append_rows("masked_lm_loss", [row], args.out)  # row by row: a timed-out run keeps its rows
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -1,14 +1,24 @@
 """Benchmark the relative position bias gather (`[R, H]` table → `[H, N, N]`): ours vs PyTorch indexing.
 
     python benchmarks/bench_rel_pos_bias.py   # GPU: BEiT-B/L at 224 and 384; CPU: one tiny shape (interpreter)
-Rows go to benchmarks/results/rel_pos_bias.jsonl (ms, GB/s over the bias bytes written (fwd) or read (bwd)).
+Rows go to benchmarks/results/rel_pos_bias.jsonl, or DIR/ with `--out=DIR` (ms, GB/s over the bias bytes written
+(fwd) or read (bwd)); `--shapes=beit_base_224,...` runs a subset of the GPU shapes.
 """
 
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import append_rows, environment, measure_ms, measure_row, peak_memory_mb, use_interpreter_on_cpu  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    append_rows,
+    environment,
+    measure_ms,
+    measure_row,
+    parse_bench_args,
+    peak_memory_mb,
+    select_shapes,
+    use_interpreter_on_cpu,
+)
 
 ON_CPU = use_interpreter_on_cpu()
 
@@ -38,19 +48,19 @@ def bench_one(provider, mode: str, shape, device: str) -> dict:
             "peak_mb": peak_memory_mb(fn, device), "heads": heads, "tokens": index.shape[0]}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    args = parse_bench_args(argv, __doc__.splitlines()[0], GPU_SHAPES)
     device = "cpu" if ON_CPU else "cuda"
     env = environment(device)
-    rows = []
-    for shape in CPU_SHAPES if ON_CPU else GPU_SHAPES:
+    for shape in select_shapes(GPU_SHAPES, CPU_SHAPES, ON_CPU, args.shapes):
         for name, provider in PROVIDERS.items():
             for mode in ("fwd", "fwd+bwd"):
                 base = {"bench": "rel_pos_bias", "shape": shape[0], "provider": name, "mode": mode,
                         "dtype": "float32", **env}
                 interpreted = ON_CPU and name == "ours"
-                rows.append(measure_row(base, lambda: bench_one(provider, mode, shape, device), interpreted))
-    append_rows("rel_pos_bias", rows)
+                row = measure_row(base, lambda: bench_one(provider, mode, shape, device), interpreted)
+                append_rows("rel_pos_bias", [row], args.out)  # row by row: a timed-out run keeps its rows
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

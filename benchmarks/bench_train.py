@@ -2,17 +2,27 @@
 
     python benchmarks/bench_train.py                       # GPU: beit_base at 224, bf16; CPU: a tiny model, fp32
     python benchmarks/bench_train.py --model=beit_large_patch16_224_8k_vocab --batch_size=64
+    python benchmarks/bench_train.py --attn_impls=sdpa,triton --compile_modes=off --tokenizer_modes=excluded --out=DIR
 
 Each configuration (attn_impl × torch.compile × tokenizer in/out of the step) builds a DeepSpeed engine exactly as
 the trainer does (1 rank, ZeRO 0, AdamW, clipping) and times `steps` optimizer steps after `warmup` on synthetic
 images with real block masks. The tokenizer is a randomly initialised DALL-E-sized dVAE encoder (same FLOPs as the
 real one). MFU counts model FLOPs only (engine/train/flops.py), even when the tokenizer runs in the step. Triton
-kernels need CUDA (on CPU they only run under TRITON_INTERPRET, far too slowly to time), so CPU rows skip "triton".
-Rows are appended to benchmarks/results/train.jsonl with benchmarks/common.py's environment fields (device, versions,
-commit, date) plus the DeepSpeed version.
+kernels need CUDA: on CPU they only run under TRITON_INTERPRET=1, far too slowly to time, so CPU rows skip "triton"
+unless that variable is set (then they show that the path runs, as the kernel scripts' interpreter rows do). On CPU
+the model is always a small patch-4 one: a GPU-size `--model` is replaced by it (said on stdout, kept in the row as
+`requested_model`).
+
+The optimizer is the trainer's (`--optimizer=deepspeed`: DeepSpeed FusedAdam on CUDA, torch AdamW on CPU). Its CUDA op
+is compiled on first use, which needs nvcc; a DeepSpeed installed without prebuilt ops on a machine without nvcc (a
+bare GPU node) cannot build it, and `--optimizer=auto` (default) then times torch's fused AdamW instead, saying so
+and naming it in the row's `optimizer` field; `--optimizer=torch` always does.
+Rows are appended to benchmarks/results/train.jsonl (or `--out=DIR`/train.jsonl) with benchmarks/common.py's
+environment fields (device, versions, commit, date) plus the DeepSpeed version.
 """
 
 import logging
+import os
 import resource
 import sys
 import time
@@ -24,9 +34,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import append_rows, environment  # noqa: E402
+from common import INTERPRETER_NOTE, append_rows, environment  # noqa: E402
 
-from engine.config import parse_overrides  # noqa: E402
+from engine.config import ConfigError, parse_overrides  # noqa: E402
+
+CPU_MODEL = "beit_tiny_patch4_32_8k_vocab"  # built at 28 px with 4 blocks on CPU (see _build_model)
+CHOICES = {"attn_impls": ("eager", "sdpa", "triton"), "compile_modes": ("off", "on"),
+           "tokenizer_modes": ("excluded", "included")}
+OPTIMIZERS = ("auto", "deepspeed", "torch")
 
 
 @dataclass
@@ -40,6 +55,24 @@ class BenchConfig:
     attn_impls: str = "eager,sdpa,triton"
     compile_modes: str = "off,on"
     tokenizer_modes: str = "excluded,included"
+    optimizer: str = "auto"  # deepspeed (the trainer's), torch (fused AdamW), auto (deepspeed, else torch)
+    out: str = ""  # directory of train.jsonl; "" → benchmarks/results/
+
+    def validate(self) -> None:
+        """Every list entry and name is checked before any work, so a typo costs no GPU time."""
+        from engine.factory import registered_config
+
+        for key, allowed in CHOICES.items():
+            bad = [item for item in getattr(self, key).split(",") if item not in allowed]
+            if bad:
+                raise ConfigError(f"--{key}: unknown {', '.join(map(repr, bad))}; choose from {', '.join(allowed)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"--optimizer={self.optimizer}: choose from {', '.join(OPTIMIZERS)}")
+        if self.model:
+            try:
+                registered_config(self.model)
+            except ValueError as error:
+                raise ConfigError(f"--model: {error}") from None
 
 
 def _build_model(cfg: BenchConfig, attn_impl: str, on_gpu: bool, max_masked_per_image: int):
@@ -65,6 +98,28 @@ def _build_tokenizer(model, device: torch.device):
     return VisualTokenizer(encoder, grid * encoder.downsample).prepare(device)
 
 
+_deepspeed_optimizer_error: str | None = None  # why DeepSpeed's optimizer could not be built, once known
+
+
+def _build_optimizer(cfg: BenchConfig, model, device: torch.device) -> torch.optim.Optimizer:
+    """The trainer's optimizer, or torch's fused AdamW (same hyper-parameters) per `cfg.optimizer` (module doc)."""
+    global _deepspeed_optimizer_error
+    from engine.train.optim import ADAM_BETAS, ADAM_EPS, build_optimizer, param_groups
+
+    groups = param_groups(model, 0.05)
+    if cfg.optimizer == "deepspeed" or (cfg.optimizer == "auto" and _deepspeed_optimizer_error is None):
+        try:
+            return build_optimizer(groups, 1e-4, device.type)
+        except Exception as error:  # a JIT build without nvcc fails in many ways (RuntimeError, OSError, ...)
+            if cfg.optimizer == "deepspeed":
+                raise
+            _deepspeed_optimizer_error = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+            print(f"bench_train: the trainer's optimizer is unavailable ({_deepspeed_optimizer_error}); "
+                  "timing torch's fused AdamW instead")
+    clean = [{k: v for k, v in group.items() if k != "param_names"} for group in groups]
+    return torch.optim.AdamW(clean, lr=1e-4, betas=ADAM_BETAS, eps=ADAM_EPS, fused=True)
+
+
 def bench_one(cfg: BenchConfig, attn_impl: str, compiled: bool, with_tokenizer: bool, dist_info) -> dict:
     import deepspeed
 
@@ -72,7 +127,6 @@ def bench_one(cfg: BenchConfig, attn_impl: str, compiled: bool, with_tokenizer: 
     from engine.train.deepspeed_config import build_deepspeed_config
     from engine.train.flops import device_peak_flops, train_flops_per_image
     from engine.train.loop import input_dtype, train_step
-    from engine.train.optim import build_optimizer, param_groups
     from engine.train.pretrain import MaskedImageModelingLoss
     from engine.train.settings import OptimSettings, RunSettings
 
@@ -87,7 +141,7 @@ def bench_one(cfg: BenchConfig, attn_impl: str, compiled: bool, with_tokenizer: 
     if compiled:
         wrapper.compile()
     run = RunSettings(batch_size=cfg.batch_size, precision=cfg.precision, zero_stage=0)
-    optimizer = build_optimizer(param_groups(model, 0.05), 1e-4, device.type)
+    optimizer = _build_optimizer(cfg, model, device)
     engine, *_ = deepspeed.initialize(model=wrapper, optimizer=optimizer,
                                       config=build_deepspeed_config(run, OptimSettings(clip_grad=3.0), 1))
     masking = MaskingGenerator(grid, num_masked, min_num_patches=min(16, num_masked // 4))
@@ -130,7 +184,8 @@ def bench_one(cfg: BenchConfig, attn_impl: str, compiled: bool, with_tokenizer: 
         "model": model.config["name"], "img_size": img, "depth": model.config["depth"],
         "batch_size": cfg.batch_size, "precision": cfg.precision, "attn_impl": attn_impl, "compile": compiled,
         "mlm_loss": cfg.mlm_loss,
-        "tokenizer": "included" if with_tokenizer else "excluded", "img_per_s": round(img_per_s, 2),
+        "tokenizer": "included" if with_tokenizer else "excluded", "optimizer": type(optimizer).__name__,
+        "img_per_s": round(img_per_s, 2),
         "step_ms": round(1000 * elapsed / cfg.steps, 2), "gflop_per_img": round(flops / 1e9, 3),
         "mfu": round(flops * img_per_s / peak, 4) if peak else None,
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if on_gpu else
@@ -139,32 +194,53 @@ def bench_one(cfg: BenchConfig, attn_impl: str, compiled: bool, with_tokenizer: 
     }
 
 
-def main() -> None:
-    import deepspeed
+def _cpu_model(requested: str) -> str:
+    """The model a CPU run builds: `requested` when it is a patch-4 model (28 px → 7×7 tokens), else CPU_MODEL."""
+    from engine.factory import registered_config
+
+    if requested and registered_config(requested)["patch_size"] == 4:
+        return requested
+    if requested:
+        print(f"bench_train: on CPU {CPU_MODEL} (4 blocks, 28 px) replaces --model={requested}")
+    return CPU_MODEL
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        import deepspeed
+    except ImportError as error:
+        raise SystemExit(f"bench_train needs DeepSpeed ({error}): pip install deepspeed, or on a node without network "
+                         "carry the wheels of `make gpu-wheels` (benchmarks/README.md)") from None
 
     from engine.train.runtime import init_distributed
 
     logging.basicConfig(level=logging.WARNING)
-    cfg = parse_overrides(BenchConfig(), sys.argv[1:])
+    cfg = parse_overrides(BenchConfig(), [] if argv is None else argv)
     dist_info = init_distributed("auto")
     on_gpu = dist_info.device.type == "cuda"
-    cfg.model = cfg.model or ("beit_base_patch16_224_8k_vocab" if on_gpu else "beit_tiny_patch4_32_8k_vocab")
+    requested_model = cfg.model
+    cfg.model = (cfg.model or "beit_base_patch16_224_8k_vocab") if on_gpu else _cpu_model(cfg.model)
     cfg.batch_size = cfg.batch_size or (128 if on_gpu else 32)
     cfg.precision = cfg.precision or ("bf16" if on_gpu else "fp32")
     cfg.mlm_loss = cfg.mlm_loss or ("fused" if on_gpu else "reference")
     if not on_gpu:
         cfg.steps, cfg.warmup = min(cfg.steps, 5), min(cfg.warmup, 2)
     meta = {**environment(dist_info.device.type), "deepspeed": deepspeed.__version__}
+    if requested_model and requested_model != cfg.model:
+        meta["requested_model"] = requested_model
+    interpreted = not on_gpu and os.environ.get("TRITON_INTERPRET", "0") == "1"
+    path = None
     for attn_impl in cfg.attn_impls.split(","):
-        if attn_impl == "triton" and not on_gpu:
-            print("attn_impl=triton skipped: Triton kernels need CUDA")
+        if attn_impl == "triton" and not on_gpu and not interpreted:
+            print("attn_impl=triton skipped: Triton kernels need CUDA (or TRITON_INTERPRET=1 to see the path run)")
             continue
+        note = {"note": INTERPRETER_NOTE} if interpreted else {}
         for compile_mode in cfg.compile_modes.split(","):
             for tok_mode in cfg.tokenizer_modes.split(","):
-                path = append_rows("train", [{**meta, **bench_one(cfg, attn_impl, compile_mode == "on",
-                                                                 tok_mode == "included", dist_info)}])
-    print(f"rows appended to {path}")
+                row = bench_one(cfg, attn_impl, compile_mode == "on", tok_mode == "included", dist_info)
+                path = append_rows("train", [{**meta, **note, **row}], cfg.out or None)
+    print(f"rows appended to {path}" if path else "no rows: every configuration was skipped")
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -128,14 +128,14 @@ def test_bad_shapes_raise_clear_error():
 
 @cuda_only
 @pytest.mark.parametrize("channels", [768, 1024], ids=["beit_base", "beit_large"])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_beit_shapes_cuda(channels, dtype):
     """BEiT-B/L pretraining heads: 196 patches, ~75 masked, 8192 visual tokens."""
     check_against_reference(*make_case(16, 196, channels, 8192, dtype, 75 / 196))
 
 
 @cuda_only
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_beit_shapes_with_the_trainers_bound_cuda(dtype):
     """The trainer passes max_masked = B × 75 (GEMMs over the masked rows only): same loss and gradients."""
     hidden, mask, weight, bias, labels = make_case(16, 196, 768, 8192, dtype, 1.0)

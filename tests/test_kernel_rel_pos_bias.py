@@ -11,12 +11,29 @@ CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 
 
+def cuda_only(test):
+    """Marked `cuda` (what `pytest -m cuda` and benchmarks/gpu_check.py select) and skipped without a CUDA device."""
+    return pytest.mark.cuda(pytest.mark.skipif(not CUDA, reason="needs a CUDA device")(test))
+
+
 @pytest.mark.parametrize("index_kind", ["beit", "random"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else []))
 def test_matches_reference(index_kind, dtype):
     index = relative_position_index((7, 9)) if index_kind == "beit" else torch.randint(0, 40, (33, 33))
-    index = index.to(DEVICE)
-    table = torch.randn(int(index.max()) + 1, 3, device=DEVICE, dtype=dtype, requires_grad=True)
+    check_against_reference(index.to(DEVICE), heads=3, dtype=dtype)
+
+
+@cuda_only
+@pytest.mark.parametrize("heads", [12, 16], ids=["beit_base", "beit_large"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_beit_224_cuda(heads, dtype):
+    """BEiT-B/L at 224 px: a 14×14 grid + CLS (N = 197, 732 table rows)."""
+    check_against_reference(relative_position_index((14, 14)).to(DEVICE), heads=heads, dtype=dtype)
+
+
+def check_against_reference(index: torch.Tensor, heads: int, dtype: torch.dtype) -> None:
+    """The gather is exact; the table gradient matches the float64 one (half precision: to 2% of its largest entry)."""
+    table = torch.randn(int(index.max()) + 1, heads, device=DEVICE, dtype=dtype, requires_grad=True)
     bias = kernels.rel_pos_bias(table, index)
     reference = kernels.rel_pos_bias_ref(table, index)
     assert torch.equal(bias, reference)  # a gather is exact
