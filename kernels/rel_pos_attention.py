@@ -7,11 +7,13 @@ once per call by `kernels.rel_pos_bias`'s gather kernel, so each score tile cost
 instead of an index load plus a dependent strided gather.
 Forward: online softmax in the exp2 domain over key blocks; saves the log2-domain row logsumexp `[B*H, N]` (fp32).
 Backward: Δ = rowsum(O∘dO); a dK/dV kernel per key block and a dQ kernel per query block, both recomputing P from the
-saved logsumexp. The bias gradient is reduced over the batch without atomics: the dK/dV program of (key block,
-head, batch group g) walks batches g, g+G, g+2G, ... and keeps their dS sum in a dense fp32 partial `[G, H, N, N]` it
-alone owns (the first batch stores, later ones add; G is chosen from the device's SM count for ~2 waves, so the
-buffer stays L2-sized: ≤ 20 MB for BEiT-L). The G partials are summed, then the table gradient is the fixed-order
-segment sum of `kernels.rel_pos_bias` (`table_grad_from_dense`). Every path is deterministic (bitwise repeatable).
+saved logsumexp. The bias gradient is reduced over the batch without atomics, in the dQ kernel (whose `[BLOCK_M, D]`
+state leaves registers to spare, where the dK/dV kernel's `[BLOCK_N, D]` k, v, dk, dv do not): the dQ program of
+(query block, head, batch group g) walks batches g, g+G, g+2G, ... and keeps their dS sum in a dense fp32 partial
+`[G, H, N, N]` it alone owns (the first batch stores, later ones add; G is chosen from the device's SM count for ~2
+waves, so the buffer stays L2-sized: ≤ 20 MB for BEiT-L). The G partials are summed, then the table gradient is
+the fixed-order segment sum of `kernels.rel_pos_bias` (`table_grad_from_dense`). Every path is deterministic
+(bitwise repeatable).
 
 Layers: `_fwd_kernel`, `_bwd_preprocess_kernel`, `_bwd_dkdv_kernel`, `_bwd_dq_kernel` → launchers
 `rel_pos_attention_forward` / `rel_pos_attention_backward` (registered as torch.library custom ops so torch.compile
@@ -79,25 +81,75 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # tf32 is ignored for half inputs
 
 
+def _config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+
+
 def _fwd_configs() -> list[triton.Config]:
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm in (64, 128)
-        for bn in (32, 64)
-        for w in (4, 8)
-        for s in (2, 3, 4)
-        if not (bm == 128 and w == 4 and s == 4)
-    ]
+    """Candidates of the query-block kernels (forward and dQ): what `python -m kernels.aot --subset=full` sweeps."""
+    large = [_config(bm, bn, w, s) for bm in (64, 128) for bn in (32, 64) for w in (4, 8) for s in (2, 3, 4)
+             if not (bm == 128 and w == 4 and s == 4)]
+    return large + [_config(32, bn, 4, s) for bn in (32, 64) for s in (2, 3)]  # small tiles for D = 128
 
 
 def _bwd_configs() -> list[triton.Config]:
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm in (32, 64)
-        for bn in (64, 128)
-        for w in (4, 8)
-        for s in (2, 3)
-    ]
+    """Candidates of the key-block kernel (dK/dV)."""
+    return [_config(bm, bn, w, s) for bm in (32, 64) for bn in (64, 128) for w in (4, 8) for s in (2, 3)]
+
+
+# What each kernel autotunes, per arch and head-dim block: the candidates that compile with no register spill and
+# within shared memory for bf16 and fp16 inputs, with no bias and with a bf16 or fp32 bias (chosen from the full
+# sweep, benchmarks/results/aot/; `python -m kernels.aot` fails if one of them spills). (BLOCK_M, BLOCK_N, warps,
+# stages). Other archs (sm_86/89 with less shared memory, sm_100) take the sm_80 lists, whose tiles are the smallest;
+# fp32 inputs take the same lists (they may spill there: fp32 is the tests' path, not the training one).
+TUNED_CONFIGS: dict[tuple[str, int, int], list[tuple[int, int, int, int]]] = {
+    ("_fwd_kernel", 80, 64): [(64, 32, 4, 3), (64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 3), (128, 32, 8, 3),
+                              (128, 64, 8, 2), (128, 64, 8, 3)],
+    ("_fwd_kernel", 90, 64): [(64, 32, 4, 3), (64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 3), (128, 32, 8, 3),
+                              (128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4)],
+    ("_fwd_kernel", 80, 128): [(64, 32, 4, 2), (64, 32, 4, 3), (64, 32, 8, 3), (64, 64, 8, 2), (64, 64, 8, 3)],
+    ("_fwd_kernel", 90, 128): [(64, 32, 4, 3), (64, 32, 8, 3), (64, 64, 8, 2), (64, 64, 8, 3), (128, 32, 8, 2),
+                               (128, 32, 8, 3)],
+    ("_bwd_dkdv_kernel", 80, 64): [(32, 64, 4, 2), (32, 64, 4, 3), (32, 64, 8, 2), (32, 64, 8, 3)],
+    ("_bwd_dkdv_kernel", 90, 64): [(32, 64, 4, 2), (32, 64, 4, 3), (32, 64, 8, 2), (32, 64, 8, 3), (32, 128, 8, 2),
+                                   (32, 128, 8, 3), (64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (64, 64, 8, 3)],
+    ("_bwd_dkdv_kernel", 80, 128): [(32, 64, 8, 2), (32, 64, 8, 3)],
+    ("_bwd_dkdv_kernel", 90, 128): [(32, 64, 8, 2), (32, 64, 8, 3)],
+    ("_bwd_dq_kernel", 80, 128): [(64, 32, 8, 2), (64, 32, 8, 3), (64, 32, 8, 4)],
+    ("_bwd_dq_kernel", 90, 128): [(32, 32, 4, 3)],  # the only candidate with no spill under an fp32 bias
+    ("_bwd_dq_kernel", 80, 64): [(64, 32, 8, 2), (64, 32, 8, 3), (64, 32, 8, 4)],
+    ("_bwd_dq_kernel", 90, 64): [(64, 32, 4, 2), (64, 32, 8, 2), (64, 32, 8, 3), (64, 32, 8, 4), (64, 64, 8, 2),
+                                 (64, 64, 8, 3), (128, 32, 8, 2)],
+}
+
+
+def _arch_family(capability: tuple[int, int]) -> int:
+    return 90 if capability[0] == 9 else 80
+
+
+def aot_configs(kernel: str, arch: int, head_dim: int) -> list[triton.Config] | None:
+    """The configs `kernel` autotunes on `arch` (80 or 90) at `head_dim`; None for kernels that are not tuned."""
+    if not kernel.startswith(("_fwd", "_bwd_dkdv", "_bwd_dq")):
+        return None
+    head_dim_block = 64 if head_dim <= 64 else 128  # D ≤ 64 pads to at most 64; 129..256 use the D=128 lists
+    return [_config(*config) for config in TUNED_CONFIGS[(kernel, arch, head_dim_block)]]
+
+
+def _prune_to_arch(kernel: str):
+    """`early_config_prune` of the autotuner: keep the spill-free configs of the running arch and head dim, so no
+    rank times configs that spill (or fail) there."""
+    def prune(configs, named_args, **kwargs):
+        keep = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+                for c in aot_configs(kernel, _arch_family(torch.cuda.get_device_capability()), kwargs["HEAD_DIM"])}
+        return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in keep]
+    return prune
+
+
+def _autotuned(kernel, candidates: list[triton.Config]):
+    """`kernel` autotuned over `candidates` pruned to its arch's list, keyed by shape, with its choice cached on
+    disk (Triton's cache directory), so a rerun or another rank on the same machine does not tune again."""
+    return triton.autotune(candidates, key=["N", "HEAD_DIM", "HAS_BIAS"], cache_results=True,
+                           prune_configs_by={"early_config_prune": _prune_to_arch(kernel.__name__)})(kernel)
 
 
 @triton.jit
@@ -204,6 +256,62 @@ def _bwd_dkdv_kernel(
     LSE,  # [B*H, N] fp32 log2-domain logsumexp from the forward
     DELTA,  # [B*H, N] fp32 rowsum(O∘dO)
     DK, DV,  # [B, H, N, D] key/value gradients (output), contiguous
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    H, N,  # heads, tokens
+    sm_scale,  # softmax scale
+    qk_scale,  # softmax scale · log2(e)
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # queries per inner step
+    BLOCK_N: tl.constexpr,  # keys per program
+):
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    batch = bh // H
+    head = bh % H
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d[None, :] < HEAD_DIM
+    kv_mask = (offs_n[:, None] < N) & mask_d
+    k = tl.load(K + batch * stride_kb + head * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+                mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+    v = tl.load(V + batch * stride_vb + head * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
+                mask=kv_mask, other=0.0)
+    bias_head = BIAS + head * N * N
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for start_m in range(0, N, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        valid_m = offs_m < N
+        q = tl.load(Q + batch * stride_qb + head * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
+                    mask=valid_m[:, None] & mask_d, other=0.0)  # [BLOCK_M, BLOCK_D]
+        do = tl.load(DO + bh * N * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
+                     mask=valid_m[:, None] & mask_d, other=0.0)
+        lse = tl.load(LSE + bh * N + offs_m, mask=valid_m, other=0.0)  # [BLOCK_M]
+        delta = tl.load(DELTA + bh * N + offs_m, mask=valid_m, other=0.0)
+        s = _score_tile(q, k, bias_head, offs_m, offs_n, N, qk_scale, HAS_BIAS, DOT_PRECISION)
+        p = tl.where(valid_m[:, None] & (offs_n[None, :] < N), tl.exp2(s - lse[:, None]), 0.0)  # [BLOCK_M, BLOCK_N]
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+        ds = p * (dp - delta[:, None])  # d loss / d (scaled score + bias)
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+    out_offsets = bh * N * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(DK + out_offsets, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + out_offsets, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V,  # [B, H, N, D] forward inputs
+    BIAS,  # [H, N, N] bias, contiguous
+    DO,  # [B, H, N, D] output gradient, contiguous
+    LSE,  # [B*H, N] fp32 log2-domain logsumexp
+    DELTA,  # [B*H, N] fp32 rowsum(O∘dO)
+    DQ,  # [B, H, N, D] query gradient (output), contiguous
     DBIAS,  # [G, H, N, N] fp32 bias gradient summed over the batches of each group (output, every element written)
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
@@ -216,109 +324,53 @@ def _bwd_dkdv_kernel(
     BLOCK_D: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,  # queries per inner step
-    BLOCK_N: tl.constexpr,  # keys per program
+    BLOCK_M: tl.constexpr,  # queries per program
+    BLOCK_N: tl.constexpr,  # keys per inner step
 ):
-    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(0)
     pid_gh = tl.program_id(1).to(tl.int64)
     group = pid_gh // H
     head = pid_gh % H
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d[None, :] < HEAD_DIM
-    kv_mask = (offs_n[:, None] < N) & mask_d
+    valid_m = offs_m < N
     bias_head = BIAS + head * N * N
     dbias_group = DBIAS + pid_gh * N * N  # [N, N] slice owned by (group, head): no other program touches it
     for batch in range(group, B, GROUPS):
         bh = batch * H + head
-        k = tl.load(K + batch * stride_kb + head * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
-                    mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
-        v = tl.load(V + batch * stride_vb + head * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
-        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        for start_m in range(0, N, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            valid_m = offs_m < N
-            q = tl.load(Q + batch * stride_qb + head * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
-                        mask=valid_m[:, None] & mask_d, other=0.0)  # [BLOCK_M, BLOCK_D]
-            do = tl.load(DO + bh * N * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
-                         mask=valid_m[:, None] & mask_d, other=0.0)
-            lse = tl.load(LSE + bh * N + offs_m, mask=valid_m, other=0.0)  # [BLOCK_M]
-            delta = tl.load(DELTA + bh * N + offs_m, mask=valid_m, other=0.0)
+        q = tl.load(Q + batch * stride_qb + head * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
+                    mask=valid_m[:, None] & mask_d, other=0.0)  # [BLOCK_M, BLOCK_D]
+        do = tl.load(DO + bh * N * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
+                     mask=valid_m[:, None] & mask_d, other=0.0)
+        lse = tl.load(LSE + bh * N + offs_m, mask=valid_m, other=0.0)
+        delta = tl.load(DELTA + bh * N + offs_m, mask=valid_m, other=0.0)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        for start_n in range(0, N, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            kv_mask = (offs_n[:, None] < N) & mask_d
+            k = tl.load(K + batch * stride_kb + head * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+                        mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+            v = tl.load(V + batch * stride_vb + head * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
+                        mask=kv_mask, other=0.0)
             s = _score_tile(q, k, bias_head, offs_m, offs_n, N, qk_scale, HAS_BIAS, DOT_PRECISION)
             in_tile = valid_m[:, None] & (offs_n[None, :] < N)
-            p = tl.where(in_tile, tl.exp2(s - lse[:, None]), 0.0)  # [BLOCK_M, BLOCK_N] probabilities
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
-            ds = p * (dp - delta[:, None])  # d loss / d (scaled score + bias)
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+            p = tl.where(in_tile, tl.exp2(s - lse[:, None]), 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+            ds = p * (dp - delta[:, None])  # [BLOCK_M, BLOCK_N] d loss / d (scaled score + bias)
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
             if HAS_BIAS:
                 dbias_ptrs = dbias_group + offs_m[:, None] * N + offs_n[None, :]
                 if batch != group:  # later batches of the group add to what the first one stored
                     ds += tl.load(dbias_ptrs, mask=in_tile, other=0.0)
                 tl.store(dbias_ptrs, ds, mask=in_tile)
-        out_offsets = bh * N * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
-        tl.store(DK + out_offsets, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
-        tl.store(DV + out_offsets, dv.to(DV.dtype.element_ty), mask=kv_mask)
+        tl.store(DQ + bh * N * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
+                 (dq * sm_scale).to(DQ.dtype.element_ty), mask=valid_m[:, None] & mask_d)
 
 
-@triton.jit
-def _bwd_dq_kernel(
-    Q, K, V,  # [B, H, N, D] forward inputs
-    BIAS,  # [H, N, N] bias, contiguous
-    DO,  # [B, H, N, D] output gradient, contiguous
-    LSE,  # [B*H, N] fp32 log2-domain logsumexp
-    DELTA,  # [B*H, N] fp32 rowsum(O∘dO)
-    DQ,  # [B, H, N, D] query gradient (output), contiguous
-    stride_qb, stride_qh, stride_qn,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
-    H, N,
-    sm_scale,  # softmax scale
-    qk_scale,  # softmax scale · log2(e)
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,  # queries per program
-    BLOCK_N: tl.constexpr,  # keys per inner step
-):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    batch = bh // H
-    head = bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d[None, :] < HEAD_DIM
-    valid_m = offs_m < N
-    q = tl.load(Q + batch * stride_qb + head * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
-                mask=valid_m[:, None] & mask_d, other=0.0)  # [BLOCK_M, BLOCK_D]
-    do = tl.load(DO + bh * N * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
-                 mask=valid_m[:, None] & mask_d, other=0.0)
-    lse = tl.load(LSE + bh * N + offs_m, mask=valid_m, other=0.0)
-    delta = tl.load(DELTA + bh * N + offs_m, mask=valid_m, other=0.0)
-    bias_head = BIAS + head * N * N
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(0, N, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_mask = (offs_n[:, None] < N) & mask_d
-        k = tl.load(K + batch * stride_kb + head * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
-                    mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
-        v = tl.load(V + batch * stride_vb + head * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
-        s = _score_tile(q, k, bias_head, offs_m, offs_n, N, qk_scale, HAS_BIAS, DOT_PRECISION)
-        p = tl.where(valid_m[:, None] & (offs_n[None, :] < N), tl.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])  # [BLOCK_M, BLOCK_N]
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
-    tl.store(DQ + bh * N * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
-             (dq * sm_scale).to(DQ.dtype.element_ty), mask=valid_m[:, None] & mask_d)
-
-
-_fwd_kernel_tuned = triton.autotune(_fwd_configs(), key=["N", "HEAD_DIM", "HAS_BIAS"])(_fwd_kernel)
-_bwd_dkdv_kernel_tuned = triton.autotune(_bwd_configs(), key=["N", "HEAD_DIM", "HAS_BIAS"])(_bwd_dkdv_kernel)
-_bwd_dq_kernel_tuned = triton.autotune(_fwd_configs(), key=["N", "HEAD_DIM", "HAS_BIAS"])(_bwd_dq_kernel)
+_fwd_kernel_tuned = _autotuned(_fwd_kernel, _fwd_configs())
+_bwd_dkdv_kernel_tuned = _autotuned(_bwd_dkdv_kernel, _bwd_configs())
+_bwd_dq_kernel_tuned = _autotuned(_bwd_dq_kernel, _fwd_configs())
 
 
 def _pick(kernel, tuned, device: torch.device):
@@ -383,10 +435,10 @@ def device_sm_count(device: torch.device) -> int:
 
 
 def batch_groups(batch: int, heads: int, tokens: int, sm_count: int) -> int:
-    """Batch groups G of the dK/dV pass with a bias: enough programs (key blocks × heads × G) for ~2 waves on
+    """Batch groups G of the dQ pass with a bias: enough programs (query blocks × heads × G) for ~2 waves on
     `sm_count` multiprocessors, and no more, since the `[G, H, N, N]` fp32 partial grows with G."""
-    key_blocks = triton.cdiv(tokens, 64)
-    return max(1, min(batch, triton.cdiv(2 * sm_count, key_blocks * heads)))
+    query_blocks = triton.cdiv(tokens, 64)
+    return max(1, min(batch, triton.cdiv(2 * sm_count, query_blocks * heads)))
 
 
 def rel_pos_attention_backward(
@@ -421,15 +473,14 @@ def rel_pos_attention_backward(
     strides = (*_strides(q), *_strides(k), *_strides(v))
 
     kernel, blocks = _pick(_bwd_dkdv_kernel, _bwd_dkdv_kernel_tuned, q.device)
-    grid = lambda meta: (triton.cdiv(tokens, meta["BLOCK_N"]), groups * heads)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(tokens, meta["BLOCK_N"]), batch * heads)  # noqa: E731
     kernel[grid](
-        q, k, v, bias, grad_out, lse, delta, dk, dv, dbias, *strides,
-        batch, heads, tokens, groups, scale, scale * LOG2E, **common, **blocks,
+        q, k, v, bias, grad_out, lse, delta, dk, dv, *strides, heads, tokens, scale, scale * LOG2E, **common, **blocks,
     )
     kernel, blocks = _pick(_bwd_dq_kernel, _bwd_dq_kernel_tuned, q.device)
-    grid = lambda meta: (triton.cdiv(tokens, meta["BLOCK_M"]), batch * heads)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(tokens, meta["BLOCK_M"]), groups * heads)  # noqa: E731
     kernel[grid](
-        q, k, v, bias, grad_out, lse, delta, dq, *strides, heads, tokens, scale, scale * LOG2E,
+        q, k, v, bias, grad_out, lse, delta, dq, dbias, *strides, batch, heads, tokens, groups, scale, scale * LOG2E,
         **common, **blocks,
     )
     if not has_bias:

@@ -189,7 +189,7 @@ def test_full_shapes_cuda(tokens, head_dim, dtype):
 
 @cuda_only
 @pytest.mark.parametrize("heads", [12, 16], ids=["beit_base", "beit_large"])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_beit_224_cuda(heads, dtype):
     """BEiT-B/L attention at 224 px: N = 197 (14×14 + CLS), D = 64, the table gradient included."""
     check_against_reference(*make_case(8, heads, 0, 64, dtype, "beit", grid=(14, 14)))
@@ -224,3 +224,22 @@ def test_offsets_beyond_int32_address_the_right_elements():
     proc = subprocess.run([sys.executable, "-c", OFFSETS_BEYOND_INT32], capture_output=True, text=True, env=env,
                           timeout=600)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+def test_tuned_configs_are_candidates_and_the_autotuner_keeps_only_its_arch(monkeypatch):
+    """Each arch's list is a subset of the candidates the full AOT sweep compiles; the autotuner's early prune keeps
+    the running arch's list (sm_86/89/100 take sm_80's)."""
+    from kernels.rel_pos_attention import TUNED_CONFIGS, _bwd_configs, _fwd_configs, _prune_to_arch
+
+    def key(config):
+        return config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages
+
+    candidates = {"_fwd_kernel": _fwd_configs(), "_bwd_dq_kernel": _fwd_configs(), "_bwd_dkdv_kernel": _bwd_configs()}
+    for kernel, arch, head_dim in [(k, a, d) for k in candidates for a in (80, 90) for d in (64, 128)]:
+        tuned = TUNED_CONFIGS[(kernel, arch, head_dim)]
+        assert tuned and set(tuned) <= {key(c) for c in candidates[kernel]}, (kernel, arch, head_dim)
+    for capability, arch in [((9, 0), 90), ((8, 0), 80), ((8, 9), 80), ((10, 0), 80)]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        kept = _prune_to_arch("_bwd_dq_kernel")(_fwd_configs(), {}, HEAD_DIM=64)
+        assert [key(c) for c in kept] == [c for c in map(key, _fwd_configs())
+                                          if c in TUNED_CONFIGS[("_bwd_dq_kernel", arch, 64)]]
