@@ -82,12 +82,13 @@ def test_clean_rows_pass():
 def test_failure_rule_gives_one_line_per_failure():
     rows = [
         _row(error="CompilationError: boom", n_regs=None, shared=None, spill_stores=None, spill_loads=None),
-        _row(config="huge", shared=240000),
+        _row(config="huge", shared=240000, pruned=True),
+        _row(config="candidate only", shared=240000),  # overflows, but the arch's tuned list leaves it out: no failure
         _row(config="fine"),  # keeps the sm_90 bias group usable
         _row(arch=80, shared_limit=166912),  # a healthy group
         _spilling(arch=80, shared_limit=166912, config="pruned one", pruned=True),
         _spilling(has_bias=False, table_dtype=None),  # a group whose only config spills
-        _spilling(has_bias=False, table_dtype=None, config="other", shared=999999),
+        _spilling(has_bias=False, table_dtype=None, config="other", shared=999999, pruned=True),
     ]
     lines = aot.failures(rows)
     assert lines == [
@@ -107,7 +108,7 @@ def test_report_exit_status_and_files(tmp_path, capsys):
     header = {"triton": "0.0", "date": "today", "subset": "ci", "archs": [90], "dtypes": ["bf16"], "head_dims": [64],
               "wall_s": 1.0, "jobs": 1, "ptxas": "ptxas 12.8", "kernels_sha": "abc"}
     assert aot.report([_row()], args, header) == 0
-    assert aot.report([_row(), _row(config="huge", shared=240000)], args, header) == 1
+    assert aot.report([_row(), _row(config="huge", shared=240000, pruned=True)], args, header) == 1
     out = capsys.readouterr().out
     assert out.rstrip().splitlines()[-1].startswith("SMEM OVERFLOW _fwd_kernel sm_90")
     markdown = next(tmp_path.glob("aot_*.md")).read_text()
