@@ -47,10 +47,12 @@ GPU_WHEEL_PLATFORM = --only-binary=:all: --python-version $(GPU_WHEEL_PYTHON) --
 	--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
 GPU_CHECK_PATH = PYTHONPATH=$(GPU_SITE):.$${PYTHONPATH:+:$$PYTHONPATH}
 
+# Run it before every carry: the wheels are built once (seconds afterwards), COMMIT is rewritten every time.
 gpu-wheels:
-	mkdir -p $(GPU_WHEELS) && rm -f $(GPU_WHEELS)/*.whl
-	DS_BUILD_OPS=0 $(PYTHON) -m pip wheel -q --no-deps --no-cache-dir $(GPU_WHEEL_DEEPSPEED) -w $(GPU_WHEELS)
-	$(PYTHON) -m pip download -q --no-deps $(GPU_WHEEL_PLATFORM) -d $(GPU_WHEELS) $(GPU_WHEEL_DEPS)
+	@if ! ls $(GPU_WHEELS)/deepspeed-*.whl >/dev/null 2>&1; then \
+		mkdir -p $(GPU_WHEELS) && rm -f $(GPU_WHEELS)/*.whl && \
+		DS_BUILD_OPS=0 $(PYTHON) -m pip wheel -q --no-deps --no-cache-dir $(GPU_WHEEL_DEEPSPEED) -w $(GPU_WHEELS) && \
+		$(PYTHON) -m pip download -q --no-deps $(GPU_WHEEL_PLATFORM) -d $(GPU_WHEELS) $(GPU_WHEEL_DEPS) || exit 1; fi
 	git describe --always --dirty > $(GPU_WHEELS)/COMMIT 2>/dev/null || echo unknown > $(GPU_WHEELS)/COMMIT
 	ls -l $(GPU_WHEELS) && du -sh $(GPU_WHEELS)
 

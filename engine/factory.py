@@ -69,6 +69,16 @@ def _did_you_mean(word: str, choices: list[str]) -> str:
     return f" (did you mean {', '.join(close)}?)" if close else ""
 
 
+# Run-time choices, not architecture: a model rebuilt from a saved config takes the defaults (sdpa, reference) unless
+# the caller passes them, so a checkpoint trained with the Triton kernels loads, exports and probes on any machine.
+BACKEND_KEYS = ("attn_impl", "mlm_loss")
+
+
+def architecture_config(config: dict) -> dict:
+    """A saved model config without its backend choices (`BACKEND_KEYS`)."""
+    return {key: value for key, value in config.items() if key not in BACKEND_KEYS}
+
+
 def create_model(name: str, **overrides) -> nn.Module:
     """Build a registered BEiT. Overrides use the official argument names (e.g. `img_size=384`,
     `drop_path_rate=0.1`, `num_classes=100`, `attn_impl="triton"`); `name` must be registered, so

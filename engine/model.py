@@ -11,8 +11,8 @@ Both share `BeitEncoder` (patch embedding, CLS, optional absolute position embed
 
 Attention backends (`attn_impl`, chosen at build): "eager" (softmax(q kᵀ·scale + bias) v in PyTorch), "sdpa"
 (`F.scaled_dot_product_attention` with the bias as additive mask), "triton" (`kernels.rel_pos_attention`, which
-reads the `[R, H]` table directly). The masked-token loss is chosen separately (`mlm_loss`, see `MaskedLMHead`), so
-attention backends can be compared alone.
+takes the `[R, H]` table and returns its gradient). The masked-token loss is chosen separately (`mlm_loss`, see
+`MaskedLMHead`), so attention backends can be compared alone.
 
 Every parameter is read inside the `forward` of the module that owns it (the shared relative position table by
 `RelativePositionBias.forward`, the LM head by `MaskedLMHead.forward`), so ZeRO-3 gathers each one when it is needed
@@ -143,7 +143,7 @@ def gathered_bias(module: nn.Module) -> torch.Tensor:
 class RelativePositionBias(nn.Module):
     """The shared table of the pretraining model: `[R, H]` zero-initialised, read through an `[N, N]` index (an int32
     buffer built once). `forward()` hands it to the blocks: gathered once into `[H, N, N]` for eager/sdpa, as the
-    table for the triton kernel (which reads it directly)."""
+    table for the triton kernel (which gathers it itself and returns the table's gradient)."""
 
     def __init__(self, window_size: tuple[int, int], num_heads: int, attn_impl: str) -> None:
         super().__init__()

@@ -11,9 +11,9 @@ saved logsumexp. The bias gradient is reduced over the batch without atomics, in
 state leaves registers to spare, where the dK/dV kernel's `[BLOCK_N, D]` k, v, dk, dv do not): the dQ program of
 (query block, head, batch group g) walks batches g, g+G, g+2G, ... and keeps their dS sum in a dense fp32 partial
 `[G, H, N, N]` it alone owns (the first batch stores, later ones add; G is chosen from the device's SM count for ~2
-waves, so the buffer stays L2-sized: ≤ 20 MB for BEiT-L). The G partials are summed, then the table gradient is
-the fixed-order segment sum of `kernels.rel_pos_bias` (`table_grad_from_dense`). Every path is deterministic
-(bitwise repeatable).
+waves: ≤ 20 MB for BEiT-L at 224 px, 43 MB at 384). The G partials are summed, then the table gradient is the
+fixed-order segment sum of `kernels.rel_pos_bias` (`table_grad_from_dense`). Every path is deterministic: bitwise
+repeatable for a given autotuned config and G (the tuning cache on disk keeps the config from run to run).
 
 Layers: `_fwd_kernel`, `_bwd_preprocess_kernel`, `_bwd_dkdv_kernel`, `_bwd_dq_kernel` → launchers
 `rel_pos_attention_forward` / `rel_pos_attention_backward` (registered as torch.library custom ops so torch.compile
@@ -100,8 +100,9 @@ def _bwd_configs() -> list[triton.Config]:
 # What each kernel autotunes, per arch and head-dim block: the candidates that compile with no register spill and
 # within shared memory for bf16 and fp16 inputs, with no bias and with a bf16 or fp32 bias (chosen from the full
 # sweep, benchmarks/results/aot/; `python -m kernels.aot` fails if one of them spills). (BLOCK_M, BLOCK_N, warps,
-# stages). Other archs (sm_86/89 with less shared memory, sm_100) take the sm_80 lists, whose tiles are the smallest;
-# fp32 inputs take the same lists (they may spill there: fp32 is the tests' path, not the training one).
+# stages). Other archs (sm_86/89, sm_100) take the sm_80 lists; there a config above the card's shared memory
+# (sm_86/89: ~99 KB) fails to launch and the autotuner skips it. fp32 inputs take the same lists (they may spill
+# there: fp32 is the tests' path, not the training one).
 TUNED_CONFIGS: dict[tuple[str, int, int], list[tuple[int, int, int, int]]] = {
     ("_fwd_kernel", 80, 64): [(64, 32, 4, 3), (64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 3), (128, 32, 8, 3),
                               (128, 64, 8, 2), (128, 64, 8, 3)],

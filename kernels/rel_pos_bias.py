@@ -1,6 +1,7 @@
 """Relative position bias: gather a `[R, H]` table through an `[N, N]` index into an `[H, N, N]` additive bias.
 
-Used by the eager and sdpa attention paths (the triton attention path reads the table inside its kernel).
+Used by the eager and sdpa attention paths, and inside `kernels.rel_pos_attention` (its gather kernel, launched
+directly, and the segment sum that turns the attention's dense bias gradient into the table's).
 
 Layers: `_rel_pos_bias_fwd_kernel` (gather) and `_table_grad_kernel` (fixed-order segment sum) → launchers
 `rel_pos_bias_forward` / `table_grad_from_dense` → `RelPosBiasFunction` → `rel_pos_bias` (exported from `kernels`).

@@ -32,7 +32,7 @@ def config() -> PretrainConfig:
         model=ModelSettings(model="beit_base_patch16_224_8k_vocab", input_size=224, drop_path=0.1,
                             layer_scale_init_value=0.1, use_shared_rel_pos_bias=True,
                             attn_impl="triton" if torch.cuda.is_available() else "sdpa",
-                            mlm_loss="fused" if torch.cuda.is_available() else "reference"),
+                            mlm_loss="auto"),
         data=PretrainData(data_path="", tokenizer="", second_input_size=112, num_mask_patches=75,
                           min_mask_patches=16, imagenet_mean_std=True),
         optim=OptimSettings(lr=1.5e-3, min_lr=1e-5, warmup_epochs=10, weight_decay=0.05, clip_grad=3.0),

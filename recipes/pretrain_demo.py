@@ -24,8 +24,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from engine.config import config_errors_exit, parse_overrides  # noqa: E402
@@ -58,7 +56,7 @@ def config() -> DemoConfig:
     return DemoConfig(
         model=ModelSettings(model="beit_mini_patch4_28_256_vocab", input_size=28, drop_path=0.0,
                             layer_scale_init_value=0.1, attn_impl="sdpa",
-                            mlm_loss="fused" if torch.cuda.is_available() else "reference"),
+                            mlm_loss="auto"),
         data=PretrainData(data_path="embedded:fashion_mnist", tokenizer="", second_input_size=14,
                           num_mask_patches=20, min_mask_patches=4, min_crop_scale=0.35, imagenet_mean_std=False,
                           heldout_every=50),

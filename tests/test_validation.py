@@ -200,7 +200,10 @@ def test_mlm_loss_auto_resolves_once_per_device(monkeypatch, caplog):
     with caplog.at_level(logging.INFO, logger="engine.train.validation"):
         parse_overrides(cfg, ["--device=cpu"])
     assert cfg.model.mlm_loss == "reference" and "mlm_loss=auto → reference (device cpu)" in caplog.text
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # Triton runs (interpreted): auto takes the fused kernel
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter allows an explicit fused, but auto stays on PyTorch
+    cfg = pretrain_config()
+    parse_overrides(cfg, ["--device=cpu", "--mlm_loss=fused"])
+    assert cfg.model.mlm_loss == "fused"
     cfg = pretrain_config()
     parse_overrides(cfg, ["--device=cpu"])
-    assert cfg.model.mlm_loss == "fused"
+    assert cfg.model.mlm_loss == "reference"

@@ -20,7 +20,7 @@ class ModelSettings:
     layer_scale_init_value: float = 0.1  # LayerScale init (0.1 up to Base, 1e-5 for Large; 0 disables)
     use_shared_rel_pos_bias: bool = True  # one relative position bias table for all blocks (pretraining)
     attn_impl: Literal["eager", "sdpa", "triton"] = "sdpa"  # attention backend, fixed when the model is built
-    # pretraining loss: the fused Triton kernel (GPUs), the PyTorch reference, or auto (fused where Triton runs)
+    # pretraining loss: the fused Triton kernel (GPUs), the PyTorch reference, or auto (fused on CUDA devices)
     mlm_loss: Literal["auto", "fused", "reference"] = "auto"
     grad_checkpointing: bool = False  # recompute each block in the backward pass (less memory, ~30% more compute)
     compile: bool = False  # torch.compile the model before DeepSpeed wraps it

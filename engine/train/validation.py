@@ -95,7 +95,7 @@ def _triton_runs_on(device: str) -> bool:
 
 def check_backends(model, run) -> None:
     """attn_impl='triton' and mlm_loss='fused' run Triton kernels: refuse them where Triton cannot run (a CPU
-    device without TRITON_INTERPRET=1), then resolve mlm_loss='auto' once, logged."""
+    device without TRITON_INTERPRET=1), then resolve mlm_loss='auto' once (fused on CUDA), logged."""
     device = resolve_device(run.device)
     runs_triton = _triton_runs_on(device)
     require(model.attn_impl != "triton" or runs_triton, "attn_impl", model.attn_impl,
@@ -103,8 +103,8 @@ def check_backends(model, run) -> None:
     require(model.mlm_loss != "fused" or runs_triton, "mlm_loss", model.mlm_loss,
             f"runs Triton kernels, which need a CUDA device (this run's device is {device}): use --mlm_loss=reference "
             "(or auto)")
-    if model.mlm_loss == "auto":
-        model.mlm_loss = "fused" if runs_triton else "reference"
+    if model.mlm_loss == "auto":  # the interpreter is for debugging the kernels, not a reason to pick them
+        model.mlm_loss = "fused" if device == "cuda" else "reference"
         logger.info("mlm_loss=auto → %s (device %s)", model.mlm_loss, device)
 
 
