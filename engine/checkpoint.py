@@ -41,7 +41,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from engine.factory import architecture_config, create_model
+from engine.factory import create_model, runnable_config
 from engine.resize import NUM_CLS_ROWS, resize_abs_pos_embed, resize_rel_pos_bias_table
 
 logger = logging.getLogger(__name__)
@@ -475,18 +475,17 @@ def read_model_config(path: str | Path) -> dict:
     if config.get("format") != FORMAT_NAME:
         raise ValueError(f"{config_path} is not a '{FORMAT_NAME}' config; convert the checkpoint first: "
                          "python -m engine.checkpoint convert SRC DST --model NAME")
-    return architecture_config(_own_model_config(config, config_path))
+    return runnable_config(_own_model_config(config, config_path))
 
 
 def create_model_from_checkpoint(path: str | Path, **overrides) -> nn.Module:
     """Build the model described by a `save_pretrained` directory (with `overrides` to `create_model`) and load it.
 
-    The saved backends are not reused (`engine.factory.BACKEND_KEYS`): pass `attn_impl="triton"` etc. to choose.
-    Without architecture overrides the load is strict; with them (e.g. `num_classes=10`) mismatches are dropped and
-    reported.
+    Saved Triton backends become PyTorch ones where Triton cannot run (`engine.factory.runnable_config`). Without
+    overrides the load is strict; with them (e.g. `num_classes=10`) mismatches are dropped and reported.
     """
     model = create_model(**{**read_model_config(path), **overrides})
-    load_checkpoint(model, path, strict=not architecture_config(overrides))
+    load_checkpoint(model, path, strict=not overrides)
     return model
 
 

@@ -5,10 +5,13 @@ are classification models with per-layer tables and mean pooling, as in the offi
 """
 
 import difflib
+import logging
 
 import torch.nn as nn
 
 from engine.model import BeitEncoder, BeitForImageClassification, BeitForMaskedImageModeling
+
+logger = logging.getLogger(__name__)
 
 # name: (dim, depth, heads, layer scale) as in the official README (layer scale 0.1 up to Base, 1e-5 for Large)
 _SIZES = {
@@ -69,14 +72,25 @@ def _did_you_mean(word: str, choices: list[str]) -> str:
     return f" (did you mean {', '.join(close)}?)" if close else ""
 
 
-# Run-time choices, not architecture: a model rebuilt from a saved config takes the defaults (sdpa, reference) unless
-# the caller passes them, so a checkpoint trained with the Triton kernels loads, exports and probes on any machine.
-BACKEND_KEYS = ("attn_impl", "mlm_loss")
+# Run-time choices, not architecture. A saved config keeps them, but where the Triton kernels cannot run the PyTorch
+# ones replace them when a model is rebuilt from it (logged), so a checkpoint trained with the kernels loads, exports
+# and probes on any machine with identical weights.
+PYTORCH_BACKENDS = {"attn_impl": ("triton", "sdpa"), "mlm_loss": ("fused", "reference")}
 
 
-def architecture_config(config: dict) -> dict:
-    """A saved model config without its backend choices (`BACKEND_KEYS`)."""
-    return {key: value for key, value in config.items() if key not in BACKEND_KEYS}
+def runnable_config(config: dict) -> dict:
+    """A saved model config with its Triton backends swapped for PyTorch ones where Triton cannot run here."""
+    from kernels._dispatch import triton_available
+
+    if triton_available():
+        return dict(config)
+    config = dict(config)
+    for key, (triton_choice, pytorch_choice) in PYTORCH_BACKENDS.items():
+        if config.get(key) == triton_choice:
+            logger.info("%s=%s saved with the model cannot run here (no CUDA GPU): rebuilt with %s=%s (same weights)",
+                        key, triton_choice, key, pytorch_choice)
+            config[key] = pytorch_choice
+    return config
 
 
 def create_model(name: str, **overrides) -> nn.Module:

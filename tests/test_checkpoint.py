@@ -169,8 +169,8 @@ def test_non_square_source_grid_comes_from_the_config(tmp_path):
 
 
 def test_a_model_trained_with_the_triton_kernels_loads_on_a_cpu(tmp_path, monkeypatch):
-    """The saved backends are run-time choices: a checkpoint whose config names attn_impl='triton' and
-    mlm_loss='fused' rebuilds with the defaults where Triton cannot run, strictly, with the same weights."""
+    """A checkpoint whose config names attn_impl='triton' and mlm_loss='fused' rebuilds with sdpa / reference where
+    Triton cannot run, strictly, with the same weights."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     model = make(MIM)
     model.config.update(attn_impl="triton", mlm_loss="fused")  # as a GPU run saves it
@@ -178,7 +178,6 @@ def test_a_model_trained_with_the_triton_kernels_loads_on_a_cpu(tmp_path, monkey
     rebuilt = ckpt.create_model_from_checkpoint(tmp_path / "ckpt")
     assert (rebuilt.attn_impl, rebuilt.lm_head.loss_impl) == ("sdpa", "reference")
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), rebuilt.state_dict().values()))
-    assert "attn_impl" not in ckpt.read_model_config(tmp_path / "ckpt")
 
 
 def test_create_model_from_checkpoint_with_overrides(tmp_path):

@@ -73,13 +73,13 @@ def stage0_master_weights(optimizer_state: dict | None, names_by_group: list[lis
 def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path) -> Path:
     """Writes `out_dir/{model.safetensors, config.json}` from a DeepSpeed checkpoint written by our trainer."""
     from engine.checkpoint import save_pretrained
-    from engine.factory import architecture_config, create_model
+    from engine.factory import create_model, runnable_config
 
     ckpt_dir = resolve_checkpoint_dir(ckpt_dir)
     state, client = consolidated_state_dict(ckpt_dir)
     if "model_config" not in client:
         raise ValueError(f"{ckpt_dir} has no model_config in its client state: it was not written by engine.train")
-    model = create_model(**architecture_config(client["model_config"]))  # default backends: runs on any machine
+    model = create_model(**runnable_config(client["model_config"]))  # runs where the kernels cannot
     model.load_state_dict(state, strict=True)
     save_pretrained(model, out_dir)
     logger.info("exported %s → %s", ckpt_dir, out_dir)
