@@ -160,6 +160,7 @@ ALL_DTYPES = ("bf16", "fp16")
 TABLE_DTYPES = ("same", "fp32")  # the table in the input dtype (pure bf16/fp16), or an fp32 parameter (autocast)
 DEFAULT_OUT = Path("benchmarks/results/aot")
 HOOK_NAME = "aot_configs"
+TASKS_PER_WORKER = 200  # compiles per worker process before a fresh one (memory; ~2% of the time in imports)
 
 
 class UserError(Exception):
@@ -445,11 +446,17 @@ def _progress(done: int, total: int, started: float) -> None:
 
 
 def run_sweep(variants: list[Variant], jobs: int) -> list[dict]:
-    """Compile in a pool of worker processes. If a worker dies (segfault, out of memory), the pool breaks and every
-    unfinished variant is retried in a one-worker pool, in order: there the first unfinished one is the culprit."""
+    """Compile in pools of worker processes, a fresh pool per batch of TASKS_PER_WORKER × jobs variants (a worker
+    grows by ~0.6 MB per compile: 1 GB after 1000; the pool's own max_tasks_per_child hung on Python 3.11 when its
+    workers retired). If a worker dies (segfault, out of memory), its pool breaks and every unfinished variant is
+    retried in a one-worker pool, in order: there the first unfinished one is the culprit."""
     started = time.perf_counter()
     rows: dict[int, dict] = {}
-    pending = _run_pool(list(enumerate(variants)), jobs, rows, started, len(variants))
+    items = list(enumerate(variants))
+    batch = TASKS_PER_WORKER * jobs
+    pending = []
+    for first in range(0, len(items), batch):
+        pending += _run_pool(items[first:first + batch], jobs, rows, started, len(variants))
     while pending:
         pending = _run_pool(pending, 1, rows, started, len(variants))
         if pending:
@@ -461,9 +468,7 @@ def run_sweep(variants: list[Variant], jobs: int) -> list[dict]:
 def _run_pool(items: list[tuple[int, Variant]], jobs: int, rows: dict, started: float, total: int) -> list:
     crashed = []
     context = multiprocessing.get_context("spawn")  # no fork of a process that imported torch/triton
-    # A worker grows by ~0.6 MB per compile (1 GB after 1000): a fresh one every 200 compiles costs ~2% in imports.
-    recycle = {"max_tasks_per_child": 200} if sys.version_info >= (3, 11) else {}
-    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context, **recycle) as pool:
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
         futures = {pool.submit(compile_variant, variant): (index, variant) for index, variant in items}
         for future in concurrent.futures.as_completed(futures):
             index, variant = futures[future]
