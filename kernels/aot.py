@@ -12,7 +12,7 @@ opt-in per-block limit, and the compile time. Writes `aot_triton-<version>.jsonl
 
 Fails (exit status 1, one line per failure) on: a compile error; shared memory above the arch limit in a config of
 the pruned list (a candidate that overflows is only reported: the tuned list leaves it out); a group
-(kernel, arch, dtype, head dim, has_bias, deterministic, table dtype) with no spill-free config; and any config of
+(kernel, arch, dtype, head dim, has_bias, table dtype) with no spill-free config; and any config of
 the kernel's pruned list that spills. The pruned list is what a kernel module's optional hook returns:
 
     def aot_configs(kernel: str, arch: int, head_dim: int) -> list[triton.Config] | None
@@ -68,8 +68,7 @@ from triton.compiler import ASTSource
 # constexprs: name -> value, or a function of the Variant. configs: a zero-argument function of the kernel's module
 # returning its autotune candidates; None = the one launch `fixed` describes (meta-parameters the launcher passes,
 # num_warps/num_stages = Triton's launch defaults 4/3 unless the launcher sets them).
-# axes: which variant axes the kernel has: head_dim, bias (has_bias × table dtype), deterministic (a DETERMINISTIC
-# constexpr, swept True/False with bias only; no kernel has one since the backward became deterministic throughout).
+# axes: which variant axes the kernel has: head_dim, bias (has_bias × table dtype).
 # ---------------------------------------------------------------------------------------------------------------
 
 _STRIDES = "stride_qb:i32/16 stride_qh:i32/16 stride_qn:i32/16 stride_kb:i32/16 stride_kh:i32/16 stride_kn:i32/16 " \
@@ -84,7 +83,6 @@ _ATTENTION_CONSTEXPRS = {
     "HEAD_DIM": lambda v: v.head_dim,
     "BLOCK_D": lambda v: _block_d(v.head_dim),
     "HAS_BIAS": lambda v: v.has_bias,
-    "DETERMINISTIC": lambda v: bool(v.deterministic),  # only passed to a kernel that has it
     "DOT_PRECISION": lambda v: "ieee" if v.dtype == "fp32" else "tf32",
 }
 
@@ -176,7 +174,6 @@ class Variant:
     dtype: str
     head_dim: int | None
     has_bias: bool | None
-    deterministic: bool | None
     table_dtype: str | None  # resolved ("bf16", "fp32", ...) or None when the kernel has no table
     meta: tuple[tuple[str, int], ...]  # config meta-parameters (BLOCK_M, ...), sorted
     num_warps: int
@@ -258,17 +255,16 @@ def _ci_configs(name: str, candidates: list) -> list:
 
 
 def _shape_axes(name: str, head_dims: list[int]) -> list[tuple]:
-    """(head_dim, has_bias, deterministic, table dtype choice) combinations the kernel is compiled for."""
+    """(head_dim, has_bias, table dtype choice) combinations the kernel is compiled for."""
     axes = SPECS[name].axes
     dims = head_dims if "head_dim" in axes else [None]
     out = []
     for head_dim in dims:
         if "bias" not in axes:
-            out.append((head_dim, None, None, None))
+            out.append((head_dim, None, None))
             continue
-        out.append((head_dim, False, False if "deterministic" in axes else None, None))
-        determinism = (False, True) if "deterministic" in axes else (None,)
-        out += [(head_dim, True, det, table) for table in TABLE_DTYPES for det in determinism]
+        out.append((head_dim, False, None))
+        out += [(head_dim, True, table) for table in TABLE_DTYPES]
     return out
 
 
@@ -279,7 +275,7 @@ def build_variants(kernels: list[str], archs: list[int], dtypes: list[str], head
         candidates = _candidate_configs(name)
         kernel_dtypes = list(dtypes) + [d for d in SPECS[name].extra_dtypes if d not in dtypes]
         for arch in archs:
-            for head_dim, has_bias, det, table in _shape_axes(name, head_dims):
+            for head_dim, has_bias, table in _shape_axes(name, head_dims):
                 pruned = _pruned_configs(name, arch, head_dim)
                 configs = _configs_to_compile(name, candidates, pruned, subset)
                 pruned_keys = {_config_key(c) for c in (pruned if pruned is not None else candidates)}
@@ -291,7 +287,7 @@ def build_variants(kernels: list[str], archs: list[int], dtypes: list[str], head
                     for config in configs:
                         key = _config_key(config)
                         variants.append(Variant(
-                            name, arch, dtype, head_dim, has_bias, det, table_dtype, key[0], config.num_warps,
+                            name, arch, dtype, head_dim, has_bias, table_dtype, key[0], config.num_warps,
                             config.num_stages, getattr(config, "num_ctas", 1), getattr(config, "maxnreg", None),
                             candidate=key in candidate_keys, pruned=key in pruned_keys,
                         ))
@@ -510,13 +506,11 @@ def _group_label(row: dict) -> str:
         parts.append(f"D={row['head_dim']}")
     if row["has_bias"] is not None:
         parts.append("bias" if row["has_bias"] else "no-bias")
-    if row["deterministic"] is not None:
-        parts.append("deterministic" if row["deterministic"] else "atomic")
     return " ".join(parts)
 
 
 def _group_key(row: dict) -> tuple:
-    return tuple(row[k] for k in ("kernel", "arch", "dtype", "head_dim", "has_bias", "deterministic", "table_dtype"))
+    return tuple(row[k] for k in ("kernel", "arch", "dtype", "head_dim", "has_bias", "table_dtype"))
 
 
 def group_rows(rows: list[dict]) -> dict[tuple, list[dict]]:
@@ -548,6 +542,12 @@ def failures(rows: list[dict]) -> list[str]:
     return lines
 
 
+def candidate_overflows(rows: list[dict]) -> list[str]:
+    """Candidates the pruned list leaves out that would not launch (Triton raises OutOfResources at load)."""
+    return [f"{_group_label(row)} [{row['config']}]: {row['shared']} B > {row['shared_limit']} B"
+            for row in rows if _overflows(row) and not row.get("pruned")]
+
+
 def _short_config(row: dict) -> str:
     meta = row["meta"]
     if "BLOCK_M" in meta and "BLOCK_N" in meta:
@@ -563,9 +563,9 @@ def _fmt(value) -> str:
 
 def summary_table(rows: list[dict], pruned_only: bool = False) -> str:
     """One markdown row per group: how many configs compiled, how many are spill-free, and which."""
-    header = ("| kernel | arch | dtype | table | D | bias | det | configs | spill-free | regs | max smem B (limit) "
+    header = ("| kernel | arch | dtype | table | D | bias | configs | spill-free | regs | max smem B (limit) "
               "| spill-free configs (BLOCK_M x BLOCK_N, warps, stages) |")
-    lines = [header, "|" + "---|" * 12]
+    lines = [header, "|" + "---|" * 11]
     for group in group_rows(rows).values():
         group = [row for row in group if row.get("pruned")] if pruned_only else group
         if not group:
@@ -580,7 +580,7 @@ def summary_table(rows: list[dict], pruned_only: bool = False) -> str:
         configs = f"{len(group)}" + (f" ({errors} errors)" if errors else "")
         lines.append(
             f"| {first['kernel']} | sm_{first['arch']} | {first['dtype']} | {_fmt(first['table_dtype'])} "
-            f"| {_fmt(first['head_dim'])} | {_fmt(first['has_bias'])} | {_fmt(first['deterministic'])} | {configs} "
+            f"| {_fmt(first['head_dim'])} | {_fmt(first['has_bias'])} | {configs} "
             f"| {len(usable)} | {reg_range} | {_fmt(smem)} ({_fmt(first['shared_limit'])}) "
             f"| {', '.join(_short_config(row) for row in usable) or '**none**'} |"
         )
@@ -588,14 +588,14 @@ def summary_table(rows: list[dict], pruned_only: bool = False) -> str:
 
 
 def variants_table(rows: list[dict]) -> str:
-    header = ("| kernel | arch | dtype | table | D | bias | det | config | pruned | regs | spill st/ld B | stack B "
+    header = ("| kernel | arch | dtype | table | D | bias | config | pruned | regs | spill st/ld B | stack B "
               "| smem B | limit | compile s | error |")
-    lines = [header, "|" + "---|" * 16]
+    lines = [header, "|" + "---|" * 15]
     for row in rows:
         spills = "-" if row["spill_stores"] is None else f"{row['spill_stores']}/{row['spill_loads']}"
         lines.append(
             f"| {row['kernel']} | sm_{row['arch']} | {row['dtype']} | {_fmt(row['table_dtype'])} "
-            f"| {_fmt(row['head_dim'])} | {_fmt(row['has_bias'])} | {_fmt(row['deterministic'])} | {row['config']} "
+            f"| {_fmt(row['head_dim'])} | {_fmt(row['has_bias'])} | {row['config']} "
             f"| {_fmt(row.get('pruned'))} | {_fmt(row['n_regs'])} | {spills} | {_fmt(row['stack_bytes'])} "
             f"| {_fmt(row['shared'])} | {_fmt(row['shared_limit'])} | {_fmt(row['compile_s'])} "
             f"| {(row['error'] or '').replace('|', '/')} |"
@@ -620,6 +620,9 @@ def render_report(rows: list[dict], header: dict, failure_lines: list[str], hook
         "",
         "## Failures" if failure_lines else "## No failures",
         *[f"- {line}" for line in failure_lines],
+        "",
+        "## Candidates over the shared-memory limit (outside the pruned list: reported, not failures)",
+        *([f"- {line}" for line in candidate_overflows(rows)] or ["none"]),
         "",
         "## Every variant",
         variants_table(rows),
@@ -719,7 +722,7 @@ def _variant_of_launch(name: str, signature: dict, constants: dict) -> Variant:
     meta = tuple(sorted((key, values[key]) for key in _meta_names(name) if key in values))
     has_bias = values.get("HAS_BIAS")
     table = by_kind.get("*t") if has_bias else None
-    return Variant(name, 90, by_kind["*x"], values.get("HEAD_DIM"), has_bias, values.get("DETERMINISTIC"), table,
+    return Variant(name, 90, by_kind["*x"], values.get("HEAD_DIM"), has_bias, table,
                    meta, 4, 3)
 
 

@@ -46,7 +46,7 @@ def test_spec_matches_what_the_launchers_pass():
 
 
 def test_launch_mismatches_name_the_argument():
-    variant = aot.Variant("_fwd_kernel", 90, "bf16", 64, True, None, "fp32", (("BLOCK_M", 32), ("BLOCK_N", 16)), 4, 3)
+    variant = aot.Variant("_fwd_kernel", 90, "bf16", 64, True, "fp32", (("BLOCK_M", 32), ("BLOCK_N", 16)), 4, 3)
     fn = aot._kernel_function("_fwd_kernel")
     source = aot._ast_source(fn, variant)
     launch = ["_fwd_kernel", dict(source.signature), dict(source.constants), dict(source.attrs)]
@@ -62,7 +62,7 @@ def test_launch_mismatches_name_the_argument():
 
 def _row(**fields) -> dict:
     row = dict(
-        kernel="_fwd_kernel", arch=90, dtype="bf16", head_dim=64, has_bias=True, deterministic=None,
+        kernel="_fwd_kernel", arch=90, dtype="bf16", head_dim=64, has_bias=True,
         table_dtype="fp32", meta={"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3,
         config="BLOCK_M=64 BLOCK_N=64 w4 s3", candidate=True, pruned=False, n_regs=200, n_spills=0, spill_stores=0,
         spill_loads=0, stack_bytes=0, shared=65536, shared_limit=232448, compile_s=1.5, error=None,
@@ -113,6 +113,8 @@ def test_report_exit_status_and_files(tmp_path, capsys):
     assert out.rstrip().splitlines()[-1].startswith("SMEM OVERFLOW _fwd_kernel sm_90")
     markdown = next(tmp_path.glob("aot_*.md")).read_text()
     assert "## Candidate sweep" in markdown and "SMEM OVERFLOW" in markdown
+    assert aot.candidate_overflows([_row(config="candidate only", shared=240000)]) == [
+        "_fwd_kernel sm_90 bf16 table=fp32 D=64 bias [candidate only]: 240000 B > 232448 B"]
     rows = [json.loads(line) for line in next(tmp_path.glob("aot_*.jsonl")).read_text().splitlines()]
     assert [row["triton"] for row in rows] == ["0.0", "0.0"]
 
