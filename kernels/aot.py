@@ -3,6 +3,7 @@
     python -m kernels.aot [--subset=ci|full] [--arch=80,90] [--head-dims=64,128] [--dtypes=bf16,fp16]
                           [--kernels=_fwd_kernel,...] [--jobs=N] [--out=benchmarks/results/aot/] [--cache-dir=DIR]
     python -m kernels.aot --check-launchers     # only: does SPECS match what the launchers pass Triton? (seconds)
+    python -m kernels.aot --compare A.jsonl B.jsonl   # only: variants usable in one result file and not the other
 
 Each variant goes through the full Triton pipeline (`triton.compile(ASTSource(...), target=GPUTarget("cuda", arch,
 32))`) down to a cubin made by the `ptxas` bundled in Triton's wheel, in a throwaway `TRITON_CACHE_DIR` (so every
@@ -548,6 +549,26 @@ def candidate_overflows(rows: list[dict]) -> list[str]:
             for row in rows if _overflows(row) and not row.get("pruned")]
 
 
+def _compile_state(row: dict) -> str:
+    if not _compiled(row):
+        return "compile error"
+    return f"{row['n_regs']} regs, spill {row['spill_stores']}/{row['spill_loads']} B, smem {row['shared']} B"
+
+
+def compare(rows_a: list[dict], rows_b: list[dict]) -> list[str]:
+    """Two sweeps (e.g. two Triton versions) side by side: how many variants both compiled, and each one that is
+    usable (compiles, no spill, fits shared memory) in one sweep and not in the other."""
+    by_key_b = {(_group_key(row), row["config"]): row for row in rows_b}
+    both = [(row, by_key_b[(_group_key(row), row["config"])]) for row in rows_a
+            if (_group_key(row), row["config"]) in by_key_b]
+    differ = [(a, b) for a, b in both if _usable(a) != _usable(b)]
+    lines = [f"{len(both)} variants in both sweeps; usable in both: {sum(_usable(a) and _usable(b) for a, b in both)}; "
+             f"in neither: {sum(not _usable(a) and not _usable(b) for a, b in both)}; differ: {len(differ)}"]
+    lines += [f"{_group_label(a)} [{a['config']}]: Triton {a.get('triton', '?')} {_compile_state(a)}; "
+              f"Triton {b.get('triton', '?')} {_compile_state(b)}" for a, b in differ]
+    return lines
+
+
 def _short_config(row: dict) -> str:
     meta = row["meta"]
     if "BLOCK_M" in meta and "BLOCK_N" in meta:
@@ -792,10 +813,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cache-dir", type=Path, default=None, help="keep Triton's cache here (default: a temp dir)")
     parser.add_argument("--check-launchers", action="store_true",
                         help="only check that SPECS matches what the launchers pass Triton (seconds, no compile)")
+    parser.add_argument("--compare", nargs=2, type=Path, metavar=("A.jsonl", "B.jsonl"),
+                        help="only compare two result files: the variants usable in one and not the other")
     args = parser.parse_args(argv)
     args.head_dims = args.head_dims or ([64] if args.subset == "ci" else [64, 128])
     args.dtypes = args.dtypes or (["bf16"] if args.subset == "ci" else list(ALL_DTYPES))
     return args
+
+
+def _read_rows(path: Path) -> list[dict]:
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, json.JSONDecodeError) as error:
+        raise UserError(f"cannot read {path} as AOT result rows ({error}): give a .jsonl that kernels.aot wrote")
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -916,6 +946,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.check_launchers:
             _check_not_interpreted()
             return check_launchers()
+        if args.compare:
+            for line in compare(*[_read_rows(path) for path in args.compare]):
+                print(line)
+            return 0
         ptxas, variants = _prepare(args)
     except UserError as error:
         print(f"kernels.aot: {error}", file=sys.stderr)

@@ -140,3 +140,22 @@ def test_user_errors_are_one_line(monkeypatch, capsys):
     assert len(errors) == 2
     assert errors[0].startswith("kernels.aot: no ptxas for sm_90") and "TRITON_PTXAS_PATH" in errors[0]
     assert errors[1].startswith("kernels.aot: unknown kernel(s) ['_no_such_kernel']")
+
+
+def test_compare_names_the_variants_that_differ(tmp_path, capsys):
+    clean, spilling = _row(triton="3.9.0"), _row(triton="3.6.0", spill_stores=8, spill_loads=4, n_regs=255)
+    other_config = _row(triton="3.6.0", config="BLOCK_M=32 BLOCK_N=64 w4 s2")
+    assert aot.compare([clean], [spilling, other_config]) == [
+        "1 variants in both sweeps; usable in both: 0; in neither: 0; differ: 1",
+        "_fwd_kernel sm_90 bf16 table=fp32 D=64 bias [BLOCK_M=64 BLOCK_N=64 w4 s3]: "
+        "Triton 3.9.0 200 regs, spill 0/0 B, smem 65536 B; Triton 3.6.0 255 regs, spill 8/4 B, smem 65536 B",
+    ]
+    files = []
+    for name, rows in (("a", [clean]), ("b", [clean])):
+        files.append(tmp_path / f"{name}.jsonl")
+        files[-1].write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert aot.main(["--compare", *map(str, files)]) == 0
+    assert capsys.readouterr().out.startswith("1 variants in both sweeps; usable in both: 1;")
+    (tmp_path / "bad.jsonl").write_text("not json")
+    assert aot.main(["--compare", str(files[0]), str(tmp_path / "bad.jsonl")]) == 2
+    assert "give a .jsonl that kernels.aot wrote" in capsys.readouterr().err
