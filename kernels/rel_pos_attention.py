@@ -438,7 +438,9 @@ def device_sm_count(device: torch.device) -> int:
 
 def batch_groups(batch: int, heads: int, tokens: int, sm_count: int) -> int:
     """Batch groups G of the dQ pass with a bias: enough programs (query blocks × heads × G) for ~2 waves on
-    `sm_count` multiprocessors, and no more, since the `[G, H, N, N]` fp32 partial grows with G."""
+    `sm_count` multiprocessors, and no more, since the `[G, H, N, N]` fp32 partial grows with G. G is fixed before
+    the autotuner picks BLOCK_M, so it counts 64-row query blocks, the size of most tuned dQ configs; sm_90's one
+    D=128 config (32 rows) runs twice the programs, ~4 waves."""
     query_blocks = triton.cdiv(tokens, 64)
     return max(1, min(batch, triton.cdiv(2 * sm_count, query_blocks * heads)))
 
