@@ -3,7 +3,7 @@ PYTHON ?= python
 # The CPU build of torch is installed by exact version so pip never pulls the multi-GB CUDA build on a CPU machine.
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test lint bench aot gpu-wheels gpu-check bench-pytest
+.PHONY: install demo test lint bench aot aot-oldest gpu-wheels gpu-check bench-pytest
 
 install:
 	$(PYTHON) -m pip install $(TORCH)
@@ -25,10 +25,18 @@ bench: install
 
 # Compiles every Triton kernel for sm_80/sm_90 with the ptxas in Triton's wheel, no GPU needed (kernels/aot.py);
 # fails on compile errors, shared-memory overflow and spilling configs. Writes benchmarks/results/aot/.
-# AOT_SUBSET=full: every autotune config (long); PYTHON=/tmp/venv_tr36/bin/python: the tool under another Triton.
+# AOT_SUBSET=full: every autotune config (long). aot-oldest: the same check under the oldest Triton we support (the
+# GPU nodes' image has it), installed into a folder beside the tree that shadows the installed one on PYTHONPATH.
 AOT_SUBSET ?= ci
+TRITON_OLDEST ?= 3.6.0
+OLDEST_TRITON_DIR = .triton-$(TRITON_OLDEST)
 aot:
 	env -u TRITON_INTERPRET $(PYTHON) -m kernels.aot --subset=$(AOT_SUBSET)
+
+aot-oldest:
+	test -d $(OLDEST_TRITON_DIR)/triton || $(PYTHON) -m pip install -q --no-deps --target $(OLDEST_TRITON_DIR) \
+		triton==$(TRITON_OLDEST)
+	PYTHONPATH=$(OLDEST_TRITON_DIR)$${PYTHONPATH:+:$$PYTHONPATH} $(MAKE) aot
 
 # GPU validation on a bare node (benchmarks/README.md, "GPU validation on a bare node"); neither target runs `install`.
 # gpu-wheels (here, with network): .whl/ (git-ignored) holds what the node lacks: DeepSpeed built without ops (pure

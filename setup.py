@@ -67,7 +67,7 @@ setup(
     cmdclass={"build_ext": OptionalCMakeBuild},
     install_requires=[
         "torch>=2.5",
-        "triton",
+        "triton>=3.6,<3.10",  # tested: 3.6.0 (make aot-oldest; the GPU nodes' image) and 3.9.0 (everything)
         "deepspeed",
         "numpy",
         "pillow",
