@@ -26,16 +26,18 @@ bench: install
 # Compiles every Triton kernel for sm_80/sm_90 with the ptxas in Triton's wheel, no GPU needed (kernels/aot.py);
 # fails on compile errors, shared-memory overflow and spilling configs. Writes benchmarks/results/aot/.
 # AOT_SUBSET=full: every autotune config (long). aot-oldest: the same check under the oldest Triton we support (the
-# GPU nodes' image has it), installed into a folder beside the tree that shadows the installed one on PYTHONPATH.
+# GPU nodes' image has it), installed into a folder beside the tree (per Python version: the wheel is compiled) that
+# shadows the installed Triton on PYTHONPATH; installed into a temporary folder first, so a broken install is redone.
 AOT_SUBSET ?= ci
 TRITON_OLDEST ?= 3.6.0
-OLDEST_TRITON_DIR = .triton-$(TRITON_OLDEST)
+OLDEST_TRITON_DIR = $(CURDIR)/.triton-$(TRITON_OLDEST)-$(shell $(PYTHON) -c "import sys; print(sys.implementation.cache_tag)")
 aot:
 	env -u TRITON_INTERPRET $(PYTHON) -m kernels.aot --subset=$(AOT_SUBSET)
 
 aot-oldest:
-	test -d $(OLDEST_TRITON_DIR)/triton || $(PYTHON) -m pip install -q --no-deps --target $(OLDEST_TRITON_DIR) \
-		triton==$(TRITON_OLDEST)
+	@test -d $(OLDEST_TRITON_DIR)/triton-$(TRITON_OLDEST).dist-info || { rm -rf $(OLDEST_TRITON_DIR).partial && \
+		$(PYTHON) -m pip install -q --no-deps --target $(OLDEST_TRITON_DIR).partial triton==$(TRITON_OLDEST) && \
+		rm -rf $(OLDEST_TRITON_DIR) && mv $(OLDEST_TRITON_DIR).partial $(OLDEST_TRITON_DIR); }
 	PYTHONPATH=$(OLDEST_TRITON_DIR)$${PYTHONPATH:+:$$PYTHONPATH} $(MAKE) aot
 
 # GPU validation on a bare node (benchmarks/README.md, "GPU validation on a bare node"); neither target runs `install`.

@@ -66,8 +66,8 @@ setup(
     ext_modules=[CMakeExtension("engine.data._native_masking")],
     cmdclass={"build_ext": OptionalCMakeBuild},
     install_requires=[
-        "torch>=2.5",
-        "triton>=3.6,<3.10",  # tested: 3.6.0 (make aot-oldest; the GPU nodes' image) and 3.9.0 (everything)
+        "torch>=2.10",  # Triton 3.6, the oldest we support, works with torch >= 2.10 only
+        "triton>=3.6",  # tested: 3.6.0 (make aot-oldest; the GPU nodes' image) and 3.9.0 (everything)
         "deepspeed",
         "numpy",
         "pillow",

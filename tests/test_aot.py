@@ -143,19 +143,29 @@ def test_user_errors_are_one_line(monkeypatch, capsys):
 
 
 def test_compare_names_the_variants_that_differ(tmp_path, capsys):
-    clean, spilling = _row(triton="3.9.0"), _row(triton="3.6.0", spill_stores=8, spill_loads=4, n_regs=255)
-    other_config = _row(triton="3.6.0", config="BLOCK_M=32 BLOCK_N=64 w4 s2")
-    assert aot.compare([clean], [spilling, other_config]) == [
-        "1 variants in both sweeps; usable in both: 0; in neither: 0; differ: 1",
+    spilling = dict(spill_stores=8, spill_loads=4, n_regs=255)
+    sweep_a = [_row(), _row(config="only usable in B", **spilling), _row(config="in neither", error="CompilationError"),
+               _row(config="only in A")]
+    sweep_b = [_row(**spilling), _row(config="only usable in B"), _row(config="in neither", shared=240000),
+               _row(config="only in B"), _row(config="also only in B")]
+    assert aot.compare(sweep_a, sweep_b, names=("3.9", "3.6")) == [
+        "variants in both: 3; only in 3.9: 1; only in 3.6: 2; usable in both: 0; in neither: 1; differ: 2",
         "_fwd_kernel sm_90 bf16 table=fp32 D=64 bias [BLOCK_M=64 BLOCK_N=64 w4 s3]: "
-        "Triton 3.9.0 200 regs, spill 0/0 B, smem 65536 B; Triton 3.6.0 255 regs, spill 8/4 B, smem 65536 B",
+        "3.9 200 regs, spill 0/0 B, smem 65536 B; 3.6 255 regs, spill 8/4 B, smem 65536 B",
+        "_fwd_kernel sm_90 bf16 table=fp32 D=64 bias [only usable in B]: "
+        "3.9 255 regs, spill 8/4 B, smem 65536 B; 3.6 200 regs, spill 0/0 B, smem 65536 B",
     ]
-    files = []
-    for name, rows in (("a", [clean]), ("b", [clean])):
-        files.append(tmp_path / f"{name}.jsonl")
-        files[-1].write_text("".join(json.dumps(row) + "\n" for row in rows))
-    assert aot.main(["--compare", *map(str, files)]) == 0
-    assert capsys.readouterr().out.startswith("1 variants in both sweeps; usable in both: 1;")
-    (tmp_path / "bad.jsonl").write_text("not json")
-    assert aot.main(["--compare", str(files[0]), str(tmp_path / "bad.jsonl")]) == 2
-    assert "give a .jsonl that kernels.aot wrote" in capsys.readouterr().err
+    assert aot.compare([_row(error="CompilationError")], [_row()])[1].endswith(
+        "A compile error; B 200 regs, spill 0/0 B, smem 65536 B")
+    files = {}
+    for name, rows in (("a", sweep_a), ("b", sweep_b), ("same", [_row()])):
+        files[name] = tmp_path / f"{name}.jsonl"
+        files[name].write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert aot.main(["--compare", str(files["same"]), str(files["same"])]) == 0
+    assert capsys.readouterr().out.startswith("variants in both: 1; only in")
+    assert aot.main(["--compare", str(files["a"]), str(files["b"])]) == 1
+    assert "a.jsonl 200 regs" in capsys.readouterr().out
+    for bad in ("not json", "{}\n", "1\n", ""):
+        (tmp_path / "bad.jsonl").write_text(bad)
+        assert aot.main(["--compare", str(files["a"]), str(tmp_path / "bad.jsonl")]) == 2
+        assert "give a .jsonl that kernels.aot wrote" in capsys.readouterr().err
