@@ -65,12 +65,13 @@ def _barrier() -> None:
 
 
 def save_checkpoint(engine, output_dir: str | Path, step: int, client_state: dict, rank: int, keep: int = 2,
-                    rank0_files: dict[str, object] | None = None) -> Path:
+                    rank0_files: dict[str, object] | None = None, overwrite: bool = False) -> Path:
     """Collective: every rank calls it. `rank0_files` (name → object, e.g. EMA weights) are `torch.save`d into the
-    checkpoint by rank 0. Returns the final checkpoint dir."""
+    checkpoint by rank 0. Returns the final checkpoint dir. A checkpoint of this step that exists already is kept,
+    unless `overwrite` (its client state changed): the new one is then written beside it and swapped in."""
     root = Path(output_dir)
     final = root / checkpoint_name(step)
-    if final.is_dir():  # already saved at this step (e.g. a stop signal right after a periodic save)
+    if final.is_dir() and not overwrite:  # already saved at this step (e.g. a stop signal right after a save)
         return final
     tmp_name = checkpoint_name(step) + ".tmp"
     if rank == 0:
@@ -83,7 +84,10 @@ def save_checkpoint(engine, output_dir: str | Path, step: int, client_state: dic
             torch.save(obj, root / tmp_name / name)
     _barrier()
     if rank == 0:
+        if final.is_dir():  # overwrite: a kill between the renames leaves the older checkpoints to resume from
+            os.rename(final, root / (checkpoint_name(step) + ".old.tmp"))
         os.rename(root / tmp_name, final)
+        shutil.rmtree(root / (checkpoint_name(step) + ".old.tmp"), ignore_errors=True)
         _write_atomic(root / LATEST, final.name + "\n")
         for old in complete_checkpoints(root)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)

@@ -46,9 +46,10 @@ class ClassificationLoss(nn.Module):
 
 
 @torch.no_grad()
-def evaluate(module: nn.Module, loader, device: torch.device, dtype: torch.dtype) -> dict:
+def evaluate(module: nn.Module, loader, device: torch.device, dtype: torch.dtype, stop=None) -> dict:
     """Top-1/top-5 accuracy (%) and mean CE over this rank's shard, summed over ranks; one host sync at the end.
-    `loader` yields uint8 images, finished on the device by its dataset's `transform.model_inputs`."""
+    `loader` yields uint8 images, finished on the device by its dataset's `transform.model_inputs`. With a
+    `StopSignal`, a stop raises EvaluationStopped on every rank at the same batch (the shards have equal lengths)."""
     from engine.data import set_loader_epoch
 
     set_loader_epoch(loader, 0)
@@ -56,7 +57,7 @@ def evaluate(module: nn.Module, loader, device: torch.device, dtype: torch.dtype
     module.eval()
     transform = loader.dataset.transform
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # correct1, correct5, loss_sum, count
-    for images, labels in loader:
+    for images, labels in loader if stop is None else stop.iterate(loader, len(loader)):
         images = transform.model_inputs(images.to(device, non_blocking=True), dtype)
         labels = labels.to(device, non_blocking=True)
         logits = module(images).float()
@@ -190,16 +191,16 @@ class ImageClassification(EvaluatedTask):
         if self.ema is not None:
             self.ema.update(self.model)
 
-    def evaluate(self, engine, step: int, epoch: int, epoch_done: bool, last_step: int) -> None:
+    def evaluate(self, engine, step: int, epoch: int, epoch_done: bool, last_step: int, stop) -> None:
         """At the end of every `eval_every`-th epoch and of the run: top-1/top-5 (and the EMA's); when top-1
         improves, rank 0 writes `best/` (safetensors + config)."""
         steps_per_epoch = len(self.loader) // self.cfg.run.grad_accum
         if not (epoch_done and ((step // steps_per_epoch) % self.cfg.extras.eval_every == 0 or step == last_step)):
             return
         device = self.dist_info.device
-        result = {"step": step, "epoch": epoch, **evaluate(self.model, self.eval_loader, device, self.dtype)}
+        result = {"step": step, "epoch": epoch, **evaluate(self.model, self.eval_loader, device, self.dtype, stop)}
         if self.ema is not None:
-            ema_result = evaluate(self.ema.module, self.eval_loader, device, torch.float32)
+            ema_result = evaluate(self.ema.module, self.eval_loader, device, torch.float32, stop)
             result.update({f"ema_{k}": v for k, v in ema_result.items()})
         if self.dist_info.is_main:
             logger.info("eval at step %d (epoch %d): top-1 %.2f%% top-5 %.2f%% loss %.4f", step, epoch,

@@ -10,6 +10,7 @@ Host syncs happen only at log, evaluation and save steps: per-step statistics an
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -21,19 +22,22 @@ from engine.config import ConfigError, save_config
 from engine.train import checkpointing
 from engine.train.deepspeed_config import build_deepspeed_config
 from engine.train.flops import device_peak_flops
-from engine.train.guards import StepHealth, StopSignal, loss_scale
+from engine.train.guards import EvaluationStopped, StepHealth, StopSignal, loss_scale
 from engine.train.metrics import METRICS_FILE, MetricsLogger, plot_curves, read_metrics
 from engine.train.optim import build_optimizer
+from engine.train.run_lock import RunLock
 from engine.train.runtime import DistInfo, init_distributed, seed_everything
 from engine.train.schedules import Schedules, apply_schedules, build_schedules
 from engine.train.settings import OptimSettings, RunSettings
 from engine.train.validation import check_backends, resolve_precision
+from engine.train.watchdog import Watchdog
 
 logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 DEEPSPEED_CONFIG_FILE = "deepspeed_config.json"
 CURVES_PNG = "curves.png"
+COLLECTIVE_GRACE_S = 60  # the collectives' own timeout: this long after the watchdog's (which names the rank first)
 
 
 def resolve_lr(optim: OptimSettings, global_batch: int) -> float:
@@ -125,6 +129,23 @@ def _epoch_batches(loader, epoch: int, start_batch: int = 0):
     return iter(loader)
 
 
+def lock_output_dir(output_dir: Path, dist_info: DistInfo) -> RunLock:
+    """Rank 0 takes `output_dir`'s run lock; every rank raises the same ConfigError when another live run has it."""
+    lock, error = RunLock(output_dir), None
+    if dist_info.is_main:
+        try:
+            lock.acquire(dist_info.launcher, dist_info.world_size)
+        except ConfigError as err:
+            error = str(err)
+    if dist_info.world_size > 1:
+        shared = [error]
+        dist.broadcast_object_list(shared, src=0)
+        error = shared[0]
+    if error is not None:
+        raise ConfigError(error)
+    return lock
+
+
 def _write_run_config(cfg, output_dir: Path, dist_info: DistInfo) -> None:
     if dist_info.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -137,11 +158,20 @@ def train(cfg, task_class) -> dict:
     """Builds `task_class(cfg, dist_info)`, trains (or resumes) until `epochs` or `max_steps`; returns a summary
     (rank 0 has the full one). A stop signal saves a checkpoint and returns with `stopped_by` set."""
     run = cfg.run
-    dist_info = init_distributed(run.device)
+    dist_info = init_distributed(run.device, run.dist_timeout_s + COLLECTIVE_GRACE_S)
     resolve_precision(run)
     check_backends(cfg.model, run)
     resolve_grad_accum(run, dist_info.world_size)
     output_dir = Path(run.output_dir)
+    lock = lock_output_dir(output_dir, dist_info)
+    try:
+        return _train(cfg, task_class, dist_info)
+    finally:
+        lock.release()
+
+
+def _train(cfg, task_class, dist_info: DistInfo) -> dict:
+    run, output_dir = cfg.run, Path(cfg.run.output_dir)
     _write_run_config(cfg, output_dir, dist_info)
     seed_everything(run.seed + dist_info.rank)
     task = task_class(cfg, dist_info)
@@ -170,34 +200,47 @@ def train(cfg, task_class) -> dict:
     if dist.is_initialized():
         dist.barrier()
 
-    def client_state(step: int) -> dict:
+    def client_state(step: int, pending_evaluation: list | None) -> dict:
         return {"step": step, "steps_per_epoch": steps_per_epoch, "global_batch": global_batch,
                 "world_size": dist_info.world_size, "model_config": dict(task.model.config),
                 "master_param_names": [group["param_names"] for group in groups],  # export reads stage-0 masters
-                **task.client_state()}
+                "pending_evaluation": pending_evaluation, **task.client_state()}
 
-    start_step = 0
+    start_step, redo_evaluation = 0, None
     ckpt = checkpointing.latest_checkpoint(output_dir) if run.resume else None
     if ckpt is not None:
         client = checkpointing.load_checkpoint(engine, ckpt, dist_info.rank)
         check_resume_compatible(client, dist_info.world_size, global_batch, steps_per_epoch)
         task.resume(client, ckpt)
-        start_step = client["step"]
+        start_step, redo_evaluation = client["step"], client.get("pending_evaluation")
         logger.info("resumed from %s at step %d", ckpt, start_step)
 
-    summary = _loop(cfg, task, engine, schedules, client_state, start_step, last_step, steps_per_epoch)
-    if summary["stopped_by"] is None:
-        summary.update(task.finish(engine, summary["checkpoint"]))
-        if dist_info.is_main:
-            rows = read_metrics(output_dir / METRICS_FILE)
-            summary.update(curves_png=plot_curves(rows, output_dir / CURVES_PNG, panels=task.curve_panels),
-                           metrics_file=output_dir / METRICS_FILE, first=rows[0] if rows else {},
-                           last=rows[-1] if rows else {})
+    watchdog = Watchdog(run.dist_timeout_s, dist_info.rank, dist_info.world_size, os.environ["MASTER_ADDR"],
+                        int(os.environ["MASTER_PORT"])) if dist_info.world_size > 1 else None
+    stop = StopSignal(watchdog)
+    try:
+        summary = _loop(cfg, task, engine, schedules, client_state, start_step, last_step, steps_per_epoch, stop,
+                        redo_evaluation)
+        if summary["stopped_by"] is None:
+            if watchdog is not None:
+                watchdog.beat("the end of the run (final weights)")
+            summary.update(task.finish(engine, summary["checkpoint"]))
+    finally:
+        stop.restore()
+        if watchdog is not None:
+            watchdog.close()
+    if summary["stopped_by"] is None and dist_info.is_main:
+        rows = read_metrics(output_dir / METRICS_FILE)
+        summary.update(curves_png=plot_curves(rows, output_dir / CURVES_PNG, panels=task.curve_panels),
+                       metrics_file=output_dir / METRICS_FILE, first=rows[0] if rows else {},
+                       last=rows[-1] if rows else {})
     return summary
 
 
 def _loop(cfg, task, engine, schedules: Schedules, client_state, start_step: int, last_step: int,
-          steps_per_epoch: int) -> dict:
+          steps_per_epoch: int, stop: StopSignal, redo_evaluation: list | None) -> dict:
+    """Steps from `start_step` to `last_step` (first redoing an evaluation that a stop interrupted before the
+    checkpoint of `start_step` was written) → {"step", "stopped_by", "checkpoint"}."""
     run, dist_info = cfg.run, task.dist_info
     output_dir, device = Path(run.output_dir), dist_info.device
     global_batch = run.batch_size * run.grad_accum * dist_info.world_size
@@ -205,11 +248,28 @@ def _loop(cfg, task, engine, schedules: Schedules, client_state, start_step: int
     own_grad_norm = run.precision == "fp32" and run.zero_stage == 0  # DeepSpeed clips there without keeping the norm
     metrics = MetricsLogger(output_dir, dist_info.is_main, last_step, start_step, run.progress)
     health = StepHealth(engine, run.precision, run.max_bad_steps, device)
-    stop = StopSignal()
+    pending_evaluation = None  # [epoch, epoch_done] of an evaluation a stop interrupted: redone when resumed
 
-    def save(step: int) -> Path:
-        return checkpointing.save_checkpoint(engine, output_dir, step, client_state(step), dist_info.rank,
-                                             run.keep_checkpoints, task.checkpoint_files())
+    def beat(where: str) -> None:
+        if stop.watchdog is not None:
+            stop.watchdog.beat(where)
+
+    def save(step: int, overwrite: bool = False) -> Path:
+        beat(f"saving the checkpoint of step {step}")
+        return checkpointing.save_checkpoint(engine, output_dir, step, client_state(step, pending_evaluation),
+                                             dist_info.rank, run.keep_checkpoints, task.checkpoint_files(),
+                                             overwrite=overwrite)
+
+    def evaluate(step: int, epoch: int, epoch_done: bool) -> bool:
+        """The task's evaluation hook; False (and the evaluation pending) when a stop interrupted it."""
+        nonlocal pending_evaluation
+        beat(f"the evaluation after step {step}")
+        try:
+            task.evaluate(engine, step, epoch, epoch_done, last_step, stop)
+        except EvaluationStopped:
+            pending_evaluation = [epoch, epoch_done]
+            return False
+        return True
 
     step, stopped_by, ckpt_dir = start_step, None, None
     epoch = start_step // steps_per_epoch
@@ -219,7 +279,10 @@ def _loop(cfg, task, engine, schedules: Schedules, client_state, start_step: int
         logger.info("starting %d DataLoader worker(s) per rank: the first step waits for them", run.num_workers)
     engine.train()
     try:
-        while step < last_step:
+        if redo_evaluation is not None and not evaluate(step, *redo_evaluation):
+            stopped_by = stop.received or "signal on another rank"
+        while stopped_by is None and step < last_step:
+            beat(f"step {step + 1}")
             if step % steps_per_epoch == 0 and step != start_step:  # epochs are counted in optimizer steps
                 epoch = step // steps_per_epoch
                 batches = _epoch_batches(task.loader, epoch)
@@ -250,18 +313,18 @@ def _loop(cfg, task, engine, schedules: Schedules, client_state, start_step: int
                        **task.log_extras(engine, step, last_step, metrics)}
                 metrics.log(row)
                 window_start, window_steps = time.perf_counter(), 0
-            task.evaluate(engine, step, epoch, step % steps_per_epoch == 0 or step == last_step, last_step)
-            if stop.poll():
+            if not evaluate(step, epoch, step % steps_per_epoch == 0 or step == last_step) or stop.poll():
                 stopped_by = stop.received or "signal on another rank"
                 break
             if save_due:
                 save(step)
         health.check(step)
-        ckpt_dir = save(step)
+        # a redone evaluation of the resumed step clears its mark in that step's checkpoint
+        ckpt_dir = save(step, overwrite=redo_evaluation is not None and step == start_step and stopped_by is None)
     finally:
         metrics.close()
-        stop.restore()
     if stopped_by and dist_info.is_main:
-        logger.warning("stopped by %s at step %d; checkpoint %s saved. Run the same command again to resume.",
-                       stopped_by, step, ckpt_dir)
+        during = " during an evaluation (redone when resumed)" if pending_evaluation is not None else ""
+        logger.warning("stopped by %s at step %d%s; checkpoint %s saved. Run the same command again to resume.",
+                       stopped_by, step, during, ckpt_dir)
     return {"step": step, "stopped_by": stopped_by, "checkpoint": ckpt_dir}

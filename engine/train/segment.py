@@ -59,6 +59,7 @@ class SemanticSegmentation(EvaluatedTask):
         self.eval_transform = SegEvalTransform(data.img_scale, imagenet_mean_std=data.imagenet_mean_std)
         eval_set = ADE20KDataset(data.data_path, "validation", num_classes=data.num_classes)
         count = min(len(eval_set), data.max_eval_images) if data.max_eval_images > 0 else len(eval_set)
+        self.eval_count = count
         # every rank scores its own images once (no padding repeats, so the summed confusion matrix is exact)
         self.eval_loader = torch.utils.data.DataLoader(
             SegmentationSamples(eval_set, self.eval_transform, seed=run.seed), batch_size=1,
@@ -86,8 +87,9 @@ class SemanticSegmentation(EvaluatedTask):
         return self.flops
 
     @torch.no_grad()
-    def score(self) -> dict:
-        """mIoU, mAcc, aAcc (%) and per-class IoU over the validation images, all ranks together."""
+    def score(self, stop) -> dict:
+        """mIoU, mAcc, aAcc (%) and per-class IoU over the validation images, all ranks together. A stop raises
+        EvaluationStopped on every rank at the same image index (engine/train/guards.py, `StopSignal.iterate`)."""
         from engine.segmentation.metrics import confusion_matrix, reduce_confusion, segmentation_metrics
         from engine.segmentation.model import aug_inference
 
@@ -96,7 +98,9 @@ class SemanticSegmentation(EvaluatedTask):
         was_training = self.model.training
         self.model.eval()
         confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
-        for images, labels in self.eval_loader:  # one image: uint8 [1, 3, h, w], its label at the original size
+        most_per_rank = -(-self.eval_count // self.dist_info.world_size)  # ranks hold n or n - 1 images
+        # one image a batch: uint8 [1, 3, h, w], its label at the original size
+        for images, labels in stop.iterate(self.eval_loader, most_per_rank):
             images = self.eval_transform.model_inputs(images.to(device), self.dtype)
             labels = labels.to(device).long()
             probs = aug_inference(self.model, images, scales=data.eval_scales, flip=data.eval_flip, crop_size=crop,
@@ -106,10 +110,10 @@ class SemanticSegmentation(EvaluatedTask):
         self.model.train(was_training)
         return segmentation_metrics(reduce_confusion(confusion))
 
-    def evaluate(self, engine, step: int, epoch: int, epoch_done: bool, last_step: int) -> None:
+    def evaluate(self, engine, step: int, epoch: int, epoch_done: bool, last_step: int, stop) -> None:
         if step % self.cfg.head.eval_every and step != last_step:
             return
-        metrics = self.score()
+        metrics = self.score(stop)
         if self.dist_info.is_main:
             logger.info("eval at step %d: mIoU %.2f%%, mAcc %.2f%%, pixel accuracy %.2f%%", step, metrics["mIoU"],
                         metrics["mAcc"], metrics["aAcc"])

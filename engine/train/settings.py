@@ -64,6 +64,9 @@ class RunSettings:
     log_every: int = 10  # optimizer steps between metric rows
     max_bad_steps: int = 20  # stop after this many consecutive non-finite / overflowed steps
     resume: bool = True  # resume from the newest complete checkpoint in output_dir
+    # a rank that makes no progress for this long (a dead or hung peer) ends its process, naming the step and the
+    # silent ranks, so the whole job ends (engine/train/watchdog.py); collectives time out 60 s later
+    dist_timeout_s: int = 600
     progress: bool = True  # tqdm bar on rank 0
 
 

@@ -72,8 +72,11 @@ class Task(ABC):
         """Extra values for the log row of `step` (host syncs allowed: this is a logging step)."""
         return {}
 
-    def evaluate(self, engine, step: int, epoch: int, epoch_done: bool, last_step: int) -> None:
-        """Called after every step; evaluates when its schedule says so (collective on every rank)."""
+    def evaluate(self, engine, step: int, epoch: int, epoch_done: bool, last_step: int, stop) -> None:
+        """Called after every step; evaluates when its schedule says so (collective on every rank). Its batches go
+        through `stop.iterate(loader, count)` (engine/train/guards.py), so a stop signal ends it within a batch or
+        two on every rank (EvaluationStopped); the loop then saves and the evaluation is redone on resume. The
+        decision must depend on the arguments only (the redo passes the same ones)."""
 
     def finish(self, engine, ckpt_dir: Path) -> dict:
         """After the final checkpoint of a run that was not stopped (every rank): exports and summary values."""

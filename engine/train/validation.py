@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from engine.config import ConfigError
-from engine.train.runtime import resolve_device
+from engine.train.runtime import detect_launch, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def check_dataset_size(data_path: str, run) -> None:
     """Lists the training split (cheap: no image is decoded) and checks that it holds one global batch."""
     from engine.data.datasets import build_dataset
 
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    world_size = detect_launch(os.environ).world_size
     global_batch = run.global_batch or run.batch_size * run.grad_accum * world_size
     size = len(build_dataset(data_path, "train"))
     require(size >= global_batch, "data_path", data_path,
@@ -151,7 +151,7 @@ def check_optim(optim) -> None:
 def check_run(run) -> None:
     """Ranges, the device/precision/ZeRO combination, and the batch layout against the launcher's world size."""
     for key, low in (("epochs", 1), ("batch_size", 1), ("grad_accum", 1), ("num_workers", 0), ("save_every", 0),
-                     ("keep_checkpoints", 1), ("log_every", 1), ("max_bad_steps", 1)):
+                     ("keep_checkpoints", 1), ("log_every", 1), ("max_bad_steps", 1), ("dist_timeout_s", 10)):
         at_least(key, getattr(run, key), low)
     require(run.max_steps == -1 or run.max_steps > 0, "max_steps", run.max_steps, "must be > 0 (or -1: no limit)")
     require(run.steps == -1 or run.steps > 0, "steps", run.steps, "must be > 0 (or -1: the schedule spans epochs)")
