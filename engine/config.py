@@ -27,23 +27,29 @@ class ConfigError(ValueError):
     """A bad key or value in a config, or input data that the config points to and cannot be used."""
 
 
-def exit_with_error(message: str) -> typing.NoReturn:
-    """One line on stderr, exit status 2 (a usage error, as argparse), no traceback."""
+class RunFailed(RuntimeError):
+    """A run that cannot go on through no fault of its config (another rank died): one line, exit status 1."""
+
+
+def exit_with_error(message: str, status: int = 2) -> typing.NoReturn:
+    """One line on stderr, exit status 2 (a usage error, as argparse) unless told otherwise, no traceback."""
     if "Original Traceback" in message:  # raised in a DataLoader worker: keep the original message only
         message = message.strip().splitlines()[-1].split(": ", 1)[-1]
     print(f"error: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(2)
+    raise SystemExit(status)
 
 
 @contextlib.contextmanager
 def config_errors_exit():
     """Around a recipe's work: a `ConfigError` found later (a dataset without images, a checkpoint written with
     another batch layout) or a missing input file ends the run as a bad override does, with one line and exit
-    status 2."""
+    status 2; a `RunFailed` (a lost rank) with one line and exit status 1."""
     try:
         yield
     except (ConfigError, FileNotFoundError) as err:
         exit_with_error(str(err))
+    except RunFailed as err:
+        exit_with_error(str(err), status=1)
 
 
 def _leaves(cfg: Any, prefix: str = "") -> dict[str, tuple[Any, dataclasses.Field]]:

@@ -197,6 +197,8 @@ class ImageClassification(EvaluatedTask):
         steps_per_epoch = len(self.loader) // self.cfg.run.grad_accum
         if not (epoch_done and ((step // steps_per_epoch) % self.cfg.extras.eval_every == 0 or step == last_step)):
             return
+        if self.dist_info.is_main:
+            logger.info("evaluating after step %d: %d batches per rank", step, len(self.eval_loader))
         device = self.dist_info.device
         result = {"step": step, "epoch": epoch, **evaluate(self.model, self.eval_loader, device, self.dtype, stop)}
         if self.ema is not None:

@@ -42,7 +42,8 @@ class StopSignal:
         first = self.received is None
         self.received = signal.Signals(signum).name
         if first:
-            logger.warning("%s received: saving a checkpoint at the end of this step, then exiting", self.received)
+            logger.warning("%s received: saving a checkpoint after this step (or evaluation batch), then exiting",
+                           self.received)
 
     def poll(self) -> bool:
         """True on every rank once any rank was signalled (a poll later when there are several ranks)."""

@@ -18,7 +18,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from engine.config import ConfigError, save_config
+from engine.config import ConfigError, RunFailed, save_config
 from engine.train import checkpointing
 from engine.train.deepspeed_config import build_deepspeed_config
 from engine.train.flops import device_peak_flops
@@ -129,6 +129,19 @@ def _epoch_batches(loader, epoch: int, start_batch: int = 0):
     return iter(loader)
 
 
+def _lost_peer(err: Exception) -> bool:
+    """Whether a collective failed because another rank went away (gloo and NCCL raise RuntimeErrors for it)."""
+    text = str(err)
+    return isinstance(err, dist.DistError) or any(
+        sign in text for sign in ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "gloo",
+                                  "NCCL", "Timed out"))
+
+
+def _first_line(err: Exception) -> str:
+    line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return line.split("] ", 1)[-1][:200]  # without gloo's source path
+
+
 def lock_output_dir(output_dir: Path, dist_info: DistInfo) -> RunLock:
     """Rank 0 takes `output_dir`'s run lock; every rank raises the same ConfigError when another live run has it."""
     lock, error = RunLock(output_dir), None
@@ -164,13 +177,26 @@ def train(cfg, task_class) -> dict:
     resolve_grad_accum(run, dist_info.world_size)
     output_dir = Path(run.output_dir)
     lock = lock_output_dir(output_dir, dist_info)
+    watchdog = Watchdog(run.dist_timeout_s, dist_info.rank, dist_info.world_size, os.environ["MASTER_ADDR"],
+                        int(os.environ["MASTER_PORT"])) if dist_info.world_size > 1 else None
+    stop = StopSignal(watchdog)  # from here on a stop signal (SLURM's USR1 during start-up too) saves after a step
     try:
-        return _train(cfg, task_class, dist_info)
+        return _train(cfg, task_class, dist_info, stop)
+    except (dist.DistError, RuntimeError) as err:
+        if watchdog is None or not _lost_peer(err):
+            raise
+        newest = checkpointing.latest_checkpoint(output_dir)
+        raise RunFailed(f"rank {dist_info.rank}: a collective failed at {watchdog.where} ({_first_line(err)}): another "
+                        f"rank has died or hung, and its log says why. The newest complete checkpoint is "
+                        f"{newest or 'none yet'}; the same command resumes from it") from None
     finally:
+        stop.restore()
+        if watchdog is not None:
+            watchdog.close()
         lock.release()
 
 
-def _train(cfg, task_class, dist_info: DistInfo) -> dict:
+def _train(cfg, task_class, dist_info: DistInfo, stop: StopSignal) -> dict:
     run, output_dir = cfg.run, Path(cfg.run.output_dir)
     _write_run_config(cfg, output_dir, dist_info)
     seed_everything(run.seed + dist_info.rank)
@@ -215,20 +241,12 @@ def _train(cfg, task_class, dist_info: DistInfo) -> dict:
         start_step, redo_evaluation = client["step"], client.get("pending_evaluation")
         logger.info("resumed from %s at step %d", ckpt, start_step)
 
-    watchdog = Watchdog(run.dist_timeout_s, dist_info.rank, dist_info.world_size, os.environ["MASTER_ADDR"],
-                        int(os.environ["MASTER_PORT"])) if dist_info.world_size > 1 else None
-    stop = StopSignal(watchdog)
-    try:
-        summary = _loop(cfg, task, engine, schedules, client_state, start_step, last_step, steps_per_epoch, stop,
-                        redo_evaluation)
-        if summary["stopped_by"] is None:
-            if watchdog is not None:
-                watchdog.beat("the end of the run (final weights)")
-            summary.update(task.finish(engine, summary["checkpoint"]))
-    finally:
-        stop.restore()
-        if watchdog is not None:
-            watchdog.close()
+    summary = _loop(cfg, task, engine, schedules, client_state, start_step, last_step, steps_per_epoch, stop,
+                    redo_evaluation)
+    if summary["stopped_by"] is None:
+        if stop.watchdog is not None:
+            stop.watchdog.beat("the end of the run (final weights)")
+        summary.update(task.finish(engine, summary["checkpoint"]))
     if summary["stopped_by"] is None and dist_info.is_main:
         rows = read_metrics(output_dir / METRICS_FILE)
         summary.update(curves_png=plot_curves(rows, output_dir / CURVES_PNG, panels=task.curve_panels),

@@ -113,6 +113,8 @@ class SemanticSegmentation(EvaluatedTask):
     def evaluate(self, engine, step: int, epoch: int, epoch_done: bool, last_step: int, stop) -> None:
         if step % self.cfg.head.eval_every and step != last_step:
             return
+        if self.dist_info.is_main:
+            logger.info("evaluating after step %d: %d validation images", step, self.eval_count)
         metrics = self.score(stop)
         if self.dist_info.is_main:
             logger.info("eval at step %d: mIoU %.2f%%, mAcc %.2f%%, pixel accuracy %.2f%%", step, metrics["mIoU"],

@@ -54,7 +54,7 @@ class Watchdog:
         self.world_size = world_size
         self.interval_s = interval_s or min(10.0, timeout_s / 6)
         self.where = "start-up"
-        self._last = time.monotonic()
+        self._last: float | None = None  # armed by the first beat (start-up phases are bounded by the collectives)
         self._stop = threading.Event()
         self._store = None
         try:  # a client of the rendezvous store (the launcher's or rank 0's): heartbeats of every rank
@@ -78,7 +78,7 @@ class Watchdog:
 
     def _publish(self) -> None:
         if self._store is not None:
-            age = time.monotonic() - self._last
+            age = 0.0 if self._last is None else time.monotonic() - self._last
             self._store.set(_KEY.format(self.rank), f"{time.time() - age:.1f}|{self.where}")
 
     def _silent_ranks(self) -> str:
@@ -104,7 +104,7 @@ class Watchdog:
                 self._publish()
             except Exception:  # noqa: BLE001 - the store's host (rank 0 or the launcher) may be gone
                 pass
-            stalled = time.monotonic() - self._last
+            stalled = 0.0 if self._last is None else time.monotonic() - self._last
             if stalled < self.timeout_s:
                 continue
             try:
