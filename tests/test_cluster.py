@@ -338,3 +338,80 @@ def test_sigterm_during_a_segmentation_evaluation_saves_and_the_rerun_redoes_it(
     rerun = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert [row["step"] for row in read_metrics(out / "eval.jsonl")] == [2]
+
+
+# --- resume on another number of ranks ---
+
+STAGES = (0, 1, 2, 3)
+MOVE = ["--depth=2", "--global_batch=16", "--batch_size=8", "--epochs=2", "--save_every=1", "--log_every=1",
+        "--num_workers=0", "--progress=false", "--seed=3", "--probe=false", "--heldout_images=0", "--precision=fp32"]
+
+
+def run_worker(tokenizer_dir: Path, ranks: int, actions: list[str], log: Path) -> None:
+    """tests/world_size_worker.py in `ranks` processes (SLURM variables when 2)."""
+    command = [sys.executable, str(ROOT / "tests" / "world_size_worker.py"), str(tokenizer_dir), *actions, *MOVE]
+    envs = [{}] if ranks == 1 else [slurm_env(rank, SLURM_JOB_ID="5151") for rank in range(ranks)]
+    procs = [subprocess.Popen(command, cwd=ROOT, stdout=open(f"{log}.{rank}", "w"), stderr=subprocess.STDOUT,
+                              env={**SUBPROCESS_ENV, **env}) for rank, env in enumerate(envs)]
+    for rank, proc in enumerate(procs):
+        assert proc.wait(timeout=900) == 0, Path(f"{log}.{rank}").read_text()[-3000:]
+
+
+def optimizer_state(ckpt: Path) -> dict:
+    """Every parameter's fp32 weight, Adam moments and step: from the universal format for ZeRO 1-3 (converted here,
+    whatever the number of ranks that wrote it), from the whole state in the model file for ZeRO-0."""
+    import torch
+
+    from engine.train.checkpointing import convert_to_universal, read_layout
+
+    if read_layout(ckpt)["zero_stage"] == 0:
+        saved = torch.load(ckpt / "mp_rank_00_model_states.pt", weights_only=False)
+        state = {f"{name}/fp32": value for name, value in saved["module"].items()}
+        for index, values in saved["optimizer"]["state"].items():
+            state.update({f"{index}/{key}": value for key, value in values.items()})
+        return state
+    state = {}
+    for param in (convert_to_universal(ckpt) / "zero").iterdir():
+        for item in param.iterdir() if param.is_dir() else ():
+            value = torch.load(item, weights_only=False)  # {"param": tensor, "cat_dim": ...}, or the step tensor
+            state[f"{param.name}/{item.stem}"] = value["param"] if isinstance(value, dict) else value
+    return state
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_resume_on_another_number_of_ranks_for_every_zero_stage(tokenizer_dir, tmp_path):
+    """For each ZeRO stage, a checkpoint of step 2 written by 2 ranks is loaded by 1 rank (grad_accum 2, the same
+    global batch) and one written by 1 rank by 2: ending at step 2, each rewrites it in its own layout, with fp32
+    weights, Adam moments and step equal to the original's; continuing, its step-3 loss equals the unmoved run's
+    (the same samples; micro-batch means over other splits, hence the tolerance). Another global batch is refused."""
+    import torch
+
+    def per_stage(*templates: str) -> list[str]:
+        return [template.format(d=tmp_path, s=stage) for template in templates for stage in STAGES]
+
+    run_worker(tokenizer_dir, 1, per_stage("run {d}/src1_{s} 2 {s}", "copy {d}/src1_{s} {d}/ref1_{s}",
+                                           "copy {d}/src1_{s} {d}/mov12_{s}", "run {d}/ref1_{s} 3 {s}"),
+               tmp_path / "one")
+    run_worker(tokenizer_dir, 2, per_stage("run {d}/src2_{s} 2 {s}", "copy {d}/src2_{s} {d}/ref2_{s}",
+                                           "copy {d}/src2_{s} {d}/mov21_{s}", "run {d}/ref2_{s} 3 {s}",
+                                           "run {d}/mov12_{s} 2 {s}", "run {d}/mov12_{s} 3 {s}"), tmp_path / "two")
+    run_worker(tokenizer_dir, 1, per_stage("run {d}/mov21_{s} 2 {s}", "run {d}/mov21_{s} 3 {s}"), tmp_path / "back")
+    assert not list(tmp_path.glob("mov*/*-universal"))  # deleted once loaded
+    for stage in STAGES:
+        for source, moved, ranks in ((f"src1_{stage}", f"mov12_{stage}", 2), (f"src2_{stage}", f"mov21_{stage}", 1)):
+            ckpt = tmp_path / moved / "ckpt-2"
+            assert len(list(ckpt.glob("rng_state_rank*.pt"))) == ranks  # rewritten by the new world
+            expected, got = optimizer_state(tmp_path / source / "ckpt-2"), optimizer_state(ckpt)
+            assert expected.keys() == got.keys() and len(expected) > 10
+            for key in expected:
+                assert torch.equal(got[key], expected[key]), f"{moved} {key}"
+            reference = f"ref{ranks % 2 + 1}_{stage}"  # the unmoved continuation of the same source
+            assert losses(tmp_path / moved)[3] == pytest.approx(losses(tmp_path / reference)[3], rel=1e-5)
+    other_batch = [arg if not arg.startswith("--global_batch") else "--global_batch=32" for arg in MOVE]
+    refused = subprocess.run([sys.executable, str(RECIPE), *other_batch, f"--tokenizer={tokenizer_dir}",
+                              f"--output_dir={tmp_path / 'ref1_1'}", "--zero_stage=1"],
+                             cwd=ROOT, capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=300)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
+    assert "error: the checkpoint was written with global batch=16" in refused.stderr
+    assert "Resume with --global_batch=16" in refused.stderr

@@ -1,26 +1,37 @@
-"""Atomic DeepSpeed checkpoints with auto-resume.
+"""Atomic DeepSpeed checkpoints with auto-resume, also on another number of ranks.
 
-Layout in `output_dir`: `ckpt-<step>/` (DeepSpeed files, sharded under ZeRO, plus `rng_state_rank<r>.pt`) and
-`latest` (a small text file naming the newest complete checkpoint). A checkpoint is written to `ckpt-<step>.tmp/`,
+Layout in `output_dir`: `ckpt-<step>/` (DeepSpeed files, sharded under ZeRO, plus `rng_state_rank<r>.pt` and
+`layout.json`: the world size, global batch and ZeRO stage that wrote it) and `latest` (a small text file naming the
+newest complete checkpoint). A checkpoint is written to `ckpt-<step>.tmp/`,
 renamed once every rank has finished, and only then is `latest` replaced (write-temp + `os.replace`). A SIGKILL at any
 moment therefore leaves either the previous checkpoint or the new one, never a half-written one named by `latest`.
+
+Another world size: ZeRO-0 checkpoints hold the whole optimizer state and load on any number of ranks. ZeRO 1-3
+shards are first converted by rank 0 into DeepSpeed's universal format (`ckpt-<step>-universal/`, one folder of fp32
+weights and Adam moments per parameter; `universal_checkpoint`), which any world size loads; the folder is deleted
+once loaded. Weights, moments and the step carry over exactly (tests/test_cluster.py).
 """
 
+import json
 import logging
 import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from engine.train.runtime import rng_state, set_rng_state
+from engine.train.runtime import rng_state, seed_everything, set_rng_state
 
 logger = logging.getLogger(__name__)
 
 _CKPT_RE = re.compile(r"^ckpt-(\d+)$")
 LATEST = "latest"
+LAYOUT_FILE = "layout.json"
+UNIVERSAL_SUFFIX = "-universal"
 
 
 def checkpoint_name(step: int) -> str:
@@ -64,6 +75,13 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def read_layout(ckpt_dir: Path) -> dict | None:
+    """{"world_size", "global_batch", "steps_per_epoch", "zero_stage"} of the run that wrote `ckpt_dir` (None for
+    checkpoints written before the file existed)."""
+    path = ckpt_dir / LAYOUT_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def save_checkpoint(engine, output_dir: str | Path, step: int, client_state: dict, rank: int, keep: int = 2,
                     rank0_files: dict[str, object] | None = None, overwrite: bool = False) -> Path:
     """Collective: every rank calls it. `rank0_files` (name → object, e.g. EMA weights) are `torch.save`d into the
@@ -82,6 +100,9 @@ def save_checkpoint(engine, output_dir: str | Path, step: int, client_state: dic
     if rank == 0:
         for name, obj in (rank0_files or {}).items():
             torch.save(obj, root / tmp_name / name)
+        layout = {key: client_state[key] for key in ("world_size", "global_batch", "steps_per_epoch")}
+        (root / tmp_name / LAYOUT_FILE).write_text(json.dumps({**layout, "zero_stage":
+                                                               engine.zero_optimization_stage()}) + "\n")
     _barrier()
     if rank == 0:
         if final.is_dir():  # overwrite: a kill between the renames leaves the older checkpoints to resume from
@@ -104,13 +125,66 @@ def remove_incomplete(output_dir: str | Path) -> None:
             logger.info("removed incomplete checkpoint %s", tmp)
 
 
-def load_checkpoint(engine, ckpt_dir: Path, rank: int) -> dict:
-    """Restores model, optimizer, loss scaler and this rank's RNG state; returns the client state."""
-    path, client_state = engine.load_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
+def needs_universal(ckpt_dir: Path, world_size: int, zero_stage: int) -> bool:
+    """Whether this run must load `ckpt_dir` through the universal format: ZeRO shards of another world size."""
+    layout = read_layout(ckpt_dir)
+    return layout is not None and zero_stage >= 1 and layout["world_size"] != world_size
+
+
+def convert_to_universal(ckpt_dir: Path) -> Path:
+    """Rank 0: `ckpt-<step>/` → `ckpt-<step>-universal/` (DeepSpeed's ds_to_universal, in a process of its own: its
+    worker pool must not fork this multi-threaded one; written to a `.tmp` folder and renamed, so a kill leaves
+    nothing that looks complete). Returns the folder."""
+    out = ckpt_dir.with_name(ckpt_dir.name + UNIVERSAL_SUFFIX)
+    if out.is_dir():
+        return out
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("converting %s to DeepSpeed's universal format for another number of ranks", ckpt_dir)
+    workers = str(max(1, min(4, os.cpu_count() or 1)))
+    done = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                           str(ckpt_dir), "--output_folder", str(tmp), "--num_extract_workers", workers,
+                           "--num_merge_workers", workers, "--inject_missing_state"], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"converting {ckpt_dir} for another number of ranks failed:\n{done.stderr[-3000:]}")
+    (ckpt_dir.parent / "latest_universal").unlink(missing_ok=True)  # the converter's pointer; ours is `latest`
+    os.rename(tmp, out)
+    return out
+
+
+def _fix_stage3_universal_load(engine, universal_dir: Path) -> None:
+    """DeepSpeed 0.19's ZeRO-3 universal load gives every param group the settings of saved group 0 and one shared
+    `step` tensor (which AdamW then increments once per group): restore each group's settings and its own step."""
+    saved = torch.load(universal_dir / "zero" / "optimizer_state.pt", weights_only=False)
+    saved_groups = saved["optimizer_state_dict"]["param_groups"]
+    optimizer = engine.optimizer
+    while hasattr(optimizer, "optimizer"):  # ZeRO wrapper → the torch AdamW
+        optimizer = optimizer.optimizer
+    if len(saved_groups) != len(optimizer.param_groups):
+        raise RuntimeError(f"{universal_dir}: {len(saved_groups)} saved parameter groups, the optimizer has "
+                           f"{len(optimizer.param_groups)}")
+    for group, saved_group in zip(optimizer.param_groups, saved_groups):
+        group.update({key: value for key, value in saved_group.items() if key != "params"})
+    for flat in engine.optimizer.fp32_partitioned_groups_flat:
+        state = optimizer.state.get(flat)
+        if state and torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+
+
+def load_checkpoint(engine, ckpt_dir: Path, rank: int, universal: bool = False, seed: int = 0) -> dict:
+    """Restores model, optimizer, loss scaler and this rank's RNG state; returns the client state. `universal`: load
+    the `-universal` folder `convert_to_universal` wrote (the engine was built with `load_universal`). A rank the
+    checkpoint has no RNG state for (more ranks than wrote it) seeds its generators from (seed, rank, step)."""
+    source = ckpt_dir.with_name(ckpt_dir.name + UNIVERSAL_SUFFIX) if universal else ckpt_dir
+    path, client_state = engine.load_checkpoint(str(source.parent), tag=source.name)
     if path is None:
-        raise RuntimeError(f"DeepSpeed could not load the checkpoint {ckpt_dir}")
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint {source}")
+    if universal and engine.zero_optimization_stage() == 3:
+        _fix_stage3_universal_load(engine, source)
     rng_file = ckpt_dir / f"rng_state_rank{rank}.pt"
-    if not rng_file.is_file():
-        raise FileNotFoundError(f"{rng_file} is missing: the checkpoint was written by fewer ranks than this run has")
-    set_rng_state(torch.load(rng_file, weights_only=False))
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    else:
+        seed_everything(seed + 1000 * rank + 7 * client_state["step"])
+        logger.info("rank %d: no RNG state in %s (written by fewer ranks); generators seeded anew", rank, ckpt_dir)
     return client_state

@@ -11,6 +11,7 @@ Host syncs happen only at log, evaluation and save steps: per-step statistics an
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -61,12 +62,15 @@ def input_dtype(precision: str) -> torch.dtype:
 
 
 def initialize_engine(module: torch.nn.Module, groups: list[dict], run: RunSettings, optim: OptimSettings,
-                      dist_info: DistInfo, base_lr: float, output_dir: Path):
-    """DeepSpeed engine around `module` with our AdamW; writes the DeepSpeed JSON next to the run."""
+                      dist_info: DistInfo, base_lr: float, output_dir: Path, load_universal: bool = False):
+    """DeepSpeed engine around `module` with our AdamW; writes the DeepSpeed JSON next to the run. `load_universal`:
+    the checkpoint to resume from is in DeepSpeed's universal format (written by another number of ranks)."""
     if run.precision == "fp16" and dist_info.device.type != "cuda":
         raise ConfigError("precision=fp16 needs a CUDA device (DeepSpeed's CPU accelerator has no fp16): use "
                          "--precision=bf16 or --precision=fp32")
     ds_config = build_deepspeed_config(run, optim, dist_info.world_size)
+    if load_universal:
+        ds_config["checkpoint"] = {"load_universal": True}
     if dist_info.is_main:
         (output_dir / DEEPSPEED_CONFIG_FILE).write_text(json.dumps(ds_config, indent=2) + "\n")
     optimizer = build_optimizer(groups, base_lr, dist_info.device.type, offload=run.offload)
@@ -74,15 +78,19 @@ def initialize_engine(module: torch.nn.Module, groups: list[dict], run: RunSetti
     return engine
 
 
-def check_resume_compatible(client: dict, world_size: int, global_batch: int, steps_per_epoch: int) -> None:
-    """A checkpoint continues exactly only with the same world size and batch layout."""
-    saved = (client["world_size"], client["global_batch"], client["steps_per_epoch"])
-    if saved != (world_size, global_batch, steps_per_epoch):
+def check_resume_compatible(saved: dict, world_size: int, global_batch: int, steps_per_epoch: int) -> None:
+    """A checkpoint continues on any number of ranks with the same global batch (and so the same epoch length);
+    checkpoints without `layout.json` (older ones) only with the same number of ranks."""
+    if saved["global_batch"] != global_batch or saved["steps_per_epoch"] != steps_per_epoch:
         raise ConfigError(
-            f"the checkpoint was written with world_size={saved[0]}, global batch={saved[1]}, "
-            f"steps_per_epoch={saved[2]}; this run has {world_size}, {global_batch}, {steps_per_epoch}. Resume with "
-            "the same number of ranks and --batch_size/--grad_accum, or start a new --output_dir (the fp32 weights "
-            "can be exported with `python -m engine.train.export`)")
+            f"the checkpoint was written with global batch={saved['global_batch']} (steps_per_epoch="
+            f"{saved['steps_per_epoch']}); this run has {global_batch} ({steps_per_epoch}). Resume with "
+            f"--global_batch={saved['global_batch']} (grad_accum follows from it, --batch_size and the ranks), or "
+            "start a new --output_dir (the fp32 weights can be exported with `python -m engine.train.export`)")
+    if saved["world_size"] != world_size and "zero_stage" not in saved:
+        raise ConfigError(
+            f"the checkpoint was written by {saved['world_size']} ranks before checkpoints recorded their layout; "
+            f"this run has {world_size}. Resume it with {saved['world_size']} ranks")
 
 
 def grad_norm(engine, own: bool) -> float | None:
@@ -212,9 +220,20 @@ def _train(cfg, task_class, dist_info: DistInfo, stop: StopSignal) -> dict:
     base_lr = resolve_lr(cfg.optim, global_batch)
     schedules = build_schedules(cfg.optim, base_lr, total_steps, steps_per_epoch)
     groups = task.param_groups()
+    ckpt = checkpointing.latest_checkpoint(output_dir) if run.resume else None
+    layout = checkpointing.read_layout(ckpt) if ckpt is not None else None
+    if layout is not None:  # refused before any conversion; older checkpoints are checked once loaded
+        check_resume_compatible(layout, dist_info.world_size, global_batch, steps_per_epoch)
+    universal = ckpt is not None and checkpointing.needs_universal(ckpt, dist_info.world_size, run.zero_stage)
+    if universal:
+        if dist_info.is_main:
+            logger.info("%s was written by %d rank(s); this run has %d", ckpt, layout["world_size"],
+                        dist_info.world_size)
+            checkpointing.convert_to_universal(ckpt)
+        dist.barrier()
     if dist_info.is_main:
         logger.info("initialising DeepSpeed (ZeRO stage %d, %s)", run.zero_stage, run.precision)
-    engine = initialize_engine(task.module, groups, run, cfg.optim, dist_info, base_lr, output_dir)
+    engine = initialize_engine(task.module, groups, run, cfg.optim, dist_info, base_lr, output_dir, universal)
     if dist_info.is_main:
         logger.info("global batch %d = %d per device × %d accumulation × %d ranks; lr %.3g (%s)%s; %d steps/epoch, "
                     "%d steps in the schedule, stopping at step %d", global_batch, run.batch_size, run.grad_accum,
@@ -233,16 +252,22 @@ def _train(cfg, task_class, dist_info: DistInfo, stop: StopSignal) -> dict:
                 "pending_evaluation": pending_evaluation, **task.client_state()}
 
     start_step, redo_evaluation = 0, None
-    ckpt = checkpointing.latest_checkpoint(output_dir) if run.resume else None
     if ckpt is not None:
-        client = checkpointing.load_checkpoint(engine, ckpt, dist_info.rank)
-        check_resume_compatible(client, dist_info.world_size, global_batch, steps_per_epoch)
+        client = checkpointing.load_checkpoint(engine, ckpt, dist_info.rank, universal, run.seed)
+        check_resume_compatible(layout or client, dist_info.world_size, global_batch, steps_per_epoch)
         task.resume(client, ckpt)
         start_step, redo_evaluation = client["step"], client.get("pending_evaluation")
-        logger.info("resumed from %s at step %d", ckpt, start_step)
+        logger.info("resumed from %s at step %d%s", ckpt, start_step,
+                    f" (written by {layout['world_size']} rank(s))" if layout and universal else "")
+        if universal:
+            dist.barrier()  # every rank has read it
+            if dist_info.is_main:
+                shutil.rmtree(ckpt.with_name(ckpt.name + checkpointing.UNIVERSAL_SUFFIX), ignore_errors=True)
 
+    # a run resumed on another number of ranks that ends where it resumed rewrites that checkpoint in its own layout
+    moved = layout is not None and layout["world_size"] != dist_info.world_size
     summary = _loop(cfg, task, engine, schedules, client_state, start_step, last_step, steps_per_epoch, stop,
-                    redo_evaluation)
+                    redo_evaluation, rewrite_start=moved)
     if summary["stopped_by"] is None:
         if stop.watchdog is not None:
             stop.watchdog.beat("the end of the run (final weights)")
@@ -256,9 +281,10 @@ def _train(cfg, task_class, dist_info: DistInfo, stop: StopSignal) -> dict:
 
 
 def _loop(cfg, task, engine, schedules: Schedules, client_state, start_step: int, last_step: int,
-          steps_per_epoch: int, stop: StopSignal, redo_evaluation: list | None) -> dict:
+          steps_per_epoch: int, stop: StopSignal, redo_evaluation: list | None, rewrite_start: bool = False) -> dict:
     """Steps from `start_step` to `last_step` (first redoing an evaluation that a stop interrupted before the
-    checkpoint of `start_step` was written) → {"step", "stopped_by", "checkpoint"}."""
+    checkpoint of `start_step` was written) → {"step", "stopped_by", "checkpoint"}. A run that ends at `start_step`
+    rewrites its checkpoint when `rewrite_start` or after a redone evaluation."""
     run, dist_info = cfg.run, task.dist_info
     output_dir, device = Path(run.output_dir), dist_info.device
     global_batch = run.batch_size * run.grad_accum * dist_info.world_size
@@ -338,7 +364,7 @@ def _loop(cfg, task, engine, schedules: Schedules, client_state, start_step: int
                 save(step)
         health.check(step)
         # a redone evaluation of the resumed step clears its mark in that step's checkpoint
-        ckpt_dir = save(step, overwrite=redo_evaluation is not None and step == start_step and stopped_by is None)
+        ckpt_dir = save(step, overwrite=step == start_step and (rewrite_start or redo_evaluation is not None))
     finally:
         metrics.close()
     if stopped_by and dist_info.is_main:

@@ -219,8 +219,15 @@ def init_distributed(device: str, timeout_s: float = 600.0) -> DistInfo:
             logger.info("joining the process group of %d rank(s) at %s:%s (%s; a first run also builds DeepSpeed's "
                         "communication op)", launch.world_size, os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"],
                         "nccl" if device_type == "cuda" else "gloo")
-        deepspeed.init_distributed(dist_backend="nccl" if device_type == "cuda" else "gloo",
-                                   timeout=timedelta(seconds=timeout_s))
+        try:
+            deepspeed.init_distributed(dist_backend="nccl" if device_type == "cuda" else "gloo",
+                                       timeout=timedelta(seconds=timeout_s))
+        except dist.DistNetworkError as err:
+            if "EADDRINUSE" not in str(err):
+                raise
+            raise ConfigError(f"the rendezvous port {os.environ['MASTER_PORT']} on {os.environ['MASTER_ADDR']} is in "
+                              "use (another job on this node?): export MASTER_PORT=<a free port>, the same for every "
+                              "rank") from None
     hosts = [socket.gethostname()]
     if dist.get_world_size() > 1:
         hosts = [None] * dist.get_world_size()
