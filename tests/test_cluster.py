@@ -89,6 +89,33 @@ def test_launcher_variables_and_their_errors(no_scontrol):
         "gpu-07", "n1", "rack2-gpu", "a"]
 
 
+def test_srun_with_pmi2_is_slurm_and_a_stray_rank_is_refused():
+    """SLURM's PMI-2 plugin sets PMI_RANK/PMI_SIZE in every task (not hydra's MPI_LOCALRANKID); a RANK exported in
+    the job script would make every task rank 0."""
+    launch = detect_launch(slurm_env(1, PMI_RANK="1", PMI_SIZE="2"))
+    assert (launch.launcher, launch.rank, launch.local_rank) == ("slurm", 1, 1)
+    with pytest.raises(ConfigError, match="RANK=0 is exported but this srun task is SLURM_PROCID=1"):
+        detect_launch(slurm_env(1, RANK="0", WORLD_SIZE="2"))
+    assert detect_launch(slurm_env(1, RANK="5", WORLD_SIZE="8", TORCHELASTIC_RUN_ID="j")).launcher == "torchrun"
+
+
+def test_a_killed_rewrite_puts_the_checkpoint_back_and_a_stage_change_is_refused(tmp_path):
+    from engine.train.checkpointing import remove_incomplete
+    from engine.train.loop import check_resume_compatible
+
+    (tmp_path / "ckpt-4.old.tmp").mkdir()  # moved aside by an overwrite, the replacement never renamed in
+    (tmp_path / "ckpt-4.tmp").mkdir()
+    (tmp_path / "ckpt-2-universal").mkdir()
+    (tmp_path / "latest").write_text("ckpt-4\n")
+    remove_incomplete(tmp_path)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["ckpt-4", "latest"]
+    assert latest_checkpoint(tmp_path) == tmp_path / "ckpt-4"
+    layout = {"world_size": 2, "global_batch": 16, "steps_per_epoch": 10, "zero_stage": 1}
+    check_resume_compatible(layout, 4, 16, 10, 1)
+    with pytest.raises(ConfigError, match="ZeRO stage 1; this run has 2. Resume with --zero_stage=1"):
+        check_resume_compatible(layout, 2, 16, 10, 2)
+
+
 # --- one live run per output_dir ---
 
 def test_a_live_run_holds_its_output_dir_and_a_dead_one_is_taken_over(tmp_path):

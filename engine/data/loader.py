@@ -174,14 +174,14 @@ class EpochShardSampler(Sampler[int]):
 
 
 def worker_init(worker_id: int) -> None:
-    """Each DataLoader worker ignores SIGINT/SIGTERM: a Ctrl-C or a scheduler's SIGTERM goes to the whole process
+    """Each DataLoader worker ignores SIGINT/SIGTERM/SIGUSR1: a Ctrl-C or a scheduler's signal goes to the whole process
     group, and a worker that died first would crash the main process before it saved. The main process handles the
     signal, saves, and shuts its workers down (they also exit when it dies).
 
     Also seeds Python's and numpy's global RNGs from the worker's torch seed (base seed + worker id), so even code
     that uses them is reproducible; the datasets here do not (their samples are independent of the worker)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for stop_signal in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(stop_signal, signal.SIG_IGN)
     worker_seed = torch.initial_seed() % 2**32
     random.seed(worker_seed)
     np.random.seed(worker_seed)

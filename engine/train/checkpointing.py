@@ -118,11 +118,19 @@ def save_checkpoint(engine, output_dir: str | Path, step: int, client_state: dic
 
 
 def remove_incomplete(output_dir: str | Path) -> None:
-    """Deletes `ckpt-*.tmp` leftovers of a save that was killed (rank 0 only, before training starts)."""
-    for tmp in Path(output_dir).glob("ckpt-*.tmp"):
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-            logger.info("removed incomplete checkpoint %s", tmp)
+    """Rank 0, before a run picks its checkpoint: puts back a checkpoint an overwrite had moved aside when the kill
+    came before its replacement was in place, then deletes `ckpt-*.tmp` leftovers of killed saves and conversions and
+    `-universal` copies (derived data, made again when needed)."""
+    root = Path(output_dir)
+    for old in root.glob("ckpt-*.old.tmp"):
+        final = root / old.name.removesuffix(".old.tmp")
+        if old.is_dir() and not final.exists():
+            os.rename(old, final)
+            logger.info("restored %s (a rewrite of it was killed)", final)
+    for leftover in [*root.glob("ckpt-*.tmp"), *root.glob("ckpt-*" + UNIVERSAL_SUFFIX)]:
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+            logger.info("removed %s", leftover)
 
 
 def needs_universal(ckpt_dir: Path, world_size: int, zero_stage: int) -> bool:

@@ -74,7 +74,10 @@ class StopSignal:
 
     def restore(self) -> None:
         if self._pending is not None:
-            self._pending[0].wait()  # every rank started this collective: finish it before leaving
+            try:
+                self._pending[0].wait()  # every rank started this collective: finish it before leaving
+            except RuntimeError:  # a peer is gone: the error that ends the run is raised elsewhere
+                pass
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 

@@ -14,6 +14,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import deepspeed
 import torch
@@ -74,13 +75,19 @@ def initialize_engine(module: torch.nn.Module, groups: list[dict], run: RunSetti
     if dist_info.is_main:
         (output_dir / DEEPSPEED_CONFIG_FILE).write_text(json.dumps(ds_config, indent=2) + "\n")
     optimizer = build_optimizer(groups, base_lr, dist_info.device.type, offload=run.offload)
-    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
+    # DeepSpeed sets the device from LOCAL_RANK unless told: one visible GPU per task (srun --gpus-per-task) is cuda:0
+    args = SimpleNamespace(device_rank=dist_info.device.index) if dist_info.device.type == "cuda" else None
+    engine, _, _, _ = deepspeed.initialize(args=args, model=module, optimizer=optimizer, config=ds_config)
     return engine
 
 
-def check_resume_compatible(saved: dict, world_size: int, global_batch: int, steps_per_epoch: int) -> None:
-    """A checkpoint continues on any number of ranks with the same global batch (and so the same epoch length);
-    checkpoints without `layout.json` (older ones) only with the same number of ranks."""
+def check_resume_compatible(saved: dict, world_size: int, global_batch: int, steps_per_epoch: int,
+                            zero_stage: int) -> None:
+    """A checkpoint continues on any number of ranks with the same global batch (and so the same epoch length) and
+    ZeRO stage; checkpoints without `layout.json` (older ones) only with the same number of ranks."""
+    if saved.get("zero_stage", zero_stage) != zero_stage:
+        raise ConfigError(f"the checkpoint was written with ZeRO stage {saved['zero_stage']}; this run has "
+                          f"{zero_stage}. Resume with --zero_stage={saved['zero_stage']}, or start a new --output_dir")
     if saved["global_batch"] != global_batch or saved["steps_per_epoch"] != steps_per_epoch:
         raise ConfigError(
             f"the checkpoint was written with global batch={saved['global_batch']} (steps_per_epoch="
@@ -137,6 +144,37 @@ def _epoch_batches(loader, epoch: int, start_batch: int = 0):
     return iter(loader)
 
 
+def _resume_point(output_dir: Path, resume: bool, dist_info: DistInfo) -> Path | None:
+    """Rank 0 clears what a killed save or conversion left and picks the checkpoint to resume from; every rank gets
+    its choice (ranks reading a network filesystem on their own could disagree)."""
+    choice = None
+    if dist_info.is_main:
+        checkpointing.remove_incomplete(output_dir)
+        choice = checkpointing.latest_checkpoint(output_dir) if resume else None
+    if dist_info.world_size > 1:
+        shared = [choice]
+        dist.broadcast_object_list(shared, src=0)
+        choice = shared[0]
+    return choice
+
+
+def _convert_on_rank0(ckpt: Path, layout: dict, dist_info: DistInfo) -> None:
+    """Rank 0 converts `ckpt` to the universal format while the others wait; a failure ends every rank with one
+    line (rank 0 logs the converter's output first)."""
+    error = None
+    if dist_info.is_main:
+        logger.info("%s was written by %d rank(s); this run has %d", ckpt, layout["world_size"], dist_info.world_size)
+        try:
+            checkpointing.convert_to_universal(ckpt)
+        except RuntimeError as err:
+            logger.error("%s", err)
+            error = f"converting {ckpt} for {dist_info.world_size} rank(s) failed (the converter's output is above)"
+    shared = [error]
+    dist.broadcast_object_list(shared, src=0)
+    if shared[0] is not None:
+        raise RunFailed(shared[0])
+
+
 def _lost_peer(err: Exception) -> bool:
     """Whether a collective failed because another rank went away (gloo and NCCL raise RuntimeErrors for it)."""
     text = str(err)
@@ -158,6 +196,8 @@ def lock_output_dir(output_dir: Path, dist_info: DistInfo) -> RunLock:
             lock.acquire(dist_info.launcher, dist_info.world_size)
         except ConfigError as err:
             error = str(err)
+        except OSError as err:  # a read-only or full filesystem: every rank ends with the same line
+            error = f"--output_dir={output_dir}: cannot write its run lock ({err})"
     if dist_info.world_size > 1:
         shared = [error]
         dist.broadcast_object_list(shared, src=0)
@@ -220,17 +260,13 @@ def _train(cfg, task_class, dist_info: DistInfo, stop: StopSignal) -> dict:
     base_lr = resolve_lr(cfg.optim, global_batch)
     schedules = build_schedules(cfg.optim, base_lr, total_steps, steps_per_epoch)
     groups = task.param_groups()
-    ckpt = checkpointing.latest_checkpoint(output_dir) if run.resume else None
+    ckpt = _resume_point(output_dir, run.resume, dist_info)
     layout = checkpointing.read_layout(ckpt) if ckpt is not None else None
     if layout is not None:  # refused before any conversion; older checkpoints are checked once loaded
-        check_resume_compatible(layout, dist_info.world_size, global_batch, steps_per_epoch)
+        check_resume_compatible(layout, dist_info.world_size, global_batch, steps_per_epoch, run.zero_stage)
     universal = ckpt is not None and checkpointing.needs_universal(ckpt, dist_info.world_size, run.zero_stage)
     if universal:
-        if dist_info.is_main:
-            logger.info("%s was written by %d rank(s); this run has %d", ckpt, layout["world_size"],
-                        dist_info.world_size)
-            checkpointing.convert_to_universal(ckpt)
-        dist.barrier()
+        _convert_on_rank0(ckpt, layout, dist_info)
     if dist_info.is_main:
         logger.info("initialising DeepSpeed (ZeRO stage %d, %s)", run.zero_stage, run.precision)
     engine = initialize_engine(task.module, groups, run, cfg.optim, dist_info, base_lr, output_dir, universal)
@@ -241,7 +277,6 @@ def _train(cfg, task_class, dist_info: DistInfo, stop: StopSignal) -> dict:
                     f"blr {cfg.optim.blr:g} × {global_batch} / 256",
                     f", layer decay {cfg.optim.layer_decay}" if cfg.optim.layer_decay is not None else "",
                     steps_per_epoch, total_steps, last_step)
-        checkpointing.remove_incomplete(output_dir)
     if dist.is_initialized():
         dist.barrier()
 
@@ -254,7 +289,8 @@ def _train(cfg, task_class, dist_info: DistInfo, stop: StopSignal) -> dict:
     start_step, redo_evaluation = 0, None
     if ckpt is not None:
         client = checkpointing.load_checkpoint(engine, ckpt, dist_info.rank, universal, run.seed)
-        check_resume_compatible(layout or client, dist_info.world_size, global_batch, steps_per_epoch)
+        check_resume_compatible(layout or client, dist_info.world_size, global_batch, steps_per_epoch,
+                                run.zero_stage)
         task.resume(client, ckpt)
         start_step, redo_evaluation = client["step"], client.get("pending_evaluation")
         logger.info("resumed from %s at step %d%s", ckpt, start_step,

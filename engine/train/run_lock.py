@@ -51,8 +51,8 @@ def _alive_here(holder: dict) -> bool:
         os.kill(int(holder["pid"]), 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # alive, another user's
+        pass
     return True
 
 

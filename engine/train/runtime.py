@@ -84,22 +84,24 @@ def detect_launch(env: Mapping[str, str]) -> Launch:
     Anything else is a one-rank run. MASTER_ADDR/MASTER_PORT are taken from the environment when present."""
     addr = env.get("MASTER_ADDR") or None
     if "RANK" in env and "WORLD_SIZE" in env:
+        own_launcher = "TORCHELASTIC_RUN_ID" in env or "CROSS_RANK" in env  # torchrun / deepspeed run under srun
+        if "SLURM_STEP_ID" in env and not own_launcher and env["RANK"] != env.get("SLURM_PROCID", env["RANK"]):
+            raise ConfigError(f"RANK={env['RANK']} is exported but this srun task is SLURM_PROCID="
+                              f"{env['SLURM_PROCID']}: unset RANK and WORLD_SIZE in the job script (srun's own "
+                              "variables are read)")
         launcher = ("torchrun" if "TORCHELASTIC_RUN_ID" in env else "deepspeed" if "CROSS_RANK" in env
                     else "environment")
         return Launch(launcher, _int(env, "RANK"), _int(env, "LOCAL_RANK", 0), _int(env, "WORLD_SIZE"), addr,
                       _port(env), job_id=env.get("TORCHELASTIC_RUN_ID", ""))
     for launcher, (rank, size, local, local_size) in _MPI_VARIABLES.items():
-        if rank in env and size in env:
+        if rank in env and size in env and local in env:  # srun's PMI-2 plugin sets PMI_RANK too, not the local rank
             job_id = next((env[name] for name in _OPENMPI_JOB_VARIABLES if name in env), "") \
                 if launcher == "openmpi" else env.get("PMI_KVSNAME", "")
             return Launch(launcher, _int(env, rank), _int(env, local, 0), _int(env, size), addr, _port(env),
                           job_id=job_id, ranks_on_node=_int(env, local_size, 0))
     if "SLURM_STEP_ID" in env and "SLURM_PROCID" in env:
-        size = env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS")
-        if size is None:
-            raise ConfigError("SLURM_STEP_NUM_TASKS and SLURM_NTASKS are unset in a SLURM job step; start the job "
-                              "with `srun` (see the README, 'Running on a cluster')")
-        return Launch("slurm", _int(env, "SLURM_PROCID"), _int(env, "SLURM_LOCALID", 0), _int({"n": size}, "n"),
+        size = "SLURM_STEP_NUM_TASKS" if "SLURM_STEP_NUM_TASKS" in env else "SLURM_NTASKS"
+        return Launch("slurm", _int(env, "SLURM_PROCID"), _int(env, "SLURM_LOCALID", 0), _int(env, size),
                       addr, _port(env), nodelist=env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", ""),
                       job_id=env.get("SLURM_JOB_ID", "") + "." + env.get("SLURM_STEP_ID", ""))
     return Launch("single", 0, 0, 1, addr, _port(env))

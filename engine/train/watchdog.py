@@ -42,8 +42,9 @@ def _main_thread_frames() -> tuple[str, str]:
 
 
 class Watchdog:
-    """Start with `Watchdog(timeout_s, rank, world_size, master_addr, master_port)`; `beat(where)` from the loop;
-    `close()` when the collective part of the run is over (nothing may stall it later: an export, a probe)."""
+    """Start with `Watchdog(timeout_s, rank, world_size, master_addr, master_port)`; armed by the first `beat(where)`
+    from the loop; `close()` when the run's collective part is over (the end of `train`), before anything that may
+    take long without beating (a probe)."""
 
     def __init__(self, timeout_s: float, rank: int, world_size: int, master_addr: str, master_port: int,
                  interval_s: float | None = None):
@@ -82,21 +83,27 @@ class Watchdog:
             self._store.set(_KEY.format(self.rank), f"{time.time() - age:.1f}|{self.where}")
 
     def _silent_ranks(self) -> str:
-        """The other ranks whose last beat is older than this rank's stall, with where they were."""
+        """The other ranks whose last beat is about as old as this rank's stall, the longest silent first (when one
+        rank hangs, the others soon wait on it too: the first to go quiet is the one to look at)."""
         if self._store is None:
             return "the other ranks are unknown (no rendezvous store)"
-        silent, now = [], time.time()
+        found, now = [], time.time()
         for rank in range(self.world_size):
+            key = _KEY.format(rank)
             if rank == self.rank:
                 continue
-            key = _KEY.format(rank)
             if not self._store.check([key]):
-                silent.append(f"rank {rank} (no heartbeat yet)")
+                found.append((float("inf"), rank, ""))
                 continue
             stamp, where = self._store.get(key).decode().split("|", 1)
-            if now - float(stamp) > self.timeout_s - self.interval_s:
-                silent.append(f"rank {rank} (silent for {now - float(stamp):.0f} s, last at {where})")
-        return "silent: " + ", ".join(silent) if silent else "every other rank is still beating"
+            found.append((now - float(stamp), rank, where))
+        silent = sorted((entry for entry in found if entry[0] > self.timeout_s - self.interval_s), reverse=True)
+        if not silent:
+            return "every other rank is still beating"
+        named = [f"rank {rank} (no heartbeat yet)" if age == float("inf") else
+                 f"rank {rank} (silent for {age:.0f} s, last at {where})" for age, rank, where in silent[:8]]
+        more = f" and {len(silent) - 8} more" if len(silent) > 8 else ""
+        return "silent, longest first: " + ", ".join(named) + more
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
