@@ -97,6 +97,8 @@ def test_srun_with_pmi2_is_slurm_and_a_stray_rank_is_refused():
     with pytest.raises(ConfigError, match="RANK=0 is exported but this srun task is SLURM_PROCID=1"):
         detect_launch(slurm_env(1, RANK="0", WORLD_SIZE="2"))
     assert detect_launch(slurm_env(1, RANK="5", WORLD_SIZE="8", TORCHELASTIC_RUN_ID="j")).launcher == "torchrun"
+    # mpirun in an allocation, after the engine exported RANK from OMPI_COMM_WORLD_RANK (a second run in the process)
+    assert detect_launch({**slurm_env(0), **openmpi_env(1), "RANK": "1", "WORLD_SIZE": "2"}).rank == 1
 
 
 def test_a_killed_rewrite_puts_the_checkpoint_back_and_a_stage_change_is_refused(tmp_path):

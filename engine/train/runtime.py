@@ -84,7 +84,10 @@ def detect_launch(env: Mapping[str, str]) -> Launch:
     Anything else is a one-rank run. MASTER_ADDR/MASTER_PORT are taken from the environment when present."""
     addr = env.get("MASTER_ADDR") or None
     if "RANK" in env and "WORLD_SIZE" in env:
-        own_launcher = "TORCHELASTIC_RUN_ID" in env or "CROSS_RANK" in env  # torchrun / deepspeed run under srun
+        # torchrun / deepspeed run by srun, or MPI ranks (mpirun's daemons are a SLURM step of their own): their RANK
+        # is not SLURM_PROCID
+        own_launcher = any(name in env for name in ("TORCHELASTIC_RUN_ID", "CROSS_RANK", "OMPI_COMM_WORLD_RANK",
+                                                    "PMI_RANK"))
         if "SLURM_STEP_ID" in env and not own_launcher and env["RANK"] != env.get("SLURM_PROCID", env["RANK"]):
             raise ConfigError(f"RANK={env['RANK']} is exported but this srun task is SLURM_PROCID="
                               f"{env['SLURM_PROCID']}: unset RANK and WORLD_SIZE in the job script (srun's own "
