@@ -133,12 +133,6 @@ def remove_incomplete(output_dir: str | Path) -> None:
             logger.info("removed %s", leftover)
 
 
-def needs_universal(ckpt_dir: Path, world_size: int, zero_stage: int) -> bool:
-    """Whether this run must load `ckpt_dir` through the universal format: ZeRO shards of another world size."""
-    layout = read_layout(ckpt_dir)
-    return layout is not None and zero_stage >= 1 and layout["world_size"] != world_size
-
-
 def convert_to_universal(ckpt_dir: Path) -> Path:
     """Rank 0: `ckpt-<step>/` → `ckpt-<step>-universal/` (DeepSpeed's ds_to_universal, in a process of its own: its
     worker pool must not fork this multi-threaded one; written to a `.tmp` folder and renamed, so a kill leaves

@@ -144,6 +144,15 @@ def _epoch_batches(loader, epoch: int, start_batch: int = 0):
     return iter(loader)
 
 
+def _from_rank0(value, dist_info: DistInfo):
+    """Rank 0's `value` on every rank: what rank 0 alone decided or found (a choice, an error message)."""
+    if dist_info.world_size > 1:
+        shared = [value]
+        dist.broadcast_object_list(shared, src=0)
+        value = shared[0]
+    return value
+
+
 def _resume_point(output_dir: Path, resume: bool, dist_info: DistInfo) -> Path | None:
     """Rank 0 clears what a killed save or conversion left and picks the checkpoint to resume from; every rank gets
     its choice (ranks reading a network filesystem on their own could disagree)."""
@@ -151,11 +160,7 @@ def _resume_point(output_dir: Path, resume: bool, dist_info: DistInfo) -> Path |
     if dist_info.is_main:
         checkpointing.remove_incomplete(output_dir)
         choice = checkpointing.latest_checkpoint(output_dir) if resume else None
-    if dist_info.world_size > 1:
-        shared = [choice]
-        dist.broadcast_object_list(shared, src=0)
-        choice = shared[0]
-    return choice
+    return _from_rank0(choice, dist_info)
 
 
 def _convert_on_rank0(ckpt: Path, layout: dict, dist_info: DistInfo) -> None:
@@ -169,10 +174,9 @@ def _convert_on_rank0(ckpt: Path, layout: dict, dist_info: DistInfo) -> None:
         except RuntimeError as err:
             logger.error("%s", err)
             error = f"converting {ckpt} for {dist_info.world_size} rank(s) failed (the converter's output is above)"
-    shared = [error]
-    dist.broadcast_object_list(shared, src=0)
-    if shared[0] is not None:
-        raise RunFailed(shared[0])
+    error = _from_rank0(error, dist_info)
+    if error is not None:
+        raise RunFailed(error)
 
 
 def _lost_peer(err: Exception) -> bool:
@@ -198,10 +202,7 @@ def lock_output_dir(output_dir: Path, dist_info: DistInfo) -> RunLock:
             error = str(err)
         except OSError as err:  # a read-only or full filesystem: every rank ends with the same line
             error = f"--output_dir={output_dir}: cannot write its run lock ({err})"
-    if dist_info.world_size > 1:
-        shared = [error]
-        dist.broadcast_object_list(shared, src=0)
-        error = shared[0]
+    error = _from_rank0(error, dist_info)
     if error is not None:
         raise ConfigError(error)
     return lock
@@ -264,7 +265,8 @@ def _train(cfg, task_class, dist_info: DistInfo, stop: StopSignal) -> dict:
     layout = checkpointing.read_layout(ckpt) if ckpt is not None else None
     if layout is not None:  # refused before any conversion; older checkpoints are checked once loaded
         check_resume_compatible(layout, dist_info.world_size, global_batch, steps_per_epoch, run.zero_stage)
-    universal = ckpt is not None and checkpointing.needs_universal(ckpt, dist_info.world_size, run.zero_stage)
+    moved = layout is not None and layout["world_size"] != dist_info.world_size  # another number of ranks wrote it
+    universal = moved and run.zero_stage >= 1  # ZeRO-0 checkpoints hold the whole state and load on any world size
     if universal:
         _convert_on_rank0(ckpt, layout, dist_info)
     if dist_info.is_main:
@@ -294,14 +296,13 @@ def _train(cfg, task_class, dist_info: DistInfo, stop: StopSignal) -> dict:
         task.resume(client, ckpt)
         start_step, redo_evaluation = client["step"], client.get("pending_evaluation")
         logger.info("resumed from %s at step %d%s", ckpt, start_step,
-                    f" (written by {layout['world_size']} rank(s))" if layout and universal else "")
+                    f" (written by {layout['world_size']} rank(s))" if moved else "")
         if universal:
             dist.barrier()  # every rank has read it
             if dist_info.is_main:
                 shutil.rmtree(ckpt.with_name(ckpt.name + checkpointing.UNIVERSAL_SUFFIX), ignore_errors=True)
 
     # a run resumed on another number of ranks that ends where it resumed rewrites that checkpoint in its own layout
-    moved = layout is not None and layout["world_size"] != dist_info.world_size
     summary = _loop(cfg, task, engine, schedules, client_state, start_step, last_step, steps_per_epoch, stop,
                     redo_evaluation, rewrite_start=moved)
     if summary["stopped_by"] is None:
