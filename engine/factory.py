@@ -19,6 +19,7 @@ _SIZES = {
     "small": (384, 12, 6, 0.1),
     "base": (768, 12, 12, 0.1),
     "large": (1024, 24, 16, 1e-5),
+    "huge": (1280, 32, 16, 1e-5),  # ViT-H's width and depth at patch 16 (no published BEiT-H): for scaling runs
 }
 _COMMON = dict(in_chans=3, mlp_ratio=4.0, drop_path_rate=0.0, use_abs_pos_emb=False, attn_impl="sdpa",
                init_std=0.02, grad_checkpointing=False)

@@ -31,6 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 import kernels
 from engine.pos_embed import num_relative_distance, relative_position_index
+from engine.sharded import full_numel, gathered
 from kernels._dispatch import require_triton_available
 from kernels.rel_pos_bias import TableGradPlan, table_grad_plan
 
@@ -312,23 +313,29 @@ class BeitEncoder(nn.Module):
 
         for token in (self.pos_embed, self.cls_token, getattr(self, "mask_token", None)):
             if token is not None:
-                trunc_normal(token)
+                with gathered([token]):  # whole where ZeRO-3 has already partitioned it (engine/sharded.py)
+                    trunc_normal(token)
         for module in self.modules():
-            if isinstance(module, nn.Linear) or (init_conv and isinstance(module, nn.Conv2d)):
-                trunc_normal(module.weight)
-                if module.bias is not None:
+            is_weighted = isinstance(module, nn.Linear) or (init_conv and isinstance(module, nn.Conv2d))
+            if not (is_weighted or isinstance(module, nn.LayerNorm)):
+                continue
+            with gathered(module.parameters(recurse=False)):
+                if is_weighted:
+                    trunc_normal(module.weight)
+                    if module.bias is not None:
+                        nn.init.zeros_(module.bias)
+                else:
+                    nn.init.ones_(module.weight)
                     nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
         self.fix_init_weight()
 
     @torch.no_grad()
     def fix_init_weight(self) -> None:
         """Divide the residual output projections of block l (1-indexed) by sqrt(2l)."""
         for layer_id, block in enumerate(self.blocks, start=1):
-            block.attn.proj.weight.div_(math.sqrt(2.0 * layer_id))
-            block.mlp.fc2.weight.div_(math.sqrt(2.0 * layer_id))
+            with gathered([block.attn.proj.weight, block.mlp.fc2.weight]):
+                block.attn.proj.weight.div_(math.sqrt(2.0 * layer_id))
+                block.mlp.fc2.weight.div_(math.sqrt(2.0 * layer_id))
 
     def _shared_rel_pos(self) -> SharedRelPos:
         return NO_SHARED_REL_POS if self.rel_pos_bias is None else self.rel_pos_bias()
@@ -363,7 +370,7 @@ class BeitEncoder(nn.Module):
         return states
 
     def _log_build(self) -> None:
-        params = sum(p.numel() for p in self.parameters())
+        params = sum(full_numel(p) for p in self.parameters())
         loss = f", mlm_loss={self.config['mlm_loss']}" if "mlm_loss" in self.config else ""
         logger.info("built %s (%s): %.1fM params, attn_impl=%s%s", self.config["name"], type(self).__name__,
                     params / 1e6, self.attn_impl, loss)
@@ -462,7 +469,7 @@ class BeitForImageClassification(BeitEncoder):
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.init_weights(trunc_bound=2.0, init_conv=False)  # fine-tuning: timm's default cut at ±2
         if isinstance(self.head, nn.Linear):
-            with torch.no_grad():
+            with torch.no_grad(), gathered(self.head.parameters()):
                 self.head.weight.mul_(HEAD_INIT_SCALE)
                 self.head.bias.mul_(HEAD_INIT_SCALE)
         self._log_build()

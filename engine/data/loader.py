@@ -11,6 +11,7 @@ start_batch)`) sees exactly the batches it would have seen. The current epoch li
 from __future__ import annotations
 
 import math
+import multiprocessing
 import random
 import signal
 from collections.abc import Callable, Iterator, Sequence
@@ -23,6 +24,11 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from engine.config import ConfigError
 
+# Workers are forked from a clean server process, not from the training process: a worker forked after the model and
+# the optimizer exist keeps the old copy of every page that a training step then writes (copy-on-write), so each one
+# came to hold the model states a second time (benchmarks/bench_memory.py). The server imports these modules once.
+WORKER_START_METHOD = "forkserver"
+WORKER_PRELOAD = ["engine.data.loader", "engine.data.datasets", "engine.data.transforms", "engine.data.masking"]
 _TRANSFORM_STREAM = 1  # keeps transform seeds apart from the masking generator's default_rng([seed, epoch, index])
 
 
@@ -208,7 +214,17 @@ def build_loader(dataset: Dataset, batch_size: int, rank: int = 0, world_size: i
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       pin_memory=pin_memory and torch.cuda.is_available(), drop_last=drop_last,
                       persistent_workers=persistent_workers and num_workers > 0, collate_fn=collate_fn,
-                      worker_init_fn=worker_init, generator=torch.Generator().manual_seed(seed + rank))
+                      worker_init_fn=worker_init, generator=torch.Generator().manual_seed(seed + rank),
+                      multiprocessing_context=worker_context(num_workers))
+
+
+def worker_context(num_workers: int) -> multiprocessing.context.BaseContext | None:
+    """The start method of DataLoader workers (see WORKER_START_METHOD); None without workers."""
+    if num_workers == 0:
+        return None
+    context = multiprocessing.get_context(WORKER_START_METHOD)
+    context.set_forkserver_preload(WORKER_PRELOAD)
+    return context
 
 
 def set_loader_epoch(loader: DataLoader, epoch: int, start_batch: int = 0) -> None:

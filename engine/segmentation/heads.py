@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from engine.sharded import gathered
+
 CONV_SEG_STD = 0.01  # mmseg BaseDecodeHead.init_weights: normal_init(conv_seg, mean=0, std=0.01)
 
 
@@ -43,7 +45,8 @@ class ConvModule(nn.Sequential):
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, dilation=dilation, bias=False)
         self.bn = nn.BatchNorm2d(out_channels)
         self.activate = nn.ReLU(inplace=True)
-        nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
+        with gathered([self.conv.weight]):  # ZeRO-3's zero.Init partitioned it when the Conv2d was built
+            nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
 
 
 class DecodeHead(nn.Module):
@@ -58,8 +61,9 @@ class DecodeHead(nn.Module):
         self.num_classes = num_classes
         self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
         self.conv_seg = nn.Conv2d(channels, num_classes, kernel_size=1)
-        nn.init.normal_(self.conv_seg.weight, std=CONV_SEG_STD)
-        nn.init.zeros_(self.conv_seg.bias)
+        with gathered(self.conv_seg.parameters()):
+            nn.init.normal_(self.conv_seg.weight, std=CONV_SEG_STD)
+            nn.init.zeros_(self.conv_seg.bias)
 
     def cls_seg(self, features: torch.Tensor) -> torch.Tensor:
         return self.conv_seg(self.dropout(features))  # [B, K, h, w]

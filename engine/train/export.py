@@ -41,7 +41,9 @@ def consolidated_state_dict(ckpt_dir: Path) -> tuple[dict[str, torch.Tensor], di
     if any(ckpt_dir.glob("*zero_pp_rank_*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
+        # lazy: one consolidated tensor at a time, not every rank's partitions and Adam moments at once
+        lazy = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name, lazy_mode=True)
+        state = {name: tensor.contiguous() for name, tensor in lazy.items()}
     else:
         state = states["module"]
     state = {model_name(k): v.float() for k, v in state.items()}
@@ -79,8 +81,9 @@ def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path) -> Path:
     state, client = consolidated_state_dict(ckpt_dir)
     if "model_config" not in client:
         raise ValueError(f"{ckpt_dir} has no model_config in its client state: it was not written by engine.train")
-    model = create_model(**runnable_config(client["model_config"]))  # runs where the kernels cannot
-    model.load_state_dict(state, strict=True)
+    with torch.device("meta"):  # no random init and no second copy: the loaded tensors are assigned to the model
+        model = create_model(**runnable_config(client["model_config"]))  # runs where the kernels cannot
+    model.load_state_dict(state, strict=True, assign=True)
     save_pretrained(model, out_dir)
     logger.info("exported %s → %s", ckpt_dir, out_dir)
     return Path(out_dir)

@@ -106,6 +106,7 @@ class ImageClassification(EvaluatedTask):
             mean_std,
         )
         from engine.factory import create_model
+        from engine.sharded import gathered
 
         data, m, run, extras = cfg.data, cfg.model, cfg.run, cfg.extras
         if not data.data_path:
@@ -122,12 +123,13 @@ class ImageClassification(EvaluatedTask):
         if self.num_classes < 2:
             raise ValueError(f"{data.data_path} has {self.num_classes} class(es): fine-tuning needs labelled data")
         depth = {"depth": m.depth} if m.depth is not None else {}
-        self.model = create_model(m.model, img_size=m.input_size, num_classes=self.num_classes,
-                                  drop_path_rate=m.drop_path, attn_impl=m.attn_impl,
-                                  grad_checkpointing=m.grad_checkpointing, **depth)
+        self.model = self.build_model(lambda: create_model(
+            m.model, img_size=m.input_size, num_classes=self.num_classes, drop_path_rate=m.drop_path,
+            attn_impl=m.attn_impl, grad_checkpointing=m.grad_checkpointing, **depth))
         if data.finetune:
             try:
-                load_checkpoint(self.model, data.finetune)
+                with gathered(self.model.parameters()):  # ZeRO-3: whole on every rank while loading, then re-split
+                    load_checkpoint(self.model, data.finetune)
             except ValueError as err:  # a checkpoint of another architecture: a usage error, one line
                 raise ConfigError(f"--finetune={data.finetune}: {err}") from None
         self.freeze()

@@ -22,13 +22,13 @@ import torch.distributed as dist
 
 from engine.config import ConfigError, RunFailed, save_config
 from engine.train import checkpointing
-from engine.train.deepspeed_config import build_deepspeed_config
+from engine.train.deepspeed_config import bucket_elements, build_deepspeed_config
 from engine.train.flops import device_peak_flops
 from engine.train.guards import EvaluationStopped, StepHealth, StopSignal, loss_scale
 from engine.train.metrics import METRICS_FILE, MetricsLogger, plot_curves, read_metrics
 from engine.train.optim import build_optimizer
 from engine.train.run_lock import RunLock
-from engine.train.runtime import DistInfo, init_distributed, seed_everything
+from engine.train.runtime import DistInfo, init_distributed, seed_everything, unmap_large_frees
 from engine.train.schedules import Schedules, apply_schedules, build_schedules
 from engine.train.settings import OptimSettings, RunSettings
 from engine.train.validation import check_backends, resolve_precision
@@ -69,7 +69,7 @@ def initialize_engine(module: torch.nn.Module, groups: list[dict], run: RunSetti
     if run.precision == "fp16" and dist_info.device.type != "cuda":
         raise ConfigError("precision=fp16 needs a CUDA device (DeepSpeed's CPU accelerator has no fp16): use "
                          "--precision=bf16 or --precision=fp32")
-    ds_config = build_deepspeed_config(run, optim, dist_info.world_size)
+    ds_config = build_deepspeed_config(run, optim, dist_info.world_size, bucket_elements(module))
     if load_universal:
         ds_config["checkpoint"] = {"load_universal": True}
     if dist_info.is_main:
@@ -221,6 +221,8 @@ def train(cfg, task_class) -> dict:
     (rank 0 has the full one). A stop signal saves a checkpoint and returns with `stopped_by` set."""
     run = cfg.run
     dist_info = init_distributed(run.device, run.dist_timeout_s + COLLECTIVE_GRACE_S)
+    if dist_info.device.type == "cpu" and unmap_large_frees() and dist_info.is_main:
+        logger.info("CPU run: blocks of 4 MiB or more go back to the system when freed (glibc mmap threshold)")
     resolve_precision(run)
     check_backends(cfg.model, run)
     resolve_grad_accum(run, dist_info.world_size)

@@ -10,6 +10,8 @@ from collections.abc import Callable
 
 import torch
 
+from engine.sharded import full_shape
+
 logger = logging.getLogger(__name__)
 
 ADAM_BETAS = (0.9, 0.999)
@@ -33,7 +35,7 @@ def layer_scales(layer_decay: float, num_layers: int) -> list[float]:
 
 def is_no_decay(name: str, param: torch.Tensor, skip_rel_pos_tables: bool = False) -> bool:
     """Biases and other 1-D params (norms, layer-scale gammas), cls/mask token, pos embed; optionally rel-pos tables."""
-    if param.ndim <= 1 or name.endswith(".bias") or name.split(".")[-1] in _NO_DECAY_NAMES:
+    if len(full_shape(param)) <= 1 or name.endswith(".bias") or name.split(".")[-1] in _NO_DECAY_NAMES:
         return True
     return skip_rel_pos_tables and "relative_position_bias_table" in name
 

@@ -68,11 +68,11 @@ class MaskedImageModeling(Task):
         self.dtype = input_dtype(run.precision)
         self.tokenizer = load_tokenizer(data.tokenizer, device)
         depth = {"depth": m.depth} if m.depth is not None else {}
-        self.model = create_model(m.model, img_size=m.input_size, drop_path_rate=m.drop_path, **depth,
-                                  layer_scale_init_value=m.layer_scale_init_value,
-                                  use_shared_rel_pos_bias=m.use_shared_rel_pos_bias, attn_impl=m.attn_impl,
-                                  mlm_loss=m.mlm_loss, max_masked_per_image=data.num_mask_patches,
-                                  vocab_size=self.tokenizer.vocab_size, grad_checkpointing=m.grad_checkpointing)
+        self.model = self.build_model(lambda: create_model(
+            m.model, img_size=m.input_size, drop_path_rate=m.drop_path, **depth,
+            layer_scale_init_value=m.layer_scale_init_value, use_shared_rel_pos_bias=m.use_shared_rel_pos_bias,
+            attn_impl=m.attn_impl, mlm_loss=m.mlm_loss, max_masked_per_image=data.num_mask_patches,
+            vocab_size=self.tokenizer.vocab_size, grad_checkpointing=m.grad_checkpointing))
         grid = self.model.patch_embed.patch_shape
         check_tokenizer_compatible(self.tokenizer, self.model.config["vocab_size"], grid, data.second_input_size)
         mean, std = mean_std(data.imagenet_mean_std)

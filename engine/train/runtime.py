@@ -248,6 +248,25 @@ def init_distributed(device: str, timeout_s: float = 600.0) -> DistInfo:
     return info
 
 
+MMAP_THRESHOLD_BYTES = 4 << 20
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def unmap_large_frees() -> bool:
+    """Gives every CPU allocation of 4 MiB or more its own mapping, returned to the system when freed. glibc otherwise
+    raises its mmap threshold to the largest block freed (up to 32 MiB) and keeps such blocks in a heap that
+    fragments: on CPU ranks, ZeRO's transient gathers and buckets stayed resident (benchmarks/bench_memory.py; smaller
+    blocks, such as the CPU demo's activations, stay in the heap, which is faster). False where the C library is not
+    glibc."""
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

@@ -32,23 +32,26 @@ class SemanticSegmentation(EvaluatedTask):
     def __init__(self, cfg: SegmentationConfig, dist_info):
         super().__init__(cfg, dist_info)
         from engine.checkpoint import load_checkpoint
-        from engine.data.loader import SegmentationSamples, build_loader, worker_init
+        from engine.data.loader import SegmentationSamples, build_loader, worker_context, worker_init
         from engine.data.segmentation import ADE20KDataset, SegEvalTransform, SegTrainTransform
         from engine.segmentation.model import STAT_NAMES, SegmentationLoss, create_segmenter
+        from engine.sharded import gathered
 
         data, m, run, head = cfg.data, cfg.model, cfg.run, cfg.head
         self.stat_names = STAT_NAMES
         self.dtype = input_dtype(run.precision)
         overrides = {"depth": m.depth} if m.depth is not None else {}
-        self.model = create_segmenter(
+        self.model = self.build_model(lambda: create_segmenter(
             m.model, data.num_classes, channels=head.decode_channels, aux_channels=head.aux_channels,
             aux_weight=head.aux_weight, img_size=m.input_size,
             sync_bn=dist_info.world_size > 1 and dist_info.device.type == "cuda",  # SyncBatchNorm is CUDA-only
             drop_path_rate=m.drop_path, layer_scale_init_value=m.layer_scale_init_value, attn_impl=m.attn_impl,
-            grad_checkpointing=m.grad_checkpointing, **overrides)
+            grad_checkpointing=m.grad_checkpointing, **overrides))
         if data.finetune:
+            encoder = self.model.backbone.encoder
             try:
-                load_checkpoint(self.model.backbone.encoder, data.finetune)
+                with gathered(encoder.parameters()):  # ZeRO-3: whole on every rank while loading, then re-split
+                    load_checkpoint(encoder, data.finetune)
             except ValueError as err:  # a checkpoint of another architecture: a usage error, one line
                 raise ConfigError(f"--finetune={data.finetune}: {err}") from None
         self.transform = SegTrainTransform(m.input_size, img_scale=data.img_scale, ratio_range=data.ratio_range,
@@ -61,10 +64,12 @@ class SemanticSegmentation(EvaluatedTask):
         count = min(len(eval_set), data.max_eval_images) if data.max_eval_images > 0 else len(eval_set)
         self.eval_count = count
         # every rank scores its own images once (no padding repeats, so the summed confusion matrix is exact)
+        eval_workers = min(run.num_workers, 2)
         self.eval_loader = torch.utils.data.DataLoader(
             SegmentationSamples(eval_set, self.eval_transform, seed=run.seed), batch_size=1,
-            sampler=list(range(dist_info.rank, count, dist_info.world_size)), num_workers=min(run.num_workers, 2),
-            worker_init_fn=worker_init)  # workers ignore SIGINT/SIGTERM: a stop during evaluation still saves
+            sampler=list(range(dist_info.rank, count, dist_info.world_size)), num_workers=eval_workers,
+            worker_init_fn=worker_init,  # workers ignore SIGINT/SIGTERM: a stop during evaluation still saves
+            multiprocessing_context=worker_context(eval_workers))
         compiled = torch.compile(self.model) if m.compile else self.model
         self.module = SegmentationLoss(compiled, average=head.loss_average)
         # MFU counts the encoder's matmuls only (the neck and the heads' convolutions are left out)

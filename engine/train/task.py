@@ -10,11 +10,13 @@ Nothing here may read a device value on the host outside the hooks the loop call
 
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from engine.train.deepspeed_config import build_deepspeed_config
 from engine.train.metrics import EVAL_FILE, read_metrics, truncate_after
 from engine.train.runtime import DistInfo
 from engine.train.state import model_state_dict, save_model
@@ -37,6 +39,18 @@ class Task(ABC):
         self.cfg = cfg
         self.dist_info = dist_info
         self.output_dir = Path(cfg.run.output_dir)
+
+    def build_model(self, build: Callable[[], nn.Module]) -> nn.Module:
+        """`build()`, under `deepspeed.zero.Init` at ZeRO stage 3: each parameter is partitioned over the ranks as
+        soon as its module exists, so no rank ever holds the whole model (code that needs whole parameters uses
+        engine/sharded.py). Build only the trained model this way, not a frozen tokenizer."""
+        if self.cfg.run.zero_stage != 3:
+            return build()
+        import deepspeed
+
+        config = build_deepspeed_config(self.cfg.run, self.cfg.optim, self.dist_info.world_size)
+        with deepspeed.zero.Init(config_dict_or_path=config):
+            return build()
 
     @abstractmethod
     def param_groups(self) -> list[dict]:
