@@ -15,14 +15,15 @@ the first step. One row per case, figures in GB, the largest over ranks:
   states), next to `ds_estimate`: DeepSpeed's model-state estimate for that stage and rank count (its ZeRO-2 formula
   for stages 0-2, at one rank for stage 0; its ZeRO-3 formula with zero.Init; both count mixed precision, 18 bytes
   per parameter over the ranks that share it, where an fp32 run holds 16);
-- `activations`: the second step's peak above the resident memory before it (the first also allocates Adam's
-  moments);
+- `activations`: the second step's peak above the resident memory before it: activations and whatever else a step
+  allocates and frees (gradients that are freed between steps, ZeRO's buckets and gathered parameters); the first
+  step is not used because it also allocates Adam's moments;
 - `build_peak`: the highest resident memory while building the model and initialising DeepSpeed;
 - `worker_rss` / `worker_uss`: the largest DataLoader worker, resident and unique (pages it does not share);
 - `machine_peak`: the most memory the machine had in use during the case, above what it used before.
 
 A case whose estimate does not fit in the memory this machine has free is skipped with a row saying so. Rows go to
-benchmarks/results/memory.jsonl.
+benchmarks/results/memory.jsonl; `--table=true` prints the newest row of each case from there as a markdown table.
 """
 
 import json
@@ -39,14 +40,15 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import append_rows, environment  # noqa: E402
+from benchmarks.common import RESULTS_DIR, append_rows, environment  # noqa: E402
 from benchmarks.fixtures import imagenet_like_folder, random_dalle_tokenizer  # noqa: E402
 from engine.config import parse_overrides  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 GB = 2**30
 # name: (recipe, model override)
-MODELS = {"base": ("pretrain_base", "beit_base_patch16_224_8k_vocab"),
+MODELS = {"tiny": ("pretrain_base", "beit_tiny_patch16_224_8k_vocab"),  # a quick check of the benchmark itself
+          "base": ("pretrain_base", "beit_base_patch16_224_8k_vocab"),
           "large": ("pretrain_large", "beit_large_patch16_224_8k_vocab"),
           "huge": ("pretrain_large", "beit_huge_patch16_224_8k_vocab")}
 FP32_BYTES_PER_PARAM = 16  # fp32 weights, grads and two Adam moments
@@ -54,7 +56,7 @@ FP32_BYTES_PER_PARAM = 16  # fp32 weights, grads and two Adam moments
 
 @dataclass
 class MemoryBenchConfig:
-    models: str = "base,large"  # of base, large, huge
+    models: str = "base,large"  # of tiny, base, large, huge
     stages: str = "0,1,2,3"
     ranks: str = "1,2"
     steps: int = 2  # the first allocates the optimizer states, the second measures the activations
@@ -62,6 +64,7 @@ class MemoryBenchConfig:
     workers: int = 1
     cache_dir: str = "~/.cache/beit-engine/bench"  # the generated JPEG folder and tokenizer
     out: str = ""  # results directory (default benchmarks/results)
+    table: bool = False  # print the newest row of every case in the results file as a markdown table, run nothing
 
 
 def model_sizes(model: str) -> tuple[int, int]:
@@ -158,8 +161,34 @@ def run_case(cfg: MemoryBenchConfig, model: str, stage: int, ranks: int, data: P
     }
 
 
+TABLE_COLUMNS = (("model", "model"), ("ZeRO", "zero_stage"), ("ranks", "ranks"), ("batch", "batch_per_rank"),
+                 ("peak", "peak_gb"), ("states", "model_states_gb"), ("DS est.", "ds_estimate_gb"),
+                 ("step", "activations_gb"), ("build", "build_peak_gb"), ("worker", "worker_uss_gb"),
+                 ("machine", "machine_peak_gb"), ("commit", "commit"))
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The newest row of each (model, stage, ranks, batch) case, smallest model first."""
+    newest = {}
+    for row in rows:
+        newest[(row["params_m"], row["zero_stage"], row["ranks"], row["batch_per_rank"])] = row
+    lines = ["| " + " | ".join(title for title, _ in TABLE_COLUMNS) + " |", "|---" * len(TABLE_COLUMNS) + "|"]
+    for _, row in sorted(newest.items()):
+        cells = [str(row.get(key, "")) for _, key in TABLE_COLUMNS]
+        cells[0] = cells[0].replace("_patch16_224_8k_vocab", "")
+        if "skipped" in row or "error" in row:
+            cells[4:-1] = [row.get("skipped") or row["error"]] + [""] * (len(cells) - 6)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     cfg = parse_overrides(MemoryBenchConfig(), sys.argv[1:] if argv is None else argv)
+    if cfg.table:
+        results = Path(cfg.out or RESULTS_DIR) / "memory.jsonl"
+        rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+        print(markdown_table(rows))
+        return rows
     models = [name for name in cfg.models.split(",") if name]
     unknown = [name for name in models if name not in MODELS]
     if unknown:

@@ -68,3 +68,16 @@ def test_pytest_benchmark_suite_saves_json_that_compare_reads(tmp_path):
                               f"sys.argv = ['pytest-benchmark', 'compare', {str(saved)!r}]; main()"],
                              capture_output=True, text=True, timeout=120)
     assert compare.returncode == 0 and "test_attention" in compare.stdout, compare.stderr[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_memory_benchmark_measures_two_zero3_ranks(tmp_path):
+    bench_memory = importlib.import_module("benchmarks.bench_memory")
+    [row] = bench_memory.main(["--models=tiny", "--stages=3", "--ranks=2", f"--out={tmp_path}",
+                               f"--cache_dir={tmp_path / 'cache'}"])
+    assert "error" not in row and "skipped" not in row, row
+    assert 0 < row["model_states_gb"] < row["peak_gb"] and row["activations_gb"] > 0
+    assert row["worker_uss_gb"] < 0.5  # a worker started from the forkserver holds no copy of the rank's memory
+    table = bench_memory.markdown_table([row]).splitlines()
+    assert len(table) == 3 and table[2].startswith("| beit_tiny | 3 | 2 | 1 |")
