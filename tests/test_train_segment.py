@@ -78,3 +78,13 @@ def test_segment_recipe_tiny_cpu_run(data_dir, tmp_path):
     bad = subprocess.run([sys.executable, "recipes/segment_ade20k_base.py", f"--data_path={tmp_path / 'nope'}"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120, env=SUBPROCESS_ENV)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "ADE20K-format folder" in bad.stderr
+
+
+def test_zero3_segmentation_starts_from_the_pretrained_encoder_and_saves_best_and_final(data_dir, pretrained_dir,
+                                                                                      tmp_path):
+    """At ZeRO-3 the segmenter is built partitioned; the 20 px checkpoint is resized into its gathered encoder."""
+    run(data_dir, tmp_path, f"--finetune={pretrained_dir}", "--zero_stage=3")
+    final = load_file(tmp_path / "final" / "model.safetensors")["backbone.encoder.patch_embed.proj.weight"]
+    pretrained = load_file(pretrained_dir / "model.safetensors")["patch_embed.proj.weight"]
+    assert (final - pretrained).norm() < 0.5 * pretrained.norm()
+    assert (tmp_path / "best" / "model.safetensors").is_file()
