@@ -195,8 +195,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         sys.exit(f"error: --models: unknown {', '.join(unknown)}; choose from {', '.join(MODELS)}")
     if cfg.steps < 2:
         sys.exit(f"error: --steps={cfg.steps}: use 2 or more (the second step measures the activations)")
-    stages = [int(s) for s in cfg.stages.split(",")]
-    rank_counts = [int(r) for r in cfg.ranks.split(",")]
+    try:
+        stages = [int(s) for s in cfg.stages.split(",")]
+        rank_counts = [int(r) for r in cfg.ranks.split(",")]
+    except ValueError:
+        sys.exit(f"error: --stages={cfg.stages} --ranks={cfg.ranks}: give comma-separated integers, e.g. "
+                 "--stages=0,3 --ranks=1,2")
+    if not set(stages) <= {0, 1, 2, 3} or min(rank_counts) < 1:
+        sys.exit(f"error: --stages={cfg.stages} --ranks={cfg.ranks}: ZeRO stages are 0-3 and ranks at least 1")
     cache = Path(cfg.cache_dir).expanduser()
     data = imagenet_like_folder(cache / "imagenet_like")
     tokenizer = random_dalle_tokenizer(cache / "dalle_random")
@@ -218,7 +224,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                           f"{psutil.virtual_memory().available / GB:.0f} GB free")
                     else:
                         row.update(run_case(cfg, model, stage, ranks, data, tokenizer, Path(work)))
-                    rows.extend([row])
+                    rows.append(row)
                     append_rows("memory", [row], cfg.out or None)
     return rows
 
