@@ -1,0 +1,180 @@
+"""Input-pipeline throughput per worker core, next to what one GPU consumes at the MFU goal.
+
+    python benchmarks/bench_data.py                        # one process pinned to one core, every pipeline
+    python benchmarks/bench_data.py --workers=2            # a DataLoader with 2 workers (figures per worker)
+    python benchmarks/bench_data.py --data_path=/data/imagenet --pipelines=pretrain,eval
+
+Pipelines, each the dataset + transform a training task builds (file read and decode included):
+- `pretrain`: MIM samples, both views (224 bicubic + 112 lanczos from one crop, colour jitter, flip) and the mask;
+- `finetune`: timm's training transform (RandomResizedCrop, flip, RandAugment rand-m9-mstd0.5-inc1, erasing box);
+- `eval`: resize to 256 + centre crop 224;
+- `segmentation`: the ADE20K training pipeline at a 512 crop (resize with ratio 0.5-2, crop, flip, photometric).
+
+`--data_path` is an image folder (class subfolders or flat; `train/` is used when present); without it the benchmark
+writes, once, 256 ImageNet-like JPEGs (sizes around ImageNet's 500x375, quality 90) from the embedded photos
+(benchmarks/fixtures.py). Segmentation reads an ADE20K root (`--seg_data_path`) or a generated 512 px set.
+
+`--workers=1` runs the pipeline in this process, pinned to one core with one torch thread; `--workers=N` iterates a
+DataLoader with N workers (batch 32) and divides by N (on a machine with N spare cores, the main process's collation
+included). Each figure is images over wall time after a warm-up, for at least `--seconds`.
+
+Each row also gives the feed requirement: the images per second one GPU trains at `--mfu` of the device's dense bf16
+peak (engine/train/flops.py; BEiT-B and BEiT-L at 224 px, 75 masked patches for pretraining; eval counts the forward
+only; segmentation the encoder at 512 px only, the UperNet head left out, so its requirement is an upper bound) and
+the worker cores per GPU that this pipeline needs to keep up. Rows go to benchmarks/results/data.jsonl.
+"""
+
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import append_rows, environment  # noqa: E402
+from engine.config import ConfigError, parse_overrides  # noqa: E402
+
+PIPELINES = ("pretrain", "finetune", "eval", "segmentation")
+BATCH_SIZE = 32
+# what each pipeline feeds: (model for the FLOP count, image size, masked patches, training?)
+_FEEDS = {"pretrain": ("{size}_patch16_224_8k_vocab", 224, 75, True),
+          "finetune": ("{size}_patch16_224", 224, None, True),
+          "eval": ("{size}_patch16_224", 224, None, False),
+          "segmentation": ("{size}_patch16_224", 512, None, True)}
+
+
+@dataclass
+class DataBenchConfig:
+    pipelines: str = "pretrain,finetune,eval,segmentation"
+    workers: int = 1  # 1: this process on one core; N: a DataLoader with N workers
+    data_path: str = ""  # an image folder; default: ImageNet-like JPEGs generated once under cache_dir
+    seg_data_path: str = ""  # an ADE20K root; default: a 512 px set generated once under cache_dir
+    images: int = 256  # size of the generated sets
+    seconds: float = 5.0  # least measuring time per pipeline
+    device: str = "H100"  # the GPU whose bf16 peak sets the feed requirement (H100 = SXM; a key of flops._PEAK_TFLOPS)
+    mfu: float = 0.45  # the MFU goal of the kernels
+    cache_dir: str = "~/.cache/beit-engine/bench"
+    out: str = ""  # results directory (default benchmarks/results)
+
+
+def machine() -> str:
+    """The CPU model and core count, e.g. 'Intel(R) Xeon(R) ... (2 cores)'."""
+    model = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model} ({os.cpu_count()} cores)"
+
+
+def feed_requirement(pipeline: str, device: str, mfu: float) -> dict:
+    """{"beit_base": img/s, "beit_large": img/s} one `device` GPU consumes at `mfu` in this pipeline's job."""
+    from engine.factory import registered_config
+    from engine.train.flops import _PEAK_TFLOPS, forward_flops_per_image
+
+    peaks = dict(_PEAK_TFLOPS)
+    if device not in peaks:
+        raise ConfigError(f"--device={device!r} is not in the peak table; choose from {', '.join(peaks)}")
+    model, img_size, masked, training = _FEEDS[pipeline]
+    feeds = {}
+    for size in ("base", "large"):
+        config = dict(registered_config("beit_" + model.format(size=size)), img_size=img_size)
+        flops = forward_flops_per_image(config, masked) * (3 if training else 1)
+        feeds[f"beit_{size}"] = round(mfu * peaks[device]["bf16"] * 1e12 / flops)
+    return feeds
+
+
+def build_pipeline(pipeline: str, image_folder: str, seg_root: str):
+    """The dataset a training task would build for `pipeline` (its samples are what workers produce)."""
+    from engine.data.datasets import build_dataset
+    from engine.data.loader import ClassificationDataset, MIMPretrainDataset, SegmentationSamples
+    from engine.data.masking import MaskingGenerator
+    from engine.data.segmentation import ADE20KDataset, SegTrainTransform
+    from engine.data.transforms import EvalTransform, FinetuneTransform, PretrainTransform
+
+    if pipeline == "segmentation":
+        return SegmentationSamples(ADE20KDataset(seg_root, "training"), SegTrainTransform(512))
+    images = build_dataset(image_folder, "train")
+    if pipeline == "pretrain":
+        return MIMPretrainDataset(images, PretrainTransform(), MaskingGenerator((14, 14), 75, 16, None))
+    transform = FinetuneTransform() if pipeline == "finetune" else EvalTransform()
+    return ClassificationDataset(images, transform)
+
+
+def images_per_second(dataset, workers: int, seconds: float) -> float:
+    """Samples per second of `dataset` in this process (workers=1) or through a DataLoader with `workers`."""
+    if workers == 1:
+        for index in range(min(16, len(dataset))):  # warm-up: page cache, lazy imports
+            dataset[index]
+        count, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            dataset[count % len(dataset)]
+            count += 1
+        return count / (time.perf_counter() - start)
+    from engine.data.loader import build_loader
+
+    loader = build_loader(dataset, BATCH_SIZE, num_workers=workers, persistent_workers=True)
+    count, epoch, start = 0, 0, None
+    while start is None or time.perf_counter() - start < seconds:
+        dataset.set_epoch(epoch) if hasattr(dataset, "set_epoch") else None
+        for batch in loader:
+            if start is None:  # the first batch waits for the workers to start
+                start = time.perf_counter()
+                continue
+            count += len(batch[0])
+            if time.perf_counter() - start >= seconds:
+                break
+        epoch += 1
+    return count / (time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    cfg = parse_overrides(DataBenchConfig(), sys.argv[1:] if argv is None else argv)
+    pipelines = [name for name in cfg.pipelines.split(",") if name]
+    unknown = sorted(set(pipelines) - set(PIPELINES))
+    if unknown or not pipelines:
+        raise SystemExit(f"bench_data.py: unknown pipeline {', '.join(unknown) or '(none)'}; choose from "
+                         f"{', '.join(PIPELINES)}")
+    if cfg.workers < 1 or cfg.seconds <= 0 or not 0 < cfg.mfu <= 1 or cfg.images < 1:
+        raise SystemExit("bench_data.py: need --workers >= 1, --seconds > 0, 0 < --mfu <= 1 and --images >= 1")
+    feeds = {name: feed_requirement(name, cfg.device, cfg.mfu) for name in pipelines}  # checks --device first
+
+    import torch
+
+    from benchmarks.fixtures import imagenet_like_folder
+
+    cache = Path(cfg.cache_dir).expanduser()
+    image_folder = cfg.data_path or str(imagenet_like_folder(cache / f"imagenet_like_{cfg.images}", cfg.images))
+    seg_root = cfg.seg_data_path
+    if "segmentation" in pipelines and not seg_root:
+        from engine.data.segmentation import build_demo_segmentation
+
+        seg_root = str(build_demo_segmentation(cache / f"ade_like_512_{cfg.images}", num_train=cfg.images, num_val=1,
+                                               image_size=512))
+    if cfg.workers == 1:
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+        torch.set_num_threads(1)
+    base = dict(environment("cpu"), machine=machine(), workers=cfg.workers, data_path=cfg.data_path or "generated",
+                feed_device=cfg.device, feed_mfu=cfg.mfu)
+    rows = []
+    for name in pipelines:
+        dataset = build_pipeline(name, image_folder, seg_root)
+        per_core = images_per_second(dataset, cfg.workers, cfg.seconds) / cfg.workers
+        feed = feeds[name]
+        rows.append(dict(base, pipeline=name, img_per_s_per_core=round(per_core, 1), gpu_img_per_s=feed,
+                         cores_per_gpu={model: round(need / per_core, 1) for model, need in feed.items()}))
+    append_rows("data", rows, cfg.out or None)
+    return rows
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ConfigError as error:
+        raise SystemExit(f"bench_data.py: {error}") from None
