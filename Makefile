@@ -42,7 +42,7 @@ aot-oldest:
 
 # GPU validation on a bare node (benchmarks/README.md, "GPU validation on a bare node"); neither target runs `install`.
 # gpu-wheels (here, with network): .whl/ (git-ignored) holds what the node lacks: DeepSpeed built without ops (pure
-# Python) and its dependencies missing there, for CPython 3.12 on manylinux x86_64; .whl/COMMIT names the commit.
+# Python), its dependencies missing there and simplejpeg (the workers' JPEG decoder), for CPython 3.12 on manylinux x86_64; .whl/COMMIT names the commit.
 # gpu-check (there, no network): installs .whl/ into $(GPU_SITE) when DeepSpeed is not importable, then runs
 # benchmarks/gpu_check.py into OUT (an OUT in the environment wins); DRY_RUN=1 is its CPU rehearsal (< 2 min).
 GPU_PYTHON ?= python3
@@ -52,14 +52,14 @@ GPU_WHEEL_PYTHON ?= 3.12
 OUT ?= benchmarks/results/
 GPU_WHEEL_DEEPSPEED ?= deepspeed==0.19.8
 GPU_WHEEL_DEPS ?= hjson==3.1.0 pydantic==2.13.4 pydantic-core==2.46.4 annotated-types==0.7.0 \
-	typing-inspection==0.4.2 typing-extensions==4.16.0
+	typing-inspection==0.4.2 typing-extensions==4.16.0 simplejpeg==1.8.2
 GPU_WHEEL_PLATFORM = --only-binary=:all: --python-version $(GPU_WHEEL_PYTHON) --implementation cp \
 	--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
 GPU_CHECK_PATH = PYTHONPATH=$(GPU_SITE):.$${PYTHONPATH:+:$$PYTHONPATH}
 
 # Run it before every carry: the wheels are built once (seconds afterwards), COMMIT is rewritten every time.
 gpu-wheels:
-	@if ! ls $(GPU_WHEELS)/deepspeed-*.whl >/dev/null 2>&1; then \
+	@if ! ls $(GPU_WHEELS)/deepspeed-*.whl $(GPU_WHEELS)/simplejpeg-*.whl >/dev/null 2>&1; then \
 		mkdir -p $(GPU_WHEELS) && rm -f $(GPU_WHEELS)/*.whl && \
 		DS_BUILD_OPS=0 $(PYTHON) -m pip wheel -q --no-deps --no-cache-dir $(GPU_WHEEL_DEEPSPEED) -w $(GPU_WHEELS) && \
 		$(PYTHON) -m pip download -q --no-deps $(GPU_WHEEL_PLATFORM) -d $(GPU_WHEELS) $(GPU_WHEEL_DEPS) || exit 1; fi

@@ -24,7 +24,6 @@ only; segmentation the encoder at 512 px only, the UperNet head left out, so its
 the worker cores per GPU that this pipeline needs to keep up. Rows go to benchmarks/results/data.jsonl.
 """
 
-import json
 import os
 import platform
 import sys

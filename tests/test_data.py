@@ -33,7 +33,7 @@ def test_idx_dataset_samples_are_rgb_with_labels(tmp_path):
     dataset = IdxDataset(tmp_path / "x.gz", tmp_path / "y.gz")
     image, label = dataset[3]
     assert len(dataset) == 4 and label == 3 and dataset.classes == ["0", "1", "2", "3"]
-    assert image.mode == "RGB" and image.size == (5, 6)  # PIL size is (width, height)
+    assert image.dtype == np.uint8 and image.shape == (6, 5, 3)  # RGB [H, W, 3], grey repeated
     np.testing.assert_array_equal(np.asarray(image)[..., 1], images[3])
 
 
@@ -62,7 +62,7 @@ def test_embedded_fashion_mnist():
     assert train.classes == list(FASHION_MNIST_CLASSES) and len(train.classes) == 10
     assert set(train.targets) == set(range(10))
     image, label = train[0]
-    assert image.size == (28, 28) and image.mode == "RGB" and label == 9  # the first training image: ankle boot
+    assert image.shape == (28, 28, 3) and image.dtype == np.uint8 and label == 9  # the first train image: ankle boot
     with pytest.raises(ValueError, match="unknown embedded dataset"):
         build_dataset("embedded:cifar10")
 
@@ -110,7 +110,7 @@ def test_image_folder_skips_corrupt_and_non_image_files(tmp_path, caplog):
     assert [p.rsplit("/", 1)[1] for p in dataset.ignored_files] == ["notes.txt"]
     assert "skipped 1 file" in caplog.text
     image, label = dataset[4]
-    assert label == 1 and image.mode == "RGB" and np.abs(np.subtract(image.getpixel((0, 0)), (0, 0, 200))).max() < 5
+    assert label == 1 and image.shape[2] == 3 and np.abs(image[0, 0].astype(int) - (0, 0, 200)).max() < 5
 
 
 def test_image_that_fails_to_decode_late_is_replaced_by_same_class(tmp_path, caplog):
@@ -123,7 +123,7 @@ def test_image_that_fails_to_decode_late_is_replaced_by_same_class(tmp_path, cap
     assert len(dataset) == 5  # passes the header check
     with caplog.at_level(logging.WARNING):
         image, label = dataset[1]
-    assert label == 0 and image.getpixel((0, 0)) == (200, 20, 0)  # c2.png, the next cat
+    assert label == 0 and tuple(image[0, 0]) == (200, 20, 0)  # c2.png, the next cat
     assert dataset.num_skipped == 2 and "cannot decode" in caplog.text
 
 

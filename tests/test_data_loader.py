@@ -84,17 +84,18 @@ def _assert_same_batches(a, b):
 
 def test_mim_samples_and_collate():
     dataset = _mim_dataset()
-    patch, tokenizer, mask = dataset[3]
-    assert patch.shape == (3, 28, 28) and tokenizer.shape == (3, 14, 14)
+    patch, tokenizer, jitter, mask = dataset[3]
+    assert patch.shape == (3, 28, 28) and tokenizer.shape == (3, 14, 14) and jitter.shape == (7,)
     assert mask.shape == (49,) and mask.dtype == torch.bool and 0 < mask.sum() <= 20
     assert torch.equal(mask, torch.from_numpy(dataset.masking_generator.for_sample(11, 0, 3).reshape(-1)))
     again = dataset[3]
-    assert torch.equal(patch, again[0]) and torch.equal(tokenizer, again[1])
+    assert all(torch.equal(a, b) for a, b in zip((patch, tokenizer, jitter), again))
     dataset.set_epoch(1)
     assert not torch.equal(patch, dataset[3][0])
     loader = build_loader(dataset, batch_size=4, seed=0)
-    patches, tokenizers, masks = next(iter(loader))
+    patches, tokenizers, jitters, masks = next(iter(loader))
     assert patches.shape == (4, 3, 28, 28) and tokenizers.shape == (4, 3, 14, 14) and masks.shape == (4, 49)
+    assert jitters.shape == (4, 7) and jitters.dtype == torch.float32
 
 
 def test_mim_loader_is_independent_of_workers_and_resumable():

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from engine.data import EvalTransform, FinetuneTransform, PretrainTransform, RandAugment, RandAugmentConfig
+from engine.data.color_jitter import ColorJitter
 from engine.data.randaugment import OPS, RAND_INCREASING_OPS, RAND_OPS
 from engine.data.transforms import RandomErasing, random_resized_crop_box
 
@@ -25,16 +26,21 @@ def _unmap(tokenizer_view):
     return (tokenizer_view - 0.1) / 0.8  # inverse of map_pixels → [0, 1]
 
 
+NO_JITTER = ColorJitter(0, 0, 0).params([], np.zeros((1, 1, 3), np.uint8))
+
+
 def _finished(transform, views):
-    """Worker output (uint8 views) → what the training step feeds the model and tokenizer (fp32)."""
-    patch, tokenizer = transform.model_inputs(views[0][None], views[1][None], torch.float32)
+    """Worker output (uint8 views, jitter params; none: no jitter) → what the training step feeds the model and
+    tokenizer (fp32)."""
+    jitter = views[2] if len(views) == 3 else NO_JITTER
+    patch, tokenizer = transform.model_inputs(views[0][None], views[1][None], jitter[None], torch.float32)
     return patch[0], tokenizer[0]
 
 
 def test_pretrain_views_shapes_and_ranges():
     transform = PretrainTransform(input_size=32, second_input_size=16)
     views = transform(_gradient_image(), random.Random(0))
-    assert views[0].shape == (3, 32, 32) and views[1].shape == (3, 16, 16)
+    assert views[0].shape == (3, 32, 32) and views[1].shape == (3, 16, 16) and views[2].shape == (7,)
     assert views[0].dtype == views[1].dtype == torch.uint8  # workers ship bytes; the step normalises
     patch, tokenizer = _finished(transform, views)
     assert patch.dtype == tokenizer.dtype == torch.float32
@@ -47,7 +53,7 @@ def test_views_from_fixed_box_show_that_box():
     transform = PretrainTransform(input_size=32, second_input_size=16)
     image = _gradient_image()
     box = (16, 24, 40, 40)  # top, left, height, width
-    patch, tokenizer = _finished(transform, transform.views_from_box(image, box))
+    patch, tokenizer = _finished(transform, transform.views_from_box(np.asarray(image), box))
     crop = torch.from_numpy(np.array(image.crop((24, 16, 64, 56)), dtype=np.float32) / 255).permute(2, 0, 1)
     # The patch view is the box at 32 px: compare red (x) and green (y) gradients with the crop at 32 px.
     expected_patch = F.interpolate(crop[None], size=32, mode="bilinear", antialias=True, align_corners=False)[0]
@@ -56,7 +62,10 @@ def test_views_from_fixed_box_show_that_box():
     patch_down = F.avg_pool2d(patch[None] * 0.5 + 0.5, 2)[0]
     assert torch.allclose(_unmap(tokenizer)[:2], patch_down[:2], atol=0.03)
     # A box shifted by 4 px (2 tokenizer pixels) would not match: the test can tell boxes apart.
-    _, shifted = _finished(transform, transform.views_from_box(image, (20, 28, 40, 40)))
+    _, shifted = _finished(transform, transform.views_from_box(np.asarray(image), (20, 28, 40, 40)))
+    # Flipped: the box of the mirrored image, i.e. the mirrored box of the image, mirrored.
+    flipped, _ = _finished(transform, transform.views_from_box(np.asarray(image), (16, 96 - 24 - 40, 40, 40), True))
+    assert torch.allclose(flipped, patch.flip(-1), atol=1e-6)
     assert (_unmap(shifted)[:2] - patch_down[:2]).abs().max() > 0.05
 
 
@@ -64,11 +73,12 @@ def test_views_from_fixed_box_show_that_box():
 def test_random_views_come_from_one_box(seed):
     transform = PretrainTransform(input_size=32, second_input_size=16, color_jitter=0.4)
     image = _gradient_image()
-    patch, tokenizer = transform(image, random.Random(seed))
-    augmented, box = transform.augment(image, random.Random(seed))
-    expected_patch, expected_tokenizer = transform.views_from_box(augmented, box)
+    patch, tokenizer, jitter = transform(image, random.Random(seed))
+    draws, flipped, box = transform.draw(image.width, image.height, random.Random(seed))
+    expected_patch, expected_tokenizer = transform.views_from_box(np.asarray(image), box, flipped)
     assert torch.equal(patch, expected_patch) and torch.equal(tokenizer, expected_tokenizer)
-    patch, tokenizer = _finished(transform, (patch, tokenizer))
+    assert torch.equal(jitter, transform.color_jitter.params(draws, np.asarray(image)))
+    patch, tokenizer = _finished(transform, (patch, tokenizer, jitter))
     patch_down = F.avg_pool2d(patch[None] * 0.5 + 0.5, 2)[0]
     # the checkerboard edges differ a little between bicubic+pool and Lanczos; the mean error stays tiny
     assert (_unmap(tokenizer) - patch_down).abs().mean() < 0.03
@@ -89,8 +99,8 @@ def test_pretrain_transform_is_deterministic_given_rng():
 def test_imagenet_normalisation_option():
     from engine.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
     transform = PretrainTransform(32, 16, color_jitter=0, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
-    patch, _ = _finished(transform, transform.views_from_box(Image.new("RGB", (40, 40), (255, 255, 255)),
-                                                             (0, 0, 40, 40)))
+    white = np.full((40, 40, 3), 255, np.uint8)
+    patch, _ = _finished(transform, transform.views_from_box(white, (0, 0, 40, 40)))
     expected = [(1 - m) / s for m, s in zip(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)]
     assert torch.allclose(patch.mean(dim=(1, 2)), torch.tensor(expected), atol=1e-5)
 

@@ -1,6 +1,8 @@
 """Image datasets: IDX files (MNIST / Fashion-MNIST), image folders, and the Fashion-MNIST subset shipped here.
 
-Every dataset returns samples `(PIL.Image in RGB mode, int label)`; unlabelled images have label -1. `classes`
+Every dataset returns samples `(RGB pixels uint8 [H, W, 3] numpy array, int label)`; unlabelled images have label
+-1. Arrays, not PIL images: the transforms resample them with torch and a PIL round trip alone costs ~0.9 ms per
+ImageNet-sized image (engine/data/pixels.py). `classes`
 lists the class names (index = label; empty for unlabelled data).
 
 `build_dataset(data_path, split)` is the single entry point. `data_path` is one of:
@@ -35,6 +37,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from engine.config import ConfigError
+from engine.data.pixels import as_hwc, decode_image
 
 logger = logging.getLogger(__name__)
 
@@ -130,10 +133,8 @@ class IdxDataset:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
-        pixels = self.images[index]  # [H, W] or [H, W, 3]
-        image = Image.fromarray(pixels, "L" if pixels.ndim == 2 else "RGB")
-        return image.convert("RGB"), int(self.labels[index])
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        return as_hwc(self.images[index]), int(self.labels[index])  # [H, W, 3] (grey repeated)
 
     @property
     def targets(self) -> list[int]:
@@ -297,24 +298,23 @@ class ImageFolderDataset:
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
         path, label = self.samples[index]
         image = self._load(path)
         if image is None:
             image = self._load_class_mate(index, label)
         return image, label
 
-    def _load(self, path: str) -> Image.Image | None:
-        """The decoded RGB image, or None (warned and counted) when the file cannot be decoded."""
+    def _load(self, path: str) -> np.ndarray | None:
+        """The decoded RGB pixels [H, W, 3], or None (warned and counted) when the file cannot be decoded."""
         try:
-            with Image.open(path) as image:
-                return image.convert("RGB")
+            return decode_image(path)
         except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
             self._num_failed_loads += 1
             logger.warning("cannot decode %s (%s); using the next image of the same class instead", path, err)
             return None
 
-    def _load_class_mate(self, index: int, label: int) -> Image.Image:
+    def _load_class_mate(self, index: int, label: int) -> np.ndarray:
         """The first decodable image after sample `index` among the samples of `label`, cyclically."""
         positions = self._positions_by_label[label]  # ascending
         start = bisect.bisect_left(positions, index)

@@ -19,7 +19,6 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from engine.config import ConfigError
@@ -35,7 +34,7 @@ _TRANSFORM_STREAM = 1  # keeps transform seeds apart from the masking generator'
 class ImageDataset(Protocol):
     def __len__(self) -> int: ...
 
-    def __getitem__(self, index: int) -> tuple[Image.Image, int]: ...
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]: ...  # (RGB uint8 [H, W, 3], label)
 
 
 class SampleMasker(Protocol):
@@ -88,19 +87,20 @@ class SegmentationSamples(_EpochSeededDataset):
 
 
 class MIMPretrainDataset(_EpochSeededDataset):
-    """Masked-image-modelling samples: `dataset[i]` → (patch_view float [3, H, W], tokenizer_view float
-    [3, h, w], bool_masked_pos bool [num_patches]) with a PretrainTransform-like `transform(img, rng)` and the
-    mask `masking_generator.for_sample(seed, epoch, i)` flattened row-major. Labels of `base` are ignored."""
+    """Masked-image-modelling samples: `dataset[i]` → (patch_view uint8 [3, H, W], tokenizer_view uint8 [3, h, w],
+    jitter params float32 [7], bool_masked_pos bool [num_patches]) with a PretrainTransform-like
+    `transform(img, rng)` → (patch_view, tokenizer_view, jitter) and the mask
+    `masking_generator.for_sample(seed, epoch, i)` flattened row-major. Labels of `base` are ignored."""
 
     def __init__(self, base: ImageDataset, transform: Callable, masking_generator: SampleMasker, seed: int = 0):
         super().__init__(base, transform, seed)
         self.masking_generator = masking_generator
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         image, _ = self.base[index]
-        patch_view, tokenizer_view = self.transform(image, self.sample_rng(index))
+        patch_view, tokenizer_view, jitter = self.transform(image, self.sample_rng(index))
         mask = self.masking_generator.for_sample(self.seed, self.epoch, index)  # [h, w] bool
-        return patch_view, tokenizer_view, torch.from_numpy(np.ascontiguousarray(mask).reshape(-1))
+        return patch_view, tokenizer_view, jitter, torch.from_numpy(np.ascontiguousarray(mask).reshape(-1))
 
 
 class ClassificationDataset(_EpochSeededDataset):
@@ -111,11 +111,10 @@ class ClassificationDataset(_EpochSeededDataset):
         return self.transform(image, self.sample_rng(index)), label
 
 
-def collate_mim(samples: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """MIM samples → (patch views [B, 3, H, W], tokenizer views [B, 3, h, w], bool_masked_pos [B, N] bool)."""
-    patch_views, tokenizer_views, masks = zip(*samples)
-    return torch.stack(patch_views), torch.stack(tokenizer_views), torch.stack(masks)
+def collate_mim(samples: Sequence[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+    """MIM samples → (patch views [B, 3, H, W], tokenizer views [B, 3, h, w], jitter [B, 7], bool_masked_pos
+    [B, N] bool)."""
+    return tuple(torch.stack(field) for field in zip(*samples))
 
 
 class EpochShardSampler(Sampler[int]):

@@ -1,7 +1,8 @@
 """Image transforms of BEiT pretraining (two views from one crop), fine-tuning (timm's train pipeline) and eval.
 
 PIL + numpy + torch only; the sampling algorithms follow torchvision (ColorJitter, RandomResizedCrop) and timm
-(RandAugment, RandomErasing).
+(RandAugment, RandomErasing). Images come in as uint8 `[H, W, 3]` arrays (the datasets' output; RGB PIL images are
+accepted too) and leave as uint8 tensors; engine/data/pixels.py says why and how they are resampled.
 
 Randomness: every transform is called as `transform(img, rng)` and draws ONLY from `rng`, a `random.Random`
 (torch noise, for random erasing, comes from a torch.Generator seeded from `rng`). The MIM / classification
@@ -18,8 +19,10 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageEnhance
+from PIL import Image
 
+from engine.data.color_jitter import ColorJitter, apply_color_jitter
+from engine.data.pixels import Box, as_hwc, check_interpolation, hflip, resize, resized_crop
 from engine.data.randaugment import RandAugment
 
 # The official default for pretraining and fine-tuning (--imagenet_default_mean_and_std off); fine-tuning and eval
@@ -28,15 +31,6 @@ BEIT_DEFAULT_MEAN = (0.5, 0.5, 0.5)
 BEIT_DEFAULT_STD = (0.5, 0.5, 0.5)
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)  # used for the official IN-1k pretraining and fine-tuning
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
-
-_INTERPOLATIONS = {
-    "nearest": Image.Resampling.NEAREST,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "lanczos": Image.Resampling.LANCZOS,
-}
-
-Box = tuple[int, int, int, int]  # (top, left, height, width) in pixels of the input image
 
 
 def mean_std(imagenet_mean_std: bool) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -49,18 +43,6 @@ def mean_std(imagenet_mean_std: bool) -> tuple[tuple[float, ...], tuple[float, .
 def resolve_rng(rng: random.Random | None) -> random.Random:
     """`rng`, or a fresh generator seeded from Python's global `random` state when None."""
     return rng if rng is not None else random.Random(random.getrandbits(64))
-
-
-def pil_interpolation(name: str) -> Image.Resampling:
-    if name not in _INTERPOLATIONS:
-        raise ValueError(f"interpolation must be one of {sorted(_INTERPOLATIONS)}, got {name!r}")
-    return _INTERPOLATIONS[name]
-
-
-def to_uint8_tensor(img: Image.Image) -> torch.Tensor:
-    """RGB PIL image → uint8 [3, H, W]: what workers ship (4× fewer bytes than float32)."""
-    pixels = np.array(img.convert("RGB"), dtype=np.uint8)  # [H, W, 3], a writable copy
-    return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
 
 
 def to_unit_range(pixels: torch.Tensor) -> torch.Tensor:
@@ -95,25 +77,6 @@ def _check_mean_std(mean: Sequence[float], std: Sequence[float]) -> tuple[tuple[
     return tuple(map(float, mean)), tuple(map(float, std))
 
 
-class ColorJitter:
-    """torchvision ColorJitter without hue: brightness, contrast, saturation factors drawn in [1 - s, 1 + s]
-    and applied in a random order (PIL ImageEnhance, as torchvision does for PIL images)."""
-
-    def __init__(self, brightness: float = 0.4, contrast: float = 0.4, saturation: float = 0.4):
-        strengths = (brightness, contrast, saturation)
-        if any(s < 0 for s in strengths):
-            raise ValueError(f"color jitter strengths must be >= 0, got {strengths}")
-        # zero strength → the op is skipped (no random draw), as torchvision does
-        self.enhancers = [(enhancer, s) for enhancer, s in zip(
-            (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color), strengths) if s > 0]
-
-    def __call__(self, img: Image.Image, rng: random.Random | None = None) -> Image.Image:
-        rng = resolve_rng(rng)
-        for enhancer, strength in rng.sample(self.enhancers, len(self.enhancers)):
-            img = enhancer(img).enhance(rng.uniform(max(0.0, 1 - strength), 1 + strength))
-        return img
-
-
 def random_resized_crop_box(width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float],
                             rng: random.Random) -> Box:
     """torchvision RandomResizedCrop.get_params: up to 10 draws of (area fraction in `scale`, log-uniform aspect
@@ -137,16 +100,6 @@ def random_resized_crop_box(width: int, height: int, scale: tuple[float, float],
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def resized_crop(img: Image.Image, box: Box, size: int, interpolation: Image.Resampling) -> Image.Image:
-    """Crops `box` (top, left, height, width) and resizes it to size x size."""
-    top, left, h, w = box
-    return img.crop((left, top, left + w, top + h)).resize((size, size), interpolation)
-
-
-def _horizontal_flip(img: Image.Image, probability: float, rng: random.Random) -> Image.Image:
-    return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.random() < probability else img
-
-
 class PretrainTransform:
     """BEiT pretraining views: ColorJitter → horizontal flip → ONE RandomResizedCrop box giving two views.
 
@@ -159,10 +112,15 @@ class PretrainTransform:
         interpolation, second_interpolation: resampling of the two views.
         hflip: horizontal flip probability.
 
+    The draws are the official ones, in the official order (jitter order and factors, flip, crop box), taken from the
+    image size alone (`draw`). The work is reordered for speed: each view is resampled once from the crop box of the
+    decoded image (`views_from_box`), and the colour jitter, a per-pixel map, is applied to the small views in batch
+    on the device (engine/data/color_jitter.py), instead of to the whole image in the worker.
+
     `transform(img, rng)` → (patch_view uint8 [3, input_size, input_size], tokenizer_view uint8
-    [3, second_input_size, second_input_size]), what DataLoader workers ship. `model_inputs` finishes a batch on its
-    device: the patch view normalised, the tokenizer view through the dVAE's `map_pixels` (into [0.1, 0.9]).
-    `augment` + `views_from_box` are the two halves of the worker side, exposed so the crop box can be inspected.
+    [3, second_input_size, second_input_size], jitter params float32 [7]), what DataLoader workers ship;
+    `model_inputs` finishes a batch on its device: jitter, then the patch view normalised and the tokenizer view
+    through the dVAE's `map_pixels` (into [0.1, 0.9]).
     """
 
     def __init__(self, input_size: int = 224, second_input_size: int = 112, color_jitter: float = 0.4,
@@ -175,33 +133,43 @@ class PretrainTransform:
         self.scale = _check_range("scale", scale)
         self.ratio = _check_range("ratio", ratio)
         self.mean, self.std = _check_mean_std(mean, std)
-        self.interpolation = pil_interpolation(interpolation)
-        self.second_interpolation = pil_interpolation(second_interpolation)
+        self.interpolation = check_interpolation(interpolation)
+        self.second_interpolation = check_interpolation(second_interpolation)
         self.hflip = hflip
 
-    def augment(self, img: Image.Image, rng: random.Random | None = None) -> tuple[Image.Image, Box]:
-        """Colour jitter and flip `img`, then draw the crop box: → (augmented image, (top, left, height, width))."""
-        rng = resolve_rng(rng)
-        img = _horizontal_flip(self.color_jitter(img.convert("RGB"), rng), self.hflip, rng)
-        return img, random_resized_crop_box(img.width, img.height, self.scale, self.ratio, rng)
+    def draw(self, width: int, height: int, rng: random.Random) -> tuple[list[tuple[int, float]], bool, Box]:
+        """The random choices for a `width` x `height` image → (jitter draws, flipped, crop box of the flipped
+        image), drawn as the official pipeline draws them (ColorJitter, RandomHorizontalFlip, RandomResizedCrop)."""
+        jitter = self.color_jitter.draw(rng)
+        flipped = rng.random() < self.hflip
+        return jitter, flipped, random_resized_crop_box(width, height, self.scale, self.ratio, rng)
 
-    def views_from_box(self, img: Image.Image, box: Box) -> tuple[torch.Tensor, torch.Tensor]:
-        """Both views of the same `box` of `img` → (patch_view uint8 [3, S, S], tokenizer_view uint8 [3, s, s])."""
-        patch = resized_crop(img, box, self.input_size, self.interpolation)
-        tokenizer = resized_crop(img, box, self.second_input_size, self.second_interpolation)
-        return to_uint8_tensor(patch), to_uint8_tensor(tokenizer)
+    def views_from_box(self, pixels: np.ndarray, box: Box, flipped: bool = False
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both views of `box` of uint8 `[H, W, 3]` pixels (mirrored first when `flipped`: the box is then one of the
+        mirrored image) → (patch_view uint8 [3, S, S], tokenizer_view uint8 [3, s, s])."""
+        top, left, height, width = box
+        if flipped:  # the box of the mirrored image is the mirrored box of the image; resample, then mirror the views
+            box = (top, pixels.shape[1] - left - width, height, width)
+        views = (resized_crop(pixels, box, self.input_size, self.interpolation),
+                 resized_crop(pixels, box, self.second_input_size, self.second_interpolation))
+        return tuple((hflip(view) if flipped else view).contiguous() for view in views)
 
-    def model_inputs(self, patch_views: torch.Tensor, tokenizer_views: torch.Tensor, dtype: torch.dtype
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 views `[B, 3, S, S]`, `[B, 3, s, s]` on the device → (patch views normalised, in `dtype`;
-        tokenizer views fp32 through `map_pixels`)."""
+    def model_inputs(self, patch_views: torch.Tensor, tokenizer_views: torch.Tensor, jitter: torch.Tensor,
+                     dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 views `[B, 3, S, S]`, `[B, 3, s, s]` and jitter params `[B, 7]` on the device → (patch views
+        jittered and normalised, in `dtype`; tokenizer views jittered, fp32, through `map_pixels`)."""
         from engine.tokenizer.dalle import map_pixels
 
-        patches = normalize(to_unit_range(patch_views), self.mean, self.std).to(dtype)
-        return patches, map_pixels(to_unit_range(tokenizer_views))
+        patches = apply_color_jitter(patch_views.float(), jitter).div_(255.0)
+        pixels = apply_color_jitter(tokenizer_views.float(), jitter).div_(255.0)
+        return normalize(patches, self.mean, self.std).to(dtype), map_pixels(pixels)
 
-    def __call__(self, img: Image.Image, rng: random.Random | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.views_from_box(*self.augment(img, rng))
+    def __call__(self, img: Image.Image | np.ndarray, rng: random.Random | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        pixels = as_hwc(img)
+        jitter, flipped, box = self.draw(pixels.shape[1], pixels.shape[0], resolve_rng(rng))
+        return (*self.views_from_box(pixels, box, flipped), self.color_jitter.params(jitter, pixels))
 
 
 class RandomErasing:
@@ -271,7 +239,7 @@ class FinetuneTransform:
         self.ratio = _check_range("ratio", ratio)
         self.hflip = hflip
         self.mean, self.std = _check_mean_std(mean, std)
-        self.interpolation = pil_interpolation(interpolation)
+        self.interpolation = check_interpolation(interpolation)
         if auto_augment:
             fill = tuple(min(255, round(255 * m)) for m in self.mean)  # timm: geometric ops fill with the mean
             self.color_op = RandAugment(auto_augment, fill=fill, interpolation=interpolation)
@@ -279,15 +247,27 @@ class FinetuneTransform:
             self.color_op = ColorJitter(color_jitter, color_jitter, color_jitter)
         self.random_erasing = RandomErasing(re_prob, re_mode) if re_prob > 0 else None
 
-    def __call__(self, img: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
+    def __call__(self, img: Image.Image | np.ndarray, rng: random.Random | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
         rng = resolve_rng(rng)
-        img = img.convert("RGB")
-        box = random_resized_crop_box(img.width, img.height, self.scale, self.ratio, rng)
-        img = _horizontal_flip(resized_crop(img, box, self.input_size, self.interpolation), self.hflip, rng)
-        pixels = to_uint8_tensor(self.color_op(img, rng))
+        pixels = as_hwc(img)
+        box = random_resized_crop_box(pixels.shape[1], pixels.shape[0], self.scale, self.ratio, rng)
+        view = resized_crop(pixels, box, self.input_size, self.interpolation)  # uint8 [3, S, S]
+        if rng.random() < self.hflip:
+            view = hflip(view)
+        view = self._color(view, rng).contiguous()
         erase_box = self.random_erasing.draw_box(self.input_size, self.input_size, rng) \
             if self.random_erasing is not None else torch.zeros(4, dtype=torch.int32)
-        return pixels, erase_box
+        return view, erase_box
+
+    def _color(self, view: torch.Tensor, rng: random.Random) -> torch.Tensor:
+        """RandAugment (PIL ops) or colour jitter (on the crop: timm jitters after cropping) of a uint8 view."""
+        pixels = view.permute(1, 2, 0).numpy()  # [S, S, 3], no copy for a channels-last view
+        if isinstance(self.color_op, RandAugment):
+            augmented = self.color_op(Image.fromarray(pixels, "RGB"), rng)
+            return torch.from_numpy(np.array(augmented)).permute(2, 0, 1)
+        params = self.color_op.params(self.color_op.draw(rng), pixels)
+        return apply_color_jitter(view[None].float(), params[None])[0].to(torch.uint8)
 
     def model_inputs(self, images: torch.Tensor, erase_boxes: torch.Tensor, generator: torch.Generator | None = None
                      ) -> torch.Tensor:
@@ -318,18 +298,17 @@ class EvalTransform:
             raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
         self.resize_size = math.floor(input_size / self.crop_pct)
         self.mean, self.std = _check_mean_std(mean, std)
-        self.interpolation = pil_interpolation(interpolation)
+        self.interpolation = check_interpolation(interpolation)
 
-    def __call__(self, img: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
-        img = img.convert("RGB")
-        short, long = sorted(img.size)
-        new_long = int(self.resize_size * long / short)  # torchvision Resize(int): shorter side → size
-        new_size = (self.resize_size, new_long) if img.width <= img.height else (new_long, self.resize_size)
-        img = img.resize(new_size, self.interpolation)
-        top = int(round((img.height - self.input_size) / 2.0))
-        left = int(round((img.width - self.input_size) / 2.0))
-        img = img.crop((left, top, left + self.input_size, top + self.input_size))
-        return to_uint8_tensor(img)
+    def __call__(self, img: Image.Image | np.ndarray, rng: random.Random | None = None) -> torch.Tensor:
+        pixels = as_hwc(img)
+        height, width = pixels.shape[:2]
+        new_long = int(self.resize_size * max(width, height) / min(width, height))  # torchvision Resize(int)
+        new_w, new_h = (self.resize_size, new_long) if width <= height else (new_long, self.resize_size)
+        resized = resize(pixels, new_w, new_h, self.interpolation)  # uint8 [3, new_h, new_w]
+        top = int(round((new_h - self.input_size) / 2.0))
+        left = int(round((new_w - self.input_size) / 2.0))
+        return resized[:, top:top + self.input_size, left:left + self.input_size].contiguous()
 
     def model_inputs(self, images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """uint8 `[B, 3, S, S]` on the device → normalised images in `dtype`."""

@@ -71,10 +71,11 @@ class TokenizerTrainConfig:
 
 
 def images_to_uint8(dataset, input_size: int, limit: int) -> torch.Tensor:
-    """First `limit` samples of a (PIL image, label) dataset → uint8 [N, 3, S, S] (short side resized, centre crop)."""
+    """First `limit` samples of an (RGB uint8 [H, W, 3], label) dataset → uint8 [N, 3, S, S] (short side resized,
+    centre crop)."""
     arrays = []
     for i in range(min(len(dataset), limit)):
-        image = dataset[i][0].convert("RGB")
+        image = Image.fromarray(dataset[i][0], "RGB")
         if image.size != (input_size, input_size):
             scale = input_size / min(image.size)
             w, h = max(input_size, round(image.width * scale)), max(input_size, round(image.height * scale))

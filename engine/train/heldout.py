@@ -44,9 +44,10 @@ def _tokenized(dataset, count: int, tokenizer, device: torch.device, keep_views:
     total = min(count, len(dataset))
     patch_views, masks, labels = [], [], []
     for start in range(0, total, chunk):
-        views, tokenizer_views, chunk_masks = zip(*(dataset[i] for i in range(start, min(start + chunk, total))))
+        samples = [dataset[i] for i in range(start, min(start + chunk, total))]
+        views, tokenizer_views, jitter, chunk_masks = zip(*samples)
         patches, pixels = dataset.transform.model_inputs(torch.stack(views), torch.stack(tokenizer_views).to(device),
-                                                         torch.float32)
+                                                         torch.stack(jitter), torch.float32)
         labels.append(tokenizer.get_codebook_indices(pixels).cpu())  # [n, L]
         masks.append(torch.stack(chunk_masks))
         if keep_views:

@@ -102,9 +102,10 @@ class MaskedImageModeling(Task):
                             skip_rel_pos_tables=self.cfg.optim.skip_rel_pos_tables_wd)
 
     def inputs(self, batch, step: int) -> tuple:
-        """uint8 views from the workers → normalised patch views and tokenizer labels, on the device."""
-        patch_views, tokenizer_views, mask = (t.to(self.dist_info.device, non_blocking=True) for t in batch)
-        patches, pixels = self.transform.model_inputs(patch_views, tokenizer_views, self.dtype)
+        """uint8 views and jitter params from the workers → jittered, normalised patch views and tokenizer labels, on
+        the device."""
+        patch_views, tokenizer_views, jitter, mask = (t.to(self.dist_info.device, non_blocking=True) for t in batch)
+        patches, pixels = self.transform.model_inputs(patch_views, tokenizer_views, jitter, self.dtype)
         with torch.no_grad():
             labels = self.tokenizer.get_codebook_indices(pixels)  # [B, L]
         return patches, mask, labels
