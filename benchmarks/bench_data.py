@@ -18,6 +18,9 @@ writes, once, 256 ImageNet-like JPEGs (sizes around ImageNet's 500x375, quality 
 DataLoader with N workers (batch 32) and divides by N (on a machine with N spare cores, the main process's collation
 included). Each figure is images over wall time after a warm-up, for at least `--seconds`.
 
+`--startup_files=N` instead times building the training dataset twice over a folder of N small JPEGs in 100 class
+folders (generated once): start-up cost per rank, without (first) and with (second) the folder index.
+
 Each row also gives the feed requirement: the images per second one GPU trains at `--mfu` of the device's dense bf16
 peak (engine/train/flops.py; BEiT-B and BEiT-L at 224 px, 75 masked patches for pretraining; eval counts the forward
 only; segmentation the encoder at 512 px only, the UperNet head left out, so its requirement is an upper bound) and
@@ -55,6 +58,7 @@ class DataBenchConfig:
     seconds: float = 5.0  # least measuring time per pipeline
     device: str = "H100"  # the GPU whose bf16 peak sets the feed requirement (H100 = SXM; a key of flops._PEAK_TFLOPS)
     mfu: float = 0.45  # the MFU goal of the kernels
+    startup_files: int = 0  # > 0: time two dataset builds over a folder of this many files instead
     cache_dir: str = "~/.cache/beit-engine/bench"
     out: str = ""  # results directory (default benchmarks/results)
 
@@ -133,8 +137,41 @@ def images_per_second(dataset, workers: int, seconds: float) -> float:
     return count / (time.perf_counter() - start)
 
 
+def startup_row(cfg: DataBenchConfig, cache: Path) -> dict:
+    """Seconds to build the dataset over `startup_files` JPEGs: first build (no index) and second."""
+    import io
+
+    from PIL import Image
+
+    from engine.data.datasets import build_dataset
+
+    root = cache / f"startup_{cfg.startup_files}"
+    if not (root / ".complete").is_file():
+        buffer = io.BytesIO()
+        Image.new("RGB", (32, 24), (90, 120, 30)).save(buffer, "JPEG")
+        for index in range(cfg.startup_files):
+            folder = root / "train" / f"n{index % 100:08d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{index:08d}.JPEG").write_bytes(buffer.getvalue())
+        (root / ".complete").write_text("")
+    for index_dir in (root / "train").glob(".beit-index"):  # the first build is a cold one
+        for file in index_dir.iterdir():
+            file.unlink()
+    times = []
+    for _ in range(2):
+        start = time.perf_counter()
+        build_dataset(str(root), "train")
+        times.append(round(time.perf_counter() - start, 3))
+    return dict(environment("cpu"), machine=machine(), files=cfg.startup_files, first_build_s=times[0],
+                second_build_s=times[1])
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     cfg = parse_overrides(DataBenchConfig(), sys.argv[1:] if argv is None else argv)
+    if cfg.startup_files > 0:
+        row = startup_row(cfg, Path(cfg.cache_dir).expanduser())
+        append_rows("data_startup", [row], cfg.out or None)
+        return [row]
     pipelines = [name for name in cfg.pipelines.split(",") if name]
     unknown = sorted(set(pipelines) - set(PIPELINES))
     if unknown or not pipelines:

@@ -102,7 +102,7 @@ def _class_folder(root):
 def test_image_folder_skips_corrupt_and_non_image_files(tmp_path, caplog):
     _class_folder(tmp_path)
     with caplog.at_level(logging.WARNING):
-        dataset = ImageFolderDataset(tmp_path)
+        dataset = ImageFolderDataset(tmp_path, check_headers=True)
     assert dataset.classes == ["cat", "dog"]
     assert [p.rsplit("/", 1)[1] for p, _ in dataset.samples] == ["c0.png", "c1.png", "c2.png", "d0.JPG", "d1.JPG"]
     assert dataset.targets == [0, 0, 0, 1, 1]  # the bad files did not shift any label
@@ -119,7 +119,7 @@ def test_image_that_fails_to_decode_late_is_replaced_by_same_class(tmp_path, cap
     noise = np.random.default_rng(0).integers(0, 256, size=(16, 16, 3), dtype=np.uint8)
     Image.fromarray(noise).save(truncated)
     truncated.write_bytes(truncated.read_bytes()[:200])  # header intact, pixel data cut
-    dataset = ImageFolderDataset(tmp_path)
+    dataset = ImageFolderDataset(tmp_path, check_headers=True)
     assert len(dataset) == 5  # passes the header check
     with caplog.at_level(logging.WARNING):
         image, label = dataset[1]

@@ -14,13 +14,16 @@ lists the class names (index = label; empty for unlabelled data).
   of images (unlabelled pretraining). When the folder has a subfolder named after the split (`train`, or `test` /
   `val` for split "test") that subfolder is used, as in the official BEiT fine-tuning layout.
 
+Image folders are listed, not opened: the listing comes from an index file that is rebuilt when the folder changes
+(engine/data/folder_index.py), so building a dataset over ImageNet opens no image file, on any rank.
+
 Bad files in an image folder. Files whose extension is not an image extension are ignored (listed in
-`ignored_files`). A file with an image extension that PIL cannot identify is skipped when the folder is scanned
-(header check; counted in `num_skipped`). A file that passes the header check but fails to decode later (e.g. a
-truncated JPEG) is replaced, with a warning, by the next decodable file of the SAME class (cyclically), and counted
-in the `num_skipped` of the process that read it. Why this choice: the dataset length and every index→file mapping
-stay fixed, so labels never shift, the sampler's shards and a resumed run stay valid, and a bad file deep in an
-epoch never crashes a long run; a fully verified decode of every file up front would cost a full read of the data.
+`ignored_files`). A file that fails to decode when its sample is read (not an image, a truncated JPEG) is replaced,
+with a warning, by the next decodable file of the SAME class (cyclically), and counted in the `num_skipped` of the
+process that read it. Why this choice: the dataset length and every index→file mapping stay fixed, so labels never
+shift, the sampler's shards and a resumed run stay valid, and a bad file deep in an epoch never crashes a long run;
+checking files up front would open every file (`check_headers=True` does: such files are then dropped and listed
+in `skipped_files`).
 """
 
 from __future__ import annotations
@@ -37,11 +40,11 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from engine.config import ConfigError
+from engine.data.folder_index import IMG_EXTENSIONS, folder_listing
 from engine.data.pixels import as_hwc, decode_image
 
 logger = logging.getLogger(__name__)
 
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                          "Ankle boot")
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
@@ -184,12 +187,13 @@ def fashion_mnist_full(split: Split = "train", directory: str | os.PathLike = FA
     return _idx_dir_dataset(directory, split, FASHION_MNIST_CLASSES)
 
 
-def _is_hidden(name: str) -> bool:
-    return name.startswith(".")
-
-
-def _has_image_extension(name: str) -> bool:
-    return name.lower().endswith(IMG_EXTENSIONS)
+def _local_rank() -> int:
+    """This process's rank on its node from the launcher's environment (torchrun/deepspeed, OpenMPI, MPICH, srun),
+    0 outside a launch: the first process of each node lists a folder, the others wait for its index."""
+    for name in ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 0
 
 
 def _header_ok(path: str) -> bool:
@@ -209,9 +213,10 @@ class ImageFolderDataset:
         layout: "classes" (one subfolder per class, searched recursively, labels = sorted folder names), "flat"
             (image files directly in root, label -1), or "auto": "classes" when root has a (non-hidden) subfolder,
             else "flat".
-        check_headers: identify every file with PIL when scanning, so undecodable files are dropped up front
-            (reads file headers only; turn off for very large folders on slow storage, bad files are then
-            replaced lazily, see the module docstring).
+        check_headers: identify every file with PIL up front, so undecodable files are dropped before training
+            (opens every file: minutes for ImageNet on a network filesystem). Off by default: the folder's listing
+            comes from its index (engine/data/folder_index.py) and no image file is opened until a sample is read;
+            files that fail then are replaced (see the module docstring).
 
     Attributes: `classes`, `samples` (list of (path, label)), `ignored_files` (non-image extensions),
     `skipped_files` (files dropped by the header check), `num_skipped` (those plus files that failed to decode
@@ -219,44 +224,26 @@ class ImageFolderDataset:
     """
 
     def __init__(self, root: str | os.PathLike, layout: Literal["auto", "classes", "flat"] = "auto",
-                 check_headers: bool = True):
+                 check_headers: bool = False):
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder not found: {self.root} (data_path should be an image folder, a "
                                     f"directory of IDX files, 'embedded:fashion_mnist' or 'fashion_mnist_full')")
         if layout not in ("auto", "classes", "flat"):
             raise ValueError(f"layout must be 'auto', 'classes' or 'flat', got {layout!r}")
-        subfolders = sorted(e.name for e in os.scandir(self.root) if e.is_dir() and not _is_hidden(e.name))
-        if layout == "auto":
-            layout = "classes" if subfolders else "flat"
-        self.layout = layout
+        listing = folder_listing(self.root, layout, local_rank=_local_rank())
+        self.layout, self.classes = listing.layout, listing.classes
         self.check_headers = check_headers
-        self.ignored_files: list[str] = []
+        root_name = str(self.root)
+        self.samples = [(os.path.join(root_name, name), label) for name, label in listing.samples]
+        self.ignored_files = [os.path.join(root_name, name) for name in listing.ignored]
         self.skipped_files: list[str] = []
         self._num_failed_loads = 0
-
-        if layout == "classes":
-            if not subfolders:
-                raise ConfigError(f"{self.root}: layout 'classes' needs one subfolder per class, found none")
-            self.classes = subfolders
-            self.samples = []
-            for label, name in enumerate(subfolders):
-                files = self._scan(self.root / name, recursive=True)
-                if not files:
-                    raise ConfigError(f"{self.root / name}: class folder {name!r} holds no readable image "
-                                     f"({', '.join(IMG_EXTENSIONS)}); add images or remove the folder")
-                self.samples += [(path, label) for path in files]
-            loose = [e.path for e in os.scandir(self.root) if e.is_file() and not _is_hidden(e.name)]
-            if loose:
-                logger.warning("%s: %d file(s) directly in the root of a class-folder dataset are ignored",
-                               self.root, len(loose))
-                self.ignored_files += sorted(loose)
-        else:
-            self.classes = []
-            self.samples = [(path, -1) for path in self._scan(self.root, recursive=False)]
-            if not self.samples:
-                raise ConfigError(f"{self.root}: no readable image files ({', '.join(IMG_EXTENSIONS)}) found")
-
+        if check_headers:
+            self.skipped_files = [path for path, _ in self.samples if not _header_ok(path)]
+            skipped = set(self.skipped_files)
+            self.samples = [(path, label) for path, label in self.samples if path not in skipped]
+        self._check_listing(listing)
         if self.ignored_files:
             logger.info("%s: ignored %d non-image file(s), e.g. %s", self.root, len(self.ignored_files),
                         self.ignored_files[0])
@@ -268,24 +255,23 @@ class ImageFolderDataset:
         for position, (_, label) in enumerate(self.samples):
             self._positions_by_label.setdefault(label, []).append(position)
 
-    def _scan(self, folder: Path, recursive: bool) -> list[str]:
-        """Sorted image paths under `folder`; records ignored and header-failing files."""
-        if recursive:
-            paths = [os.path.join(directory, name)
-                     for directory, subdirs, names in sorted(os.walk(folder, followlinks=True))
-                     if not any(_is_hidden(part) for part in Path(directory).relative_to(folder).parts)
-                     for name in sorted(names) if not _is_hidden(name)]
-        else:
-            paths = sorted(e.path for e in os.scandir(folder) if e.is_file() and not _is_hidden(e.name))
-        images = []
-        for path in paths:
-            if not _has_image_extension(path):
-                self.ignored_files.append(path)
-            elif self.check_headers and not _header_ok(path):
-                self.skipped_files.append(path)
-            else:
-                images.append(path)
-        return images
+    def _check_listing(self, listing) -> None:
+        extensions = ", ".join(IMG_EXTENSIONS)
+        if self.layout == "flat":
+            if not self.samples:
+                raise ConfigError(f"{self.root}: no readable image files ({extensions}) found")
+            return
+        if not self.classes:
+            raise ConfigError(f"{self.root}: layout 'classes' needs one subfolder per class, found none")
+        counts = np.bincount([label for _, label in self.samples], minlength=len(self.classes))
+        if (counts == 0).any():
+            name = self.classes[int(np.argmin(counts))]
+            raise ConfigError(f"{self.root / name}: class folder {name!r} holds no readable image ({extensions}); "
+                              f"add images or remove the folder")
+        loose = [name for name in listing.ignored if os.sep not in name]
+        if loose:
+            logger.warning("%s: %d file(s) directly in the root of a class-folder dataset are ignored", self.root,
+                           len(loose))
 
     @property
     def num_skipped(self) -> int:
