@@ -61,6 +61,8 @@ def main(cfg: FinetuneConfig) -> None:
         summary = run_finetuning(cfg)
     if summary.get("best"):
         print(f"best top-1 {summary['best']['acc1']:.2f}% at step {summary['best'].get('step')}")
+    elif summary.get("final_dir"):
+        print(f"no evaluation ran; final weights in {summary['final_dir']}")
 
 
 if __name__ == "__main__":

@@ -117,3 +117,47 @@ def test_zero3_finetuning_starts_from_the_pretrained_weights_and_saves_best_and_
     pretrained = load_file(pretrained_dir / "model.safetensors")["patch_embed.proj.weight"]
     assert (final - pretrained).norm() < 0.5 * pretrained.norm()  # 4 small steps; a random init is ~1.4× away
     assert (tmp_path / "best" / "model.safetensors").is_file()
+
+
+def _train_only_folder(root: Path) -> Path:
+    """An image folder with train/ only (no val/): ImageNet-22k's layout."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for label in range(2):
+        for index in range(8):
+            pixels = rng.integers(0, 256, size=(28, 28, 3), dtype=np.uint8)
+            path = root / "train" / f"class_{label}" / f"{index}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels).save(path)
+    return root
+
+
+def test_finetuning_without_an_evaluation_split(tmp_path):
+    """--disable_eval_during_finetuning (ImageNet-22k intermediate fine-tuning): no val/ needed, no evaluation, final/
+    and no best/; without the flag, a missing split is one clear error naming the flag."""
+    from engine.config import ConfigError
+
+    data = _train_only_folder(tmp_path / "data")
+    with pytest.raises(ConfigError, match="disable_eval_during_finetuning"):
+        run(tmp_path / "evaluated", f"--data_path={data}", "--finetune=", "--max_steps=1")
+    summary = run(tmp_path / "run", f"--data_path={data}", "--finetune=", "--disable_eval_during_finetuning=true",
+                  "--batch_size=4", "--max_steps=2", "--layer_decay=none")
+    assert summary["best"] is None and summary["evals"] == [] and summary["best_dir"] is None
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file() and not (tmp_path / "run" / "best").exists()
+
+
+def test_in22k_recipes_build_the_official_schedules():
+    sys.path.insert(0, str(ROOT / "recipes"))
+    from finetune_in22k import config as finetune_config
+    from pretrain_in22k import config as pretrain_config
+
+    large = finetune_config("large")
+    assert large.extras.disable_eval_during_finetuning and large.run.global_batch == 2048
+    assert (large.optim.lr, large.optim.layer_decay, large.optim.clip_grad, large.run.epochs) == (2e-3, 0.75, 1.0, 90)
+    base = finetune_config("base")
+    assert (base.run.global_batch, base.optim.lr, base.optim.clip_grad, base.model.drop_path) == (4096, 3e-3, 3.0, 0.2)
+    pretrain = pretrain_config("large")
+    assert (pretrain.optim.warmup_steps, pretrain.run.epochs) == (10_000, 150)
+    assert pretrain.model.model == "beit_large_patch16_224_8k_vocab" and pretrain.run.global_batch == 2048

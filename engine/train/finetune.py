@@ -118,7 +118,14 @@ class ImageClassification(EvaluatedTask):
         if extras.model_ema and run.zero_stage == 3:
             raise ValueError("model_ema needs zero_stage <= 2 (ZeRO-3 partitions the weights the EMA would average)")
         self.dtype = input_dtype(run.precision)
-        train_base, eval_base = build_dataset(data.data_path, "train"), build_dataset(data.data_path, "test")
+        train_base = build_dataset(data.data_path, "train")
+        eval_base = None
+        if not extras.disable_eval_during_finetuning:
+            try:
+                eval_base = build_dataset(data.data_path, "test")
+            except FileNotFoundError as err:
+                raise ConfigError(f"{err}: fine-tuning evaluates on it; add the split, or train without evaluation "
+                                  "with --disable_eval_during_finetuning=true (e.g. ImageNet-22k)") from None
         self.num_classes = data.num_classes or len(train_base.classes)
         if self.num_classes < 2:
             raise ValueError(f"{data.data_path} has {self.num_classes} class(es): fine-tuning needs labelled data")
@@ -141,9 +148,9 @@ class ImageClassification(EvaluatedTask):
         self.loader = build_loader(ClassificationDataset(train_base, train_tf, seed=run.seed), run.batch_size,
                                    dist_info.rank, dist_info.world_size, run.seed, num_workers=run.num_workers)
         eval_batch = data.eval_batch_size or int(1.5 * run.batch_size)
-        self.eval_loader = build_loader(ClassificationDataset(eval_base, eval_tf, seed=run.seed), eval_batch,
-                                        dist_info.rank, dist_info.world_size, run.seed, num_workers=run.num_workers,
-                                        drop_last=False, shuffle=False)
+        self.eval_loader = None if eval_base is None else build_loader(
+            ClassificationDataset(eval_base, eval_tf, seed=run.seed), eval_batch, dist_info.rank,
+            dist_info.world_size, run.seed, num_workers=run.num_workers, drop_last=False, shuffle=False)
         self.mixup = Mixup(mixup_alpha=data.mixup, cutmix_alpha=data.cutmix, label_smoothing=data.smoothing,
                            num_classes=self.num_classes) if data.mixup > 0 or data.cutmix > 0 else None
         self.module = ClassificationLoss(torch.compile(self.model) if m.compile else self.model)
@@ -196,6 +203,8 @@ class ImageClassification(EvaluatedTask):
     def evaluate(self, engine, step: int, epoch: int, epoch_done: bool, last_step: int, stop) -> None:
         """At the end of every `eval_every`-th epoch and of the run: top-1/top-5 (and the EMA's); when top-1
         improves, rank 0 writes `best/` (safetensors + config)."""
+        if self.eval_loader is None:  # --disable_eval_during_finetuning
+            return
         steps_per_epoch = len(self.loader) // self.cfg.run.grad_accum
         if not (epoch_done and ((step // steps_per_epoch) % self.cfg.extras.eval_every == 0 or step == last_step)):
             return

@@ -125,6 +125,8 @@ class FinetuneExtras:
     model_ema: bool = False  # keep an exponential moving average of the weights and evaluate it too
     model_ema_decay: float = 0.9999  # EMA decay per optimizer step
     eval_every: int = 1  # epochs between evaluations (and best-checkpoint updates)
+    # no evaluation split, no evaluation, no best/ (the official flag; ImageNet-22k intermediate fine-tuning)
+    disable_eval_during_finetuning: bool = False
 
 
 @dataclass

@@ -131,9 +131,10 @@ class EvaluatedTask(Task):
 
     def finish(self, engine, ckpt_dir: Path) -> dict:
         state = model_state_dict(engine, self.dist_info.rank)  # collective under ZeRO-3
-        summary = {"best": self.best}
+        evaluated = "step" in self.best  # False: no evaluation ran (e.g. evaluation switched off)
+        summary = {"best": self.best if evaluated else None}
         if self.dist_info.is_main:
             save_model(self.model, state, self.output_dir / FINAL_DIR)
             summary.update(evals=read_metrics(self.output_dir / EVAL_FILE), final_dir=self.output_dir / FINAL_DIR,
-                           best_dir=self.output_dir / BEST_DIR)
+                           best_dir=self.output_dir / BEST_DIR if evaluated else None)
         return summary
