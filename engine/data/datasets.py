@@ -12,23 +12,21 @@ lists the class names (index = label; empty for unlabelled data).
 - a directory holding `{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]` files;
 - an image folder: class subfolders (labels = folder names sorted, as torchvision's ImageFolder) or a flat folder
   of images (unlabelled pretraining). When the folder has a subfolder named after the split (`train`, or `test` /
-  `val` for split "test") that subfolder is used, as in the official BEiT fine-tuning layout.
+  `val` for split "test") that subfolder is used, as in the official BEiT fine-tuning layout;
+- a folder of tar shards written by `python -m engine.data.shards SRC DST` (for network filesystems): the same
+  samples in the same order as the image folder it was made from.
 
 Image folders are listed, not opened: the listing comes from an index file that is rebuilt when the folder changes
 (engine/data/folder_index.py), so building a dataset over ImageNet opens no image file, on any rank.
 
 Bad files in an image folder. Files whose extension is not an image extension are ignored (listed in
-`ignored_files`). A file that fails to decode when its sample is read (not an image, a truncated JPEG) is replaced,
-with a warning, by the next decodable file of the SAME class (cyclically), and counted in the `num_skipped` of the
-process that read it. Why this choice: the dataset length and every index→file mapping stay fixed, so labels never
-shift, the sampler's shards and a resumed run stay valid, and a bad file deep in an epoch never crashes a long run;
-checking files up front would open every file (`check_headers=True` does: such files are then dropped and listed
-in `skipped_files`).
+`ignored_files`). A file that fails to decode when its sample is read is replaced by a class-mate
+(engine/data/encoded.py says which and why); `check_headers=True` opens every file up front instead and drops those
+PIL cannot identify (listed in `skipped_files`).
 """
 
 from __future__ import annotations
 
-import bisect
 import gzip
 import logging
 import os
@@ -37,11 +35,13 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from engine.config import ConfigError
+from engine.data.encoded import DECODE_ERRORS, EncodedImageDataset
 from engine.data.folder_index import IMG_EXTENSIONS, folder_listing
 from engine.data.pixels import as_hwc, decode_image
+from engine.data.shards import ShardDataset, is_shard_split
 
 logger = logging.getLogger(__name__)
 
@@ -201,11 +201,11 @@ def _header_ok(path: str) -> bool:
     try:
         with Image.open(path):
             return True
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+    except DECODE_ERRORS:
         return False
 
 
-class ImageFolderDataset:
+class ImageFolderDataset(EncodedImageDataset):
     """Images under `root`, with labels from class subfolders or unlabelled (label -1) from a flat folder.
 
     Args:
@@ -238,7 +238,6 @@ class ImageFolderDataset:
         self.samples = [(os.path.join(root_name, name), label) for name, label in listing.samples]
         self.ignored_files = [os.path.join(root_name, name) for name in listing.ignored]
         self.skipped_files: list[str] = []
-        self._num_failed_loads = 0
         if check_headers:
             self.skipped_files = [path for path, _ in self.samples if not _header_ok(path)]
             skipped = set(self.skipped_files)
@@ -250,10 +249,7 @@ class ImageFolderDataset:
         if self.skipped_files:
             logger.warning("%s: skipped %d file(s) that are not decodable images, e.g. %s", self.root,
                            len(self.skipped_files), self.skipped_files[0])
-        # label → positions of its samples in self.samples, to replace a file that fails to decode by its class-mate
-        self._positions_by_label: dict[int, list[int]] = {}
-        for position, (_, label) in enumerate(self.samples):
-            self._positions_by_label.setdefault(label, []).append(position)
+        self.index_labels(self.targets)
 
     def _check_listing(self, listing) -> None:
         extensions = ", ".join(IMG_EXTENSIONS)
@@ -284,48 +280,31 @@ class ImageFolderDataset:
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
-        path, label = self.samples[index]
-        image = self._load(path)
-        if image is None:
-            image = self._load_class_mate(index, label)
-        return image, label
+    def read(self, index: int) -> np.ndarray:
+        return decode_image(self.samples[index][0])
 
-    def _load(self, path: str) -> np.ndarray | None:
-        """The decoded RGB pixels [H, W, 3], or None (warned and counted) when the file cannot be decoded."""
-        try:
-            return decode_image(path)
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
-            self._num_failed_loads += 1
-            logger.warning("cannot decode %s (%s); using the next image of the same class instead", path, err)
-            return None
+    def describe(self, index: int) -> str:
+        return self.samples[index][0]
 
-    def _load_class_mate(self, index: int, label: int) -> np.ndarray:
-        """The first decodable image after sample `index` among the samples of `label`, cyclically."""
-        positions = self._positions_by_label[label]  # ascending
-        start = bisect.bisect_left(positions, index)
-        for offset in range(1, len(positions)):
-            image = self._load(self.samples[positions[(start + offset) % len(positions)]][0])
-            if image is not None:
-                return image
-        raise RuntimeError(f"{self.root}: no image of class {label} ({self._class_name(label)}) could be decoded; "
-                           f"check the files of that class")
-
-    def _class_name(self, label: int) -> str:
-        return self.classes[label] if label >= 0 else "unlabelled"
+    def label(self, index: int) -> int:
+        return self.samples[index][1]
 
 
-def _image_folder_for_split(root: Path, split: str) -> ImageFolderDataset:
+def _image_folder_for_split(root: Path, split: str) -> ImageFolderDataset | ShardDataset:
+    """The split's subfolder (train/, or test/ or val/), as an image folder or a shard split (engine/data/shards.py);
+    for "train", `root` itself when it has no such subfolder."""
     for name in _FOLDER_SPLITS[split]:
+        if is_shard_split(root / name):
+            return ShardDataset(root / name)
         if (root / name).is_dir():
             return ImageFolderDataset(root / name)
     if split == "train":
-        return ImageFolderDataset(root)
+        return ShardDataset(root) if is_shard_split(root) else ImageFolderDataset(root)
     raise FileNotFoundError(f"{root}: no {' or '.join(_FOLDER_SPLITS[split])} subfolder for split {split!r}")
 
 
 def build_dataset(data_path: str | os.PathLike = "embedded:fashion_mnist",
-                  split: Split = "train") -> IdxDataset | ImageFolderDataset:
+                  split: Split = "train") -> IdxDataset | ImageFolderDataset | ShardDataset:
     """The dataset named by `data_path` (see the module docstring) for `split` ("train" or "test").
 
     Raises FileNotFoundError / ValueError with the fix before any training starts when the path is wrong, empty or

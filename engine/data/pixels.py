@@ -12,6 +12,7 @@ feed rate one GPU needs (benchmarks/bench_data.py). So images travel as `[H, W, 
 
 from __future__ import annotations
 
+import io
 import os
 
 import numpy as np
@@ -38,10 +39,14 @@ def pil_filter(name: str) -> Image.Resampling:
 
 
 def decode_image(path: str | os.PathLike) -> np.ndarray:
-    """The image file at `path` → RGB uint8 `[H, W, 3]`. Raises OSError/ValueError (PIL's or simplejpeg's) when the
-    file cannot be decoded, as PIL would."""
+    """The image file at `path` → RGB uint8 `[H, W, 3]` (see `decode_bytes`)."""
     with open(path, "rb") as file:
-        data = file.read()
+        return decode_bytes(file.read())
+
+
+def decode_bytes(data: bytes) -> np.ndarray:
+    """An encoded image (a file's bytes) → RGB uint8 `[H, W, 3]`. Raises OSError/ValueError (PIL's or simplejpeg's)
+    when it cannot be decoded, as PIL would."""
     if data[:2] == _JPEG_MAGIC:
         import simplejpeg
 
@@ -51,7 +56,7 @@ def decode_image(path: str | os.PathLike) -> np.ndarray:
             colorspace = None  # let PIL name the problem
         if colorspace in ("YCbCr", "Gray", "RGB"):  # libjpeg converts these to RGB as PIL does
             return simplejpeg.decode_jpeg(data, colorspace="RGB")
-    with Image.open(path) as image:
+    with Image.open(io.BytesIO(data)) as image:
         return as_hwc(image)
 
 
