@@ -18,6 +18,10 @@ writes, once, 256 ImageNet-like JPEGs (sizes around ImageNet's 500x375, quality 
 DataLoader with N workers (batch 32) and divides by N (on a machine with N spare cores, the main process's collation
 included). Each figure is images over wall time after a warm-up, for at least `--seconds`.
 
+`--data_backend=dali` measures pretraining through NVIDIA DALI (engine/data/dali.py: decode and resampling on the
+GPU, or in DALI's CPU mode without one), `--workers` DataLoader workers drawing the parameters: rows give img/s per
+device (`img_per_s`) and the CPU processes used.
+
 `--startup_files=N` instead times building the training dataset twice over a folder of N small JPEGs in 100 class
 folders (generated once): start-up cost per rank, without (first) and with (second) the folder index.
 
@@ -52,6 +56,7 @@ _FEEDS = {"pretrain": ("{size}_patch16_224_8k_vocab", 224, 75, True),
 class DataBenchConfig:
     pipelines: str = "pretrain,finetune,eval,segmentation"
     workers: int = 1  # 1: this process on one core; N: a DataLoader with N workers
+    data_backend: str = "pil"  # pil | dali (pretraining only)
     data_path: str = ""  # an image folder; default: ImageNet-like JPEGs generated once under cache_dir
     seg_data_path: str = ""  # an ADE20K root; default: a 512 px set generated once under cache_dir
     images: int = 256  # size of the generated sets
@@ -122,10 +127,16 @@ def images_per_second(dataset, workers: int, seconds: float) -> float:
         return count / (time.perf_counter() - start)
     from engine.data.loader import build_loader
 
-    loader = build_loader(dataset, BATCH_SIZE, num_workers=workers, persistent_workers=True)
+    return loader_images_per_second(build_loader(dataset, BATCH_SIZE, num_workers=workers), seconds)
+
+
+def loader_images_per_second(loader, seconds: float) -> float:
+    """Samples per second a loader yields, from its second batch on (the first waits for the workers to start)."""
+    from engine.data.loader import set_loader_epoch
+
     count, epoch, start = 0, 0, None
     while start is None or time.perf_counter() - start < seconds:
-        dataset.set_epoch(epoch) if hasattr(dataset, "set_epoch") else None
+        set_loader_epoch(loader, epoch)
         for batch in loader:
             if start is None:  # the first batch waits for the workers to start
                 start = time.perf_counter()
@@ -135,6 +146,26 @@ def images_per_second(dataset, workers: int, seconds: float) -> float:
                 break
         epoch += 1
     return count / (time.perf_counter() - start)
+
+
+def dali_row(cfg: DataBenchConfig, image_folder: str, base: dict, feed: dict) -> dict:
+    """Pretraining batches per second through the DALI backend, on the GPU when there is one."""
+    import torch
+
+    from engine.data.dali import build_dali_pretrain_loader
+    from engine.data.datasets import build_dataset
+    from engine.data.masking import MaskingGenerator
+    from engine.data.transforms import PretrainTransform
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    workers = cfg.workers if cfg.workers > 1 else 0
+    loader = build_dali_pretrain_loader(build_dataset(image_folder, "train"), PretrainTransform(),
+                                        MaskingGenerator((14, 14), 75, 16, None), BATCH_SIZE, 0, 1, 0, workers, device)
+    images_per_s = loader_images_per_second(loader, cfg.seconds)
+    row = dict(base, pipeline="pretrain", data_backend="dali", dali_device=device.type,
+               img_per_s=round(images_per_s, 1), cpu_processes=workers + 1, gpu_img_per_s=feed)
+    append_rows("data", [row], cfg.out or None)
+    return row
 
 
 def startup_row(cfg: DataBenchConfig, cache: Path) -> dict:
@@ -179,6 +210,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                          f"{', '.join(PIPELINES)}")
     if cfg.workers < 1 or cfg.seconds <= 0 or not 0 < cfg.mfu <= 1 or cfg.images < 1:
         raise SystemExit("bench_data.py: need --workers >= 1, --seconds > 0, 0 < --mfu <= 1 and --images >= 1")
+    if cfg.data_backend not in ("pil", "dali") or (cfg.data_backend == "dali" and pipelines != ["pretrain"]):
+        raise SystemExit("bench_data.py: --data_backend is pil or dali; dali runs --pipelines=pretrain only")
     feeds = {name: feed_requirement(name, cfg.device, cfg.mfu) for name in pipelines}  # checks --device first
 
     import torch
@@ -198,12 +231,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
         torch.set_num_threads(1)
     base = dict(environment("cpu"), machine=machine(), workers=cfg.workers, data_path=cfg.data_path or "generated",
                 feed_device=cfg.device, feed_mfu=cfg.mfu)
+    if cfg.data_backend == "dali":
+        return [dali_row(cfg, image_folder, base, feeds["pretrain"])]
     rows = []
     for name in pipelines:
         dataset = build_pipeline(name, image_folder, seg_root)
         per_core = images_per_second(dataset, cfg.workers, cfg.seconds) / cfg.workers
         feed = feeds[name]
-        rows.append(dict(base, pipeline=name, img_per_s_per_core=round(per_core, 1), gpu_img_per_s=feed,
+        rows.append(dict(base, pipeline=name, data_backend="pil", img_per_s_per_core=round(per_core, 1),
+                         gpu_img_per_s=feed,
                          cores_per_gpu={model: round(need / per_core, 1) for model, need in feed.items()}))
     append_rows("data", rows, cfg.out or None)
     return rows

@@ -1,4 +1,5 @@
-"""One-command GPU validation for a bare node: kernel tests, kernel benchmarks and a short training benchmark.
+"""One-command GPU validation for a bare node: kernel tests, kernel benchmarks, a short training benchmark and the
+input pipelines.
 
     python3 benchmarks/gpu_check.py --out DIR             # a GPU node: every step, under 8 minutes on an H200
     python3 benchmarks/gpu_check.py --out DIR --dry-run   # a CPU: the same steps at tiny shapes, 1-2 minutes
@@ -11,6 +12,10 @@ runs; the exit status is 1 when any step failed):
   bench_*            attention (ours vs SDPA±bias, FlexAttention, eager), rel_pos_bias, masked_lm_loss, block
   deepspeed_op       builds the DeepSpeed op the training steps need (on a GPU informational: see DEEPSPEED_OP)
   train_beit_*       bench_train.py: BEiT-B and BEiT-L MIM steps per attn_impl (img/s, MFU, peak memory)
+  bench_data         bench_data.py: every input pipeline through DATA_WORKERS DataLoader workers on the node's CPU
+                     (img/s per core beside the feed one GPU needs)
+  bench_data_dali    bench_data.py --data_backend=dali: pretraining with DALI decoding on the GPU; informational
+                     (DALI's wheel, ~420 MB, does not fit a device carry: it runs where DALI is installed)
   kernel_tests_slow  the full-shape sweep (`-m "cuda and slow"`) in the time left; optional: running out of time
                      there does not fail the check, a failing test does
 Then summary.md: each step's status and duration and the key numbers in tables. Everything lands in `--out`: the
@@ -62,7 +67,8 @@ DEEPSPEED_OP = {False: "from deepspeed.ops.op_builder import FusedAdamBuilder; F
                 True: "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()"}
 # The whole check: under 8 min on a GPU. A dry run takes 1-2 min on 2 cores; its budgets only stop a hang, with room
 # for a busy machine and for a first build of DeepSpeed's CPU op.
-TOTAL_BUDGET_S = {False: 470, True: 660}
+TOTAL_BUDGET_S = {False: 470, True: 780}
+DATA_WORKERS = 8  # DataLoader workers of the data steps (a 16-core node: half its cores, as 8 GPUs would share 96)
 MIN_STEP_S = 10  # a step with less time left than this is skipped, not started
 KILL_GRACE_S = 15  # after SIGINT (pytest then still writes its junit file, a benchmark keeps its rows)
 LOG_TAIL_LINES = 25
@@ -128,6 +134,13 @@ def plan(out: Path, dry_run: bool) -> list[Step]:
                    out_flag, *(DRY_TRAIN_OVERRIDES if dry_run else [])]
         env = {"TRITON_INTERPRET": "0"} if dry_run else {}  # whatever the caller exported (pytest's conftest does)
         steps.append(Step(name, f"MIM training benchmark, {model}", command, 70, 120, env=env, results="train"))
+    data = [python, "benchmarks/bench_data.py", out_flag, f"--workers={DATA_WORKERS}",
+            *(["--seconds=1", "--images=64"] if dry_run else ["--seconds=3"])]
+    steps.append(Step("bench_data", "Input pipelines per worker core (PIL backend)",
+                      [*data, *(["--pipelines=pretrain,eval"] if dry_run else [])], 75, 120, results="data"))
+    steps.append(Step("bench_data_dali", "Pretraining input through DALI (GPU decode)",
+                      [*data, "--data_backend=dali", "--pipelines=pretrain"], 45, 90, informational=True,
+                      results="data"))
     steps.append(Step("kernel_tests_slow", "CUDA kernel tests: full-shape sweep (slow)",
                       [*pytest, "-m", "cuda and slow", f"--junitxml={out / 'junit_kernel_tests_slow.xml'}"], 600, 30,
                       optional=True, junit="junit_kernel_tests_slow.xml"))

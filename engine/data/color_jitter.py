@@ -68,12 +68,27 @@ class ColorJitter:
         return [(op, rng.uniform(max(0.0, 1 - s), 1 + s)) for op, s in rng.sample(self.ops, len(self.ops))]
 
     @staticmethod
-    def params(draws: list[tuple[int, float]], pixels: np.ndarray) -> torch.Tensor:
+    def params(draws: list[tuple[int, float]], pixels: np.ndarray | None) -> torch.Tensor:
         """float32 `[7]` for `draws` on the whole image `pixels` (uint8 `[H, W, 3]`, read only for the contrast mean:
-        PIL's rounded grey mean of the image as the ops before contrast leave it)."""
+        PIL's rounded grey mean of the image as the ops before contrast leave it; None leaves it 0, for
+        `contrast_means` to fill in on the device)."""
         padding = [(NO_OP, 1.0)] * (3 - len(draws))
         ops, factors = zip(*(list(draws) + padding))
-        return torch.tensor([*ops, *factors, contrast_mean(draws, pixels)], dtype=torch.float32)
+        mean = contrast_mean(draws, pixels) if pixels is not None else 0.0
+        return torch.tensor([*ops, *factors, mean], dtype=torch.float32)
+
+
+def contrast_means(thumbnails: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """`contrast_mean` for a batch, on its device: thumbnails of the whole images (float `[B, 3, h, w]`, 0..255) and
+    params `[B, 7]` → `[B]` rounded grey means after the ops drawn before contrast (0 where contrast is not drawn)."""
+    ops = params[:, :3]
+    is_contrast = ops == CONTRAST  # [B, 3]
+    position = torch.where(is_contrast.any(1), is_contrast.float().argmax(1), torch.full_like(ops[:, 0], 3).long())
+    before = torch.arange(3, device=params.device)[None] < position[:, None]  # [B, 3]: ops applied before contrast
+    prior = params.clone()
+    prior[:, :3] = torch.where(before, ops, torch.full_like(ops, NO_OP))
+    means = torch.floor(grey(apply_color_jitter(thumbnails, prior)).mean(dim=(1, 2, 3)) + 0.5)
+    return torch.where(is_contrast.any(1), means, torch.zeros_like(means))
 
 
 def contrast_mean(draws: list[tuple[int, float]], pixels: np.ndarray) -> float:

@@ -40,7 +40,7 @@ from PIL import Image
 from engine.config import ConfigError
 from engine.data.encoded import DECODE_ERRORS, EncodedImageDataset
 from engine.data.folder_index import IMG_EXTENSIONS, folder_listing
-from engine.data.pixels import as_hwc, decode_image
+from engine.data.pixels import as_hwc
 from engine.data.shards import ShardDataset, is_shard_split
 
 logger = logging.getLogger(__name__)
@@ -280,8 +280,9 @@ class ImageFolderDataset(EncodedImageDataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def read(self, index: int) -> np.ndarray:
-        return decode_image(self.samples[index][0])
+    def read_bytes(self, index: int) -> bytes:
+        with open(self.samples[index][0], "rb") as file:
+            return file.read()
 
     def describe(self, index: int) -> str:
         return self.samples[index][0]

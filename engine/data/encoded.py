@@ -16,14 +16,17 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from engine.data.pixels import decode_bytes, encoded_size
+
 logger = logging.getLogger(__name__)
 
 DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError)
 
 
 class EncodedImageDataset:
-    """`dataset[i]` → (RGB uint8 [H, W, 3], label) from `read(i)`, which subclasses provide with `describe(i)` (a
-    name for messages); `labels` and `classes` are set by the subclass before `index_labels()`."""
+    """`dataset[i]` → (RGB uint8 [H, W, 3], label), decoded from `read_bytes(i)`; subclasses provide that,
+    `label(i)` and `describe(i)` (a name for messages), and call `index_labels()`. `encoded(i)` → (the file's bytes,
+    label) for a decoder elsewhere (engine/data/dali.py), with the same replacement rule on a header check."""
 
     classes: list[str]
     _num_failed_loads = 0
@@ -34,8 +37,22 @@ class EncodedImageDataset:
         for position, label in enumerate(labels):
             self._positions_by_label.setdefault(int(label), []).append(position)
 
-    def read(self, index: int) -> np.ndarray:
+    def read_bytes(self, index: int) -> bytes:
         raise NotImplementedError
+
+    def read(self, index: int) -> np.ndarray:
+        return decode_bytes(self.read_bytes(index))
+
+    def read_header(self, index: int) -> tuple[bytes, tuple[int, int]]:
+        """(encoded bytes, (width, height)) from the header alone; raises as `read` when it is not an image."""
+        data = self.read_bytes(index)
+        return data, encoded_size(data)
+
+    def encoded(self, index: int) -> tuple[tuple[bytes, tuple[int, int]], int]:
+        """((encoded bytes, (width, height)), label); a sample whose header is not an image's is replaced."""
+        label = self.label(index)
+        sample = self._load(index, self.read_header)
+        return (sample if sample is not None else self._load_class_mate(index, label, self.read_header)), label
 
     def describe(self, index: int) -> str:
         raise NotImplementedError
@@ -50,22 +67,23 @@ class EncodedImageDataset:
             image = self._load_class_mate(index, label)
         return image, label
 
-    def _load(self, index: int) -> np.ndarray | None:
-        """The decoded RGB pixels [H, W, 3], or None (warned and counted) when the sample cannot be decoded."""
+    def _load(self, index: int, reader=None):
+        """`reader(index)` (default: the decoded RGB pixels [H, W, 3]), or None (warned and counted) when the
+        sample cannot be decoded."""
         try:
-            return self.read(index)
+            return (reader or self.read)(index)
         except DECODE_ERRORS as err:
             self._num_failed_loads += 1
             logger.warning("cannot decode %s (%s); using the next image of the same class instead",
                            self.describe(index), err)
             return None
 
-    def _load_class_mate(self, index: int, label: int) -> np.ndarray:
+    def _load_class_mate(self, index: int, label: int, reader=None):
         """The first decodable image after sample `index` among the samples of `label`, cyclically."""
         positions = self._positions_by_label[label]  # ascending
         start = bisect.bisect_left(positions, index)
         for offset in range(1, len(positions)):
-            image = self._load(positions[(start + offset) % len(positions)])
+            image = self._load(positions[(start + offset) % len(positions)], reader)
             if image is not None:
                 return image
         name = self.classes[label] if label >= 0 else "unlabelled"

@@ -90,17 +90,18 @@ class MIMPretrainDataset(_EpochSeededDataset):
     """Masked-image-modelling samples: `dataset[i]` → (patch_view uint8 [3, H, W], tokenizer_view uint8 [3, h, w],
     jitter params float32 [7], bool_masked_pos bool [num_patches]) with a PretrainTransform-like
     `transform(img, rng)` → (patch_view, tokenizer_view, jitter) and the mask
-    `masking_generator.for_sample(seed, epoch, i)` flattened row-major. Labels of `base` are ignored."""
+    `masking_generator.for_sample(seed, epoch, i)` flattened row-major, last (another transform's outputs come
+    first, e.g. engine/data/dali.py's draws). Labels of `base` are ignored."""
 
     def __init__(self, base: ImageDataset, transform: Callable, masking_generator: SampleMasker, seed: int = 0):
         super().__init__(base, transform, seed)
         self.masking_generator = masking_generator
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
         image, _ = self.base[index]
-        patch_view, tokenizer_view, jitter = self.transform(image, self.sample_rng(index))
+        views = self.transform(image, self.sample_rng(index))  # PretrainTransform: patch, tokenizer view, jitter
         mask = self.masking_generator.for_sample(self.seed, self.epoch, index)  # [h, w] bool
-        return patch_view, tokenizer_view, jitter, torch.from_numpy(np.ascontiguousarray(mask).reshape(-1))
+        return *views, torch.from_numpy(np.ascontiguousarray(mask).reshape(-1))
 
 
 class ClassificationDataset(_EpochSeededDataset):

@@ -60,6 +60,21 @@ def decode_bytes(data: bytes) -> np.ndarray:
         return as_hwc(image)
 
 
+def encoded_size(data: bytes) -> tuple[int, int]:
+    """(width, height) of an encoded image from its header (no decode); raises as `decode_bytes` when it is not
+    an image."""
+    if data[:2] == _JPEG_MAGIC:
+        import simplejpeg
+
+        try:
+            height, width = simplejpeg.decode_jpeg_header(data)[:2]
+            return width, height
+        except ValueError:
+            pass  # let PIL name the problem
+    with Image.open(io.BytesIO(data)) as image:
+        return image.size
+
+
 def as_hwc(image: Image.Image | np.ndarray) -> np.ndarray:
     """An RGB PIL image or uint8 array → uint8 `[H, W, 3]` (arrays pass through; grey `[H, W]` is repeated)."""
     if isinstance(image, np.ndarray):

@@ -27,7 +27,6 @@ import numpy as np
 
 from engine.config import ConfigError
 from engine.data.encoded import EncodedImageDataset
-from engine.data.pixels import decode_bytes
 
 FORMAT = "beit-shards-1"
 META_FILE, INDEX_FILE = "meta.json", "index.npy"
@@ -87,14 +86,14 @@ class ShardDataset(EncodedImageDataset):
         shard, offset = self.index[index, :2]
         return f"{self.shards[shard]} (sample {index} at byte {offset})"
 
-    def read(self, index: int) -> np.ndarray:
+    def read_bytes(self, index: int) -> bytes:
         shard, offset, size, _ = (int(value) for value in self.index[index])
         if shard not in self._files:
             self._files[shard] = os.open(self.shards[shard], os.O_RDONLY)
         data = os.pread(self._files[shard], size, offset)
         if len(data) != size:
             raise OSError(f"short read ({len(data)} of {size} bytes): the shard is truncated")
-        return decode_bytes(data)
+        return data
 
 
 def write_shards(dataset, destination: str | os.PathLike, samples_per_shard: int = SAMPLES_PER_SHARD) -> Path:

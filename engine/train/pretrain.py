@@ -81,8 +81,14 @@ class MaskedImageModeling(Task):
         masking = MaskingGenerator(grid, data.num_mask_patches, data.min_mask_patches, data.max_mask_patches)
         self.mask_backend = masking.backend  # "native" | "python": their masks differ, so a resume must use the same
         dataset = MIMPretrainDataset(build_dataset(data.data_path, "train"), transform, masking, seed=run.seed)
-        self.loader = build_loader(dataset, run.batch_size, dist_info.rank, dist_info.world_size, run.seed,
-                                   num_workers=run.num_workers)
+        if data.data_backend == "dali":
+            from engine.data.dali import build_dali_pretrain_loader
+
+            self.loader = build_dali_pretrain_loader(dataset.base, transform, masking, run.batch_size, dist_info.rank,
+                                                     dist_info.world_size, run.seed, run.num_workers, device)
+        else:
+            self.loader = build_loader(dataset, run.batch_size, dist_info.rank, dist_info.world_size, run.seed,
+                                       num_workers=run.num_workers)
         self.heldout = None
         if data.heldout_images > 0 and data.heldout_every > 0:
             try:

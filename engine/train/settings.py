@@ -80,6 +80,9 @@ class PretrainData:
     max_mask_patches: int | None = None  # largest masking block (None: num_mask_patches)
     min_crop_scale: float = 0.08  # random-resized-crop area range [min_crop_scale, 1]
     imagenet_mean_std: bool = True  # normalise with ImageNet mean/std (else 0.5/0.5)
+    # who decodes and resamples: DataLoader workers with PIL/torch ("pil"), or NVIDIA DALI on the GPU ("dali",
+    # optional install; engine/data/dali.py)
+    data_backend: Literal["pil", "dali"] = "pil"
     # A fixed batch of test-split images is scored every `heldout_every` steps next to the position prior (the most
     # common token of each grid position): see engine/train/heldout.py. 0 turns it off; so does a dataset without
     # a test split.

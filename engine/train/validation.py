@@ -199,6 +199,10 @@ def check_pretrain_data(data, model) -> None:
     in_unit_interval("min_crop_scale", data.min_crop_scale, closed_low=False, closed_high=True)
     at_least("heldout_images", data.heldout_images, 0)
     at_least("heldout_every", data.heldout_every, 1)
+    if data.data_backend == "dali":
+        from engine.data.dali import require_dali
+
+        require_dali()
 
 
 def check_finetune_data(data) -> None:
