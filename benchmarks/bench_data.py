@@ -22,6 +22,9 @@ included). Each figure is images over wall time after a warm-up, for at least `-
 GPU, or in DALI's CPU mode without one), `--workers` DataLoader workers drawing the parameters: rows give img/s per
 device (`img_per_s`) and the CPU processes used.
 
+`--stages=true` instead times the stages of the pretraining and fine-tuning workers one by one (ms per image, one
+core; rows in data_stages.jsonl): what limits them.
+
 `--startup_files=N` instead times building the training dataset twice over a folder of N small JPEGs in 100 class
 folders (generated once): start-up cost per rank, without (first) and with (second) the folder index.
 
@@ -64,6 +67,7 @@ class DataBenchConfig:
     device: str = "H100"  # the GPU whose bf16 peak sets the feed requirement (H100 = SXM; a key of flops._PEAK_TFLOPS)
     mfu: float = 0.45  # the MFU goal of the kernels
     startup_files: int = 0  # > 0: time two dataset builds over a folder of this many files instead
+    stages: bool = False  # time the workers' stages one by one instead
     cache_dir: str = "~/.cache/beit-engine/bench"
     out: str = ""  # results directory (default benchmarks/results)
 
@@ -141,7 +145,7 @@ def loader_images_per_second(loader, seconds: float) -> float:
             if start is None:  # the first batch waits for the workers to start
                 start = time.perf_counter()
                 continue
-            count += len(batch[0])
+            count += len(batch[-1])  # labels or masks: one per sample in every pipeline
             if time.perf_counter() - start >= seconds:
                 break
         epoch += 1
@@ -166,6 +170,46 @@ def dali_row(cfg: DataBenchConfig, image_folder: str, base: dict, feed: dict) ->
                img_per_s=round(images_per_s, 1), cpu_processes=workers + 1, gpu_img_per_s=feed)
     append_rows("data", [row], cfg.out or None)
     return row
+
+
+def stage_rows(image_folder: str) -> list[dict]:
+    """Milliseconds per image of each worker stage on one core (median over the folder's images, 3 passes)."""
+    import random
+
+    import numpy as np
+    from PIL import Image
+
+    from engine.data.datasets import build_dataset
+    from engine.data.pixels import resized_crop
+    from engine.data.transforms import FinetuneTransform, PretrainTransform
+
+    images = build_dataset(image_folder, "train")
+    pixels = [images[i][0] for i in range(len(images))]
+    pretrain, finetune = PretrainTransform(), FinetuneTransform()
+    draws = [pretrain.draw(p.shape[1], p.shape[0], random.Random(i)) for i, p in enumerate(pixels)]
+    views = [resized_crop(p, d[2], 224, "bicubic").permute(1, 2, 0).numpy() for p, d in zip(pixels, draws)]
+    pil_images = [Image.fromarray(p) for p in pixels]
+    pil_boxes = [(left, top, left + width, top + height) for _, _, (top, left, height, width) in draws]
+    stages = {
+        "decode (simplejpeg)": lambda i: images.read(i),
+        "PIL round trip (fromarray + asarray), avoided": lambda i: np.asarray(Image.fromarray(pixels[i])),
+        "patch view 224 bicubic (torch)": lambda i: resized_crop(pixels[i], draws[i][2], 224, "bicubic"),
+        "patch view 224 bicubic (PIL), replaced": lambda i: pil_images[i].resize(
+            (224, 224), Image.Resampling.BICUBIC, box=pil_boxes[i]),
+        "tokenizer view 112 lanczos (PIL)": lambda i: resized_crop(pixels[i], draws[i][2], 112, "lanczos"),
+        "jitter params + contrast mean": lambda i: pretrain.color_jitter.params(draws[i][0], pixels[i]),
+        "RandAugment on a 224 view (PIL)": lambda i: finetune.color_op(Image.fromarray(views[i]), random.Random(i)),
+    }
+    rows = []
+    for name, stage in stages.items():
+        passes = []
+        for _ in range(3):
+            start = time.perf_counter()
+            for index in range(len(pixels)):
+                stage(index)
+            passes.append((time.perf_counter() - start) / len(pixels) * 1e3)
+        rows.append({"stage": name, "ms_per_image": round(sorted(passes)[1], 3)})
+    return rows
 
 
 def startup_row(cfg: DataBenchConfig, cache: Path) -> dict:
@@ -199,6 +243,19 @@ def startup_row(cfg: DataBenchConfig, cache: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     cfg = parse_overrides(DataBenchConfig(), sys.argv[1:] if argv is None else argv)
+    if cfg.stages:
+        import torch
+
+        from benchmarks.fixtures import imagenet_like_folder
+
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+        torch.set_num_threads(1)
+        folder = cfg.data_path or str(imagenet_like_folder(Path(cfg.cache_dir).expanduser() /
+                                                           f"imagenet_like_{cfg.images}", cfg.images))
+        base = dict(environment("cpu"), machine=machine(), data_path=cfg.data_path or "generated")
+        rows = [dict(base, **row) for row in stage_rows(folder)]
+        append_rows("data_stages", rows, cfg.out or None)
+        return rows
     if cfg.startup_files > 0:
         row = startup_row(cfg, Path(cfg.cache_dir).expanduser())
         append_rows("data_startup", [row], cfg.out or None)

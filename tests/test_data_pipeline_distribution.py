@@ -142,6 +142,7 @@ def test_pretrain_views_match_the_official_pipeline(photos):
     for view in (0, 1):
         # measured (patch / tokenizer view): median 0.34 / 0.37, p95 0.58 / 0.81, shifts <= 0.016 / 0.092
         stats = _compare([views[view] for views in ours], [views[view] for views in official])
+        print(f"pretraining view {view}: {stats}")  # `pytest -s` shows what docs/data.md quotes
         assert stats["median_sample_diff"] < 0.7 and stats["p95_sample_diff"] < 1.6
         assert stats["mean_shift"] < 0.05 and stats["std_shift"] < 0.25
 
@@ -190,6 +191,7 @@ def test_finetune_and_eval_match_the_official_pipelines(photos):
         official.append(official_finetune(pixels, random.Random(index)))
     tuned = _compare(ours, official)
     evaluated = _compare([evaluate(p).permute(1, 2, 0).numpy() for p in photos], [official_eval(p) for p in photos])
+    print(f"fine-tuning: {tuned}\neval: {evaluated}")  # `pytest -s` shows what docs/data.md quotes
     # measured: fine-tuning median 0.003, shifts <= 0.004; eval p95 0.004, shift 0.0006 grey levels
     assert tuned["median_sample_diff"] < 0.05 and tuned["mean_shift"] < 0.02 and tuned["std_shift"] < 0.02
     assert evaluated["p95_sample_diff"] < 0.02 and evaluated["mean_shift"] < 0.01
