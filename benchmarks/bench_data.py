@@ -192,6 +192,7 @@ def stage_rows(image_folder: str) -> list[dict]:
     pil_boxes = [(left, top, left + width, top + height) for _, _, (top, left, height, width) in draws]
     stages = {
         "decode (simplejpeg)": lambda i: images.read(i),
+        "decode (PIL), replaced": lambda i: np.asarray(Image.open(images.samples[i][0]).convert("RGB")),
         "PIL round trip (fromarray + asarray), avoided": lambda i: np.asarray(Image.fromarray(pixels[i])),
         "patch view 224 bicubic (torch)": lambda i: resized_crop(pixels[i], draws[i][2], 224, "bicubic"),
         "patch view 224 bicubic (PIL), replaced": lambda i: pil_images[i].resize(

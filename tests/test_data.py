@@ -159,3 +159,18 @@ def test_bad_paths_are_clear_errors(tmp_path):
         build_dataset(tmp_path, "test")
     with pytest.raises(ValueError, match="split must be"):
         build_dataset("embedded:fashion_mnist", "validation")
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "CMYK"])
+def test_jpeg_decode_gives_pils_pixels(tmp_path, mode):
+    """simplejpeg for RGB and grey JPEGs, PIL for CMYK ones: the same pixels as PIL's decode to RGB, bit for bit."""
+    from engine.data.pixels import decode_image, encoded_size
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, size=(37, 53, 3), dtype=np.uint8)
+    path = tmp_path / f"image_{mode}.jpg"
+    Image.fromarray(pixels).convert(mode).save(path, quality=90)
+    expected = np.asarray(Image.open(path).convert("RGB"))
+    decoded = decode_image(path)
+    assert decoded.shape == (37, 53, 3) and decoded.dtype == np.uint8 and np.array_equal(decoded, expected)
+    assert encoded_size(path.read_bytes()) == (53, 37)

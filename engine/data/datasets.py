@@ -1,7 +1,7 @@
 """Image datasets: IDX files (MNIST / Fashion-MNIST), image folders, and the Fashion-MNIST subset shipped here.
 
 Every dataset returns samples `(RGB pixels uint8 [H, W, 3] numpy array, int label)`; unlabelled images have label
--1. Arrays, not PIL images: the transforms resample them with torch and a PIL round trip alone costs ~0.9 ms per
+-1. Arrays, not PIL images: the transforms resample them with torch and a PIL round trip alone costs ~0.3 ms per
 ImageNet-sized image (engine/data/pixels.py). `classes`
 lists the class names (index = label; empty for unlabelled data).
 

@@ -1,12 +1,15 @@
 """Pixels in the workers: decode a file to an RGB array, resample a crop box of it, flip.
 
-Why not PIL images end to end: a PIL round trip (`Image.fromarray` then `np.asarray`) of a 500x375 image costs about
-0.9 ms on one core, and PIL's bicubic resize of an ImageNet-sized image 3.5 ms, of a ~4 ms budget per image at the
-feed rate one GPU needs (benchmarks/bench_data.py). So images travel as `[H, W, 3]` uint8 arrays:
-- JPEGs decode with simplejpeg (libjpeg-turbo; pixels identical to PIL's decode, ~30% faster); other formats, and
+Why not PIL images end to end: on one core of the development machine (`benchmarks/bench_data.py --stages=true`)
+a PIL round trip (`Image.fromarray` then `np.asarray`) of an ImageNet-sized image costs ~0.3 ms and PIL's bicubic
+resize of a crop box to 224 ~1.6 ms, of a ~4 ms budget per image at the feed rate one GPU needs. So images travel as
+`[H, W, 3]` uint8 arrays:
+- JPEGs decode with simplejpeg (libjpeg-turbo; pixels identical to PIL's decode, ~2.5x faster to an array); other
+  formats, and
   CMYK/YCCK JPEGs, with PIL.
 - Bilinear and bicubic resampling use torch's antialiased uint8 kernel on a channels-last view of the array (PIL's
-  filters: within 0.1 grey level on average of PIL's result, ~3.5x faster); lanczos and nearest, which torch lacks,
+  filters: within 0.1 grey level on average of PIL's result, ~0.45 ms, ~3.6x faster); lanczos and nearest, which torch
+  lacks,
   use PIL on the crop only.
 """
 
