@@ -39,6 +39,14 @@ def exit_with_error(message: str, status: int = 2) -> typing.NoReturn:
     raise SystemExit(status)
 
 
+def take_preset(argv: list[str], presets, default: str | None = None) -> tuple[str | None, list[str]]:
+    """A recipe's `--preset=NAME` (the last one wins) and the other arguments; an unknown name exits with one line."""
+    names = [arg.split("=", 1)[1] for arg in argv if arg.startswith("--preset=")]
+    if names and names[-1] not in presets:
+        exit_with_error(f"--preset={names[-1]}: expected one of {', '.join(presets)}")
+    return (names[-1] if names else default), [arg for arg in argv if not arg.startswith("--preset=")]
+
+
 @contextlib.contextmanager
 def config_errors_exit():
     """Around a recipe's work: a `ConfigError` found later (a dataset without images, a checkpoint written with

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from engine.config import config_errors_exit, exit_with_error, parse_overrides  # noqa: E402
+from engine.config import config_errors_exit, parse_overrides, take_preset  # noqa: E402
 from engine.train.finetune import run_finetuning  # noqa: E402
 from engine.train.settings import FinetuneConfig, FinetuneData, ModelSettings, OptimSettings, RunSettings  # noqa: E402
 
@@ -50,13 +50,10 @@ def cifar100(cfg: FinetuneConfig) -> FinetuneConfig:
 
 def main(cfg: FinetuneConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
-    argv = sys.argv[1:]
-    presets = [a.split("=", 1)[1] for a in argv if a.startswith("--preset=")]
-    if presets and presets[-1] not in PRESETS:
-        exit_with_error(f"--preset={presets[-1]}: expected one of {', '.join(PRESETS)}")
-    if presets and presets[-1] == "cifar100":
+    preset, argv = take_preset(sys.argv[1:], PRESETS)
+    if preset == "cifar100":
         cfg = cifar100(cfg)
-    cfg = parse_overrides(cfg, [a for a in argv if not a.startswith("--preset=")])
+    cfg = parse_overrides(cfg, argv)
     with config_errors_exit():
         summary = run_finetuning(cfg)
     if summary.get("best"):

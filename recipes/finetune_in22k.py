@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from finetune_base import config as base_config  # noqa: E402
 from finetune_base import main  # noqa: E402
 
-from engine.config import exit_with_error  # noqa: E402
+from engine.config import take_preset  # noqa: E402
 
 # preset: (model, per-device batch, global batch, lr, layer decay, clip)
 PRESETS = {"base": ("beit_base_patch16_224", 256, 4096, 3e-3, 0.65, 3.0),
@@ -43,8 +43,5 @@ def config(preset: str = "base"):
 
 
 if __name__ == "__main__":
-    presets = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--preset=")]
-    if presets and presets[-1] not in PRESETS:
-        exit_with_error(f"--preset={presets[-1]}: expected one of {', '.join(PRESETS)}")
-    sys.argv = [a for a in sys.argv if not a.startswith("--preset=")]
-    main(config(presets[-1] if presets else "base"))
+    preset, sys.argv[1:] = take_preset(sys.argv[1:], PRESETS, default="base")
+    main(config(preset))

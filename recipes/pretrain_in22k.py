@@ -18,7 +18,7 @@ from pretrain_base import config as base_config  # noqa: E402
 from pretrain_base import main  # noqa: E402
 from pretrain_large import config as large_config  # noqa: E402
 
-from engine.config import exit_with_error  # noqa: E402
+from engine.config import take_preset  # noqa: E402
 
 PRESETS = {"base": base_config, "large": large_config}
 
@@ -32,8 +32,5 @@ def config(preset: str = "base"):
 
 
 if __name__ == "__main__":
-    presets = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--preset=")]
-    if presets and presets[-1] not in PRESETS:
-        exit_with_error(f"--preset={presets[-1]}: expected one of {', '.join(PRESETS)}")
-    sys.argv = [a for a in sys.argv if not a.startswith("--preset=")]
-    main(config(presets[-1] if presets else "base"))
+    preset, sys.argv[1:] = take_preset(sys.argv[1:], PRESETS, default="base")
+    main(config(preset))

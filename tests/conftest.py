@@ -59,3 +59,18 @@ def quadrant_data(tmp_path_factory):
         write_idx(out / f"{prefix}-images-idx3-ubyte", images)
         write_idx(out / f"{prefix}-labels-idx1-ubyte", labels)
     return out
+
+
+def epoch_batches(loader, epoch: int, start_batch: int = 0) -> list:
+    """Every batch of `epoch` from `start_batch` on (engine.data.loader.set_loader_epoch, then the loader)."""
+    from engine.data.loader import set_loader_epoch
+
+    set_loader_epoch(loader, epoch, start_batch)
+    return list(loader)
+
+
+def assert_same_batches(a: list, b: list) -> None:
+    """Two lists of batches (tuples of tensors) are equal, tensor by tensor."""
+    assert len(a) == len(b)
+    for batch_a, batch_b in zip(a, b):
+        assert all(torch.equal(x, y) for x, y in zip(batch_a, batch_b))

@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import assert_same_batches, epoch_batches
 from PIL import Image
 
 from engine.config import ConfigError
 from engine.data import MIMPretrainDataset, PretrainTransform, build_dataset, build_loader
-from engine.data.loader import set_loader_epoch
 from engine.data.masking import MaskingGenerator
 from engine.data.segmentation import PHOTOS_DIR
 
@@ -50,14 +50,9 @@ def _loaders(folder, batch_size=8, seed=3, workers=0):
     return pil, ours
 
 
-def _epoch(loader, epoch, start_batch=0):
-    set_loader_epoch(loader, epoch, start_batch)
-    return list(loader)
-
-
 def test_batches_keep_the_pil_backends_contract_and_draws(photo_folder):
     pil, ours = _loaders(photo_folder)
-    for reference, batch in zip(_epoch(pil, 0), _epoch(ours, 0)):
+    for reference, batch in zip(epoch_batches(pil, 0), epoch_batches(ours, 0)):
         assert [tuple(t.shape) for t in batch] == [tuple(t.shape) for t in reference]
         assert [t.dtype for t in batch] == [t.dtype for t in reference]
         assert torch.equal(batch[3], reference[3])  # masks
@@ -74,8 +69,8 @@ def test_pixels_match_the_pil_backend_in_distribution(photo_folder):
     transform = PretrainTransform()
     moments = []
     for loader in (pil, ours):
-        views = [transform.model_inputs(*batch[:3], torch.float32) for epoch in range(3) for batch in _epoch(loader,
-                                                                                                        epoch)]
+        batches = [batch for epoch in range(3) for batch in epoch_batches(loader, epoch)]
+        views = [transform.model_inputs(*batch[:3], torch.float32) for batch in batches]
         patches = torch.cat([patch for patch, _ in views])  # normalised, jittered: what the model sees
         moments.append((patches.mean(dim=(0, 2, 3)), patches.std(dim=(0, 2, 3))))
     (pil_mean, pil_std), (dali_mean, dali_std) = moments
@@ -84,11 +79,9 @@ def test_pixels_match_the_pil_backend_in_distribution(photo_folder):
 
 def test_deterministic_and_resumes_exactly(photo_folder):
     _, ours = _loaders(photo_folder, workers=2)
-    first, again = _epoch(ours, 1), _epoch(ours, 1)
-    for a, b in zip(first, again):
-        assert all(torch.equal(x, y) for x, y in zip(a, b))
-    for a, b in zip(_epoch(ours, 1, start_batch=1), first[1:]):
-        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    first = epoch_batches(ours, 1)
+    assert_same_batches(epoch_batches(ours, 1), first)
+    assert_same_batches(epoch_batches(ours, 1, start_batch=1), first[1:])
 
 
 def test_pretraining_runs_on_dali(photo_folder, tokenizer_dir, tmp_path):

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import assert_same_batches, epoch_batches
 
 from engine.data import (
     ClassificationDataset,
@@ -12,7 +13,6 @@ from engine.data import (
     PretrainTransform,
     build_loader,
     embedded_dataset,
-    set_loader_epoch,
 )
 
 
@@ -71,17 +71,6 @@ def _mim_dataset(size=16):
     return MIMPretrainDataset(base, transform, masking, seed=11)
 
 
-def _epoch_batches(loader, epoch, start_batch=0):
-    set_loader_epoch(loader, epoch, start_batch)
-    return list(loader)
-
-
-def _assert_same_batches(a, b):
-    assert len(a) == len(b)
-    for batch_a, batch_b in zip(a, b):
-        assert all(torch.equal(x, y) for x, y in zip(batch_a, batch_b))
-
-
 def test_mim_samples_and_collate():
     dataset = _mim_dataset()
     patch, tokenizer, jitter, mask = dataset[3]
@@ -102,17 +91,17 @@ def test_mim_loader_is_independent_of_workers_and_resumable():
     serial = build_loader(_mim_dataset(), batch_size=4, seed=3, num_workers=0)
     parallel = build_loader(_mim_dataset(), batch_size=4, seed=3, num_workers=2, persistent_workers=True)
     for epoch in (0, 1):  # epoch 1 also checks that set_epoch reaches the persistent workers
-        _assert_same_batches(_epoch_batches(serial, epoch), _epoch_batches(parallel, epoch))
-    epoch_1 = _epoch_batches(serial, 1)
-    _assert_same_batches(_epoch_batches(serial, 1, start_batch=2), epoch_1[2:])
-    assert not torch.equal(_epoch_batches(serial, 0)[0][0], epoch_1[0][0])
+        assert_same_batches(epoch_batches(serial, epoch), epoch_batches(parallel, epoch))
+    epoch_1 = epoch_batches(serial, 1)
+    assert_same_batches(epoch_batches(serial, 1, start_batch=2), epoch_1[2:])
+    assert not torch.equal(epoch_batches(serial, 0)[0][0], epoch_1[0][0])
 
 
 def test_classification_loader():
     base = torch.utils.data.Subset(embedded_dataset("fashion_mnist", "test"), range(10))
     dataset = ClassificationDataset(base, EvalTransform(28, crop_pct=1.0))
     loader = build_loader(dataset, batch_size=4, seed=0, shuffle=False, drop_last=False)
-    batches = _epoch_batches(loader, 0)
+    batches = epoch_batches(loader, 0)
     assert [len(labels) for _, labels in batches] == [4, 4, 2]
     assert torch.cat([labels for _, labels in batches]).tolist() == [base[i][1] for i in range(10)]
     with pytest.raises(ValueError, match="fewer than one batch"):

@@ -6,13 +6,12 @@ import tarfile
 
 import numpy as np
 import pytest
-import torch
+from conftest import assert_same_batches, epoch_batches
 from PIL import Image
 
 from engine.config import ConfigError
 from engine.data import ClassificationDataset, MIMPretrainDataset, PretrainTransform, build_dataset, build_loader
 from engine.data.datasets import ImageFolderDataset
-from engine.data.loader import set_loader_epoch
 from engine.data.masking import MaskingGenerator
 from engine.data.shards import ShardDataset, convert, main
 from engine.data.transforms import EvalTransform
@@ -73,26 +72,15 @@ def _mim(base):
     return MIMPretrainDataset(base, PretrainTransform(input_size=32, second_input_size=16), masking, seed=3)
 
 
-def _batches(loader, epoch, start_batch=0):
-    set_loader_epoch(loader, epoch, start_batch)
-    return list(loader)
-
-
-def _same(a, b):
-    assert len(a) == len(b)
-    for batch_a, batch_b in zip(a, b):
-        assert all(torch.equal(x, y) for x, y in zip(batch_a, batch_b))
-
-
 def test_a_run_on_shards_sees_the_folders_batches_and_resumes_exactly(folder, shards):
     on_folder = build_loader(_mim(build_dataset(folder, "train")), batch_size=4, seed=3)
     on_shards = build_loader(_mim(build_dataset(shards, "train")), batch_size=4, seed=3, num_workers=2)
     for epoch in (0, 1):
-        _same(_batches(on_folder, epoch), _batches(on_shards, epoch))
-    _same(_batches(on_shards, 1, start_batch=2), _batches(on_folder, 1)[2:])
+        assert_same_batches(epoch_batches(on_folder, epoch), epoch_batches(on_shards, epoch))
+    assert_same_batches(epoch_batches(on_shards, 1, start_batch=2), epoch_batches(on_folder, 1)[2:])
     evaluated = [build_loader(ClassificationDataset(build_dataset(root, "test"), EvalTransform(32)), batch_size=4,
                               shuffle=False, drop_last=False) for root in (folder, shards)]
-    _same(*(_batches(loader, 0) for loader in evaluated))
+    assert_same_batches(*(epoch_batches(loader, 0) for loader in evaluated))
 
 
 def test_errors_are_one_line(folder, shards, tmp_path, capsys):
