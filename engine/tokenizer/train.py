@@ -208,8 +208,9 @@ def _build_vae(cfg: TokenizerTrainConfig) -> DiscreteVAE:
 
 
 def train_tokenizer(cfg: TokenizerTrainConfig) -> dict:
-    """Trains, evaluates and saves a tokenizer; returns the final metrics. `cfg.num_threads` applies to this call
-    only: a caller that trains next in the same process (the pretraining demo) keeps its own thread count."""
+    """Trains, evaluates and saves a tokenizer; returns the final metrics. `cfg.num_threads` and flushing denormals
+    apply to this call only: a caller that trains next in the same process (the pretraining demo) keeps its own thread
+    count and IEEE denormals (flushing them is process-wide and would change its arithmetic)."""
     threads = torch.get_num_threads()
     try:
         if cfg.num_threads:
@@ -217,6 +218,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> dict:
         return _train_tokenizer(cfg)
     finally:
         torch.set_num_threads(threads)
+        torch.set_flush_denormal(False)  # the default of a new process; torch cannot read the previous mode
 
 
 def _train_tokenizer(cfg: TokenizerTrainConfig) -> dict:
