@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
 import numpy as np
@@ -23,7 +24,7 @@ logger = logging.getLogger(__name__)
 DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError)
 
 
-class EncodedImageDataset:
+class EncodedImageDataset(ABC):
     """`dataset[i]` → (RGB uint8 [H, W, 3], label), decoded from `read_bytes(i)`; subclasses provide that,
     `label(i)` and `describe(i)` (a name for messages), and call `index_labels()`. `encoded(i)` → (the file's bytes,
     label) for a decoder elsewhere (engine/data/dali.py), with the same replacement rule on a header check."""
@@ -37,8 +38,9 @@ class EncodedImageDataset:
         for position, label in enumerate(labels):
             self._positions_by_label.setdefault(int(label), []).append(position)
 
+    @abstractmethod
     def read_bytes(self, index: int) -> bytes:
-        raise NotImplementedError
+        """Sample `index`'s encoded bytes (a file's contents)."""
 
     def read(self, index: int) -> np.ndarray:
         return decode_bytes(self.read_bytes(index))
@@ -54,11 +56,13 @@ class EncodedImageDataset:
         sample = self._load(index, self.read_header)
         return (sample if sample is not None else self._load_class_mate(index, label, self.read_header)), label
 
+    @abstractmethod
     def describe(self, index: int) -> str:
-        raise NotImplementedError
+        """Where sample `index` comes from, for messages."""
 
+    @abstractmethod
     def label(self, index: int) -> int:
-        raise NotImplementedError
+        """Sample `index`'s label (-1: unlabelled)."""
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
         label = self.label(index)
