@@ -1,8 +1,8 @@
 """Install the `engine` and `kernels` packages.
 
-The native data-path extension (`engine.data._native_masking`, built from `csrc/` by `CMakeLists.txt`) is optional:
-it is built when CMake and a C++ compiler are present, and the pure-Python path is used otherwise
-(`engine.data.masking` logs which one is in use).
+The native data-path extensions (`engine.data._native_masking` and `engine.data._native_resample`, built from `csrc/`
+by `CMakeLists.txt`) are optional: they are built when CMake and a C++ compiler are present, and the pure-Python
+masking and PIL's resampling are used otherwise (the same masks' distribution, the same pixels; slower).
 """
 
 import os
@@ -24,23 +24,24 @@ class CMakeExtension(Extension):
 
 
 class OptionalCMakeBuild(build_ext):
-    """Builds the CMake extension; a missing toolchain or a failed build only warns."""
+    """Builds the CMake project (every extension, all in engine/data/) once; a missing toolchain or a failed build
+    only warns."""
 
     def run(self):
-        for ext in self.extensions:
-            try:
-                self.build_cmake(ext)
-            except (OSError, subprocess.CalledProcessError) as err:
-                print(f"[setup.py] WARNING: native extension {ext.name} not built ({err}); "
-                      "the pure-Python masking path will be used.", file=sys.stderr)
+        try:
+            self.build_cmake()
+        except (OSError, subprocess.CalledProcessError) as err:
+            names = ", ".join(ext.name for ext in self.extensions)
+            print(f"[setup.py] WARNING: native extensions {names} not built ({err}); the pure-Python paths will be "
+                  "used (slower data workers).", file=sys.stderr)
 
-    def build_cmake(self, ext: CMakeExtension):
+    def build_cmake(self):
         if shutil.which("cmake") is None:
             raise OSError("cmake not found")
         import pybind11
 
-        out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
-        build_dir = Path(self.build_temp).resolve() / ext.name
+        out_dir = Path(self.get_ext_fullpath(self.extensions[0].name)).resolve().parent
+        build_dir = Path(self.build_temp).resolve() / "native"
         build_dir.mkdir(parents=True, exist_ok=True)
         subprocess.check_call([
             "cmake", str(ROOT),
@@ -63,7 +64,7 @@ setup(
     packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*"]),
     package_data={"engine": ["data/assets/**/*"]},
     include_package_data=True,
-    ext_modules=[CMakeExtension("engine.data._native_masking")],
+    ext_modules=[CMakeExtension("engine.data._native_masking"), CMakeExtension("engine.data._native_resample")],
     cmdclass={"build_ext": OptionalCMakeBuild},
     install_requires=[
         "torch>=2.10",  # Triton 3.6, the oldest we support, works with torch >= 2.10 only

@@ -180,7 +180,7 @@ def stage_rows(image_folder: str) -> list[dict]:
     from PIL import Image
 
     from engine.data.datasets import build_dataset
-    from engine.data.pixels import resized_crop
+    from engine.data.pixels import resampler, resized_crop
     from engine.data.transforms import FinetuneTransform, PretrainTransform
 
     images = build_dataset(image_folder, "train")
@@ -194,10 +194,12 @@ def stage_rows(image_folder: str) -> list[dict]:
         "decode (simplejpeg)": lambda i: images.read(i),
         "decode (PIL), replaced": lambda i: np.asarray(Image.open(images.samples[i][0]).convert("RGB")),
         "PIL round trip (fromarray + asarray), avoided": lambda i: np.asarray(Image.fromarray(pixels[i])),
-        "patch view 224 bicubic (torch)": lambda i: resized_crop(pixels[i], draws[i][2], 224, "bicubic"),
+        f"patch view 224 bicubic ({resampler()})": lambda i: resized_crop(pixels[i], draws[i][2], 224, "bicubic"),
         "patch view 224 bicubic (PIL), replaced": lambda i: pil_images[i].resize(
             (224, 224), Image.Resampling.BICUBIC, box=pil_boxes[i]),
-        "tokenizer view 112 lanczos (PIL)": lambda i: resized_crop(pixels[i], draws[i][2], 112, "lanczos"),
+        f"tokenizer view 112 lanczos ({resampler()})": lambda i: resized_crop(pixels[i], draws[i][2], 112, "lanczos"),
+        "tokenizer view 112 lanczos (PIL), replaced": lambda i: pil_images[i].resize(
+            (112, 112), Image.Resampling.LANCZOS, box=pil_boxes[i]),
         "jitter params + contrast mean": lambda i: pretrain.color_jitter.params(draws[i][0], pixels[i]),
         "RandAugment on a 224 view (PIL)": lambda i: finetune.color_op(Image.fromarray(views[i]), random.Random(i)),
     }
@@ -287,8 +289,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if cfg.workers == 1:
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
         torch.set_num_threads(1)
+    from engine.data.pixels import resampler
+
     base = dict(environment("cpu"), machine=machine(), workers=cfg.workers, data_path=cfg.data_path or "generated",
-                feed_device=cfg.device, feed_mfu=cfg.mfu)
+                feed_device=cfg.device, feed_mfu=cfg.mfu, resampler=resampler())
     if cfg.data_backend == "dali":
         return [dali_row(cfg, image_folder, base, feeds["pretrain"])]
     rows = []

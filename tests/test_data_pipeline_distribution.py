@@ -2,10 +2,11 @@
 
 The references below are the official pipelines as torchvision/timm run them on PIL images: pretraining jitters the
 whole image (ImageEnhance in the drawn order), flips, crops and resamples each view from the crop; fine-tuning and
-eval crop and resample with PIL. The engine draws the same random numbers in the same order, resamples with torch
-(bilinear/bicubic) and jitters the resampled views in batch. These tests bound what that moves: the draws (equal),
-the crop-box distribution (torchvision's), the jitter arithmetic (PIL's, exactly), and the output pixels of
-thousands of samples (per-sample difference, per-channel mean and standard deviation).
+eval crop and resample with PIL. The engine draws the same random numbers in the same order, resamples with PIL's
+arithmetic (engine/data/pixels.py: the same pixels; tests/test_resample.py) and jitters the resampled views in batch.
+These tests bound what that moves: the draws (equal), the crop-box distribution (torchvision's), the jitter arithmetic
+(PIL's, exactly), and the output pixels of thousands of samples (per-sample difference, per-channel mean and standard
+deviation).
 """
 
 import math
@@ -192,6 +193,7 @@ def test_finetune_and_eval_match_the_official_pipelines(photos):
     tuned = _compare(ours, official)
     evaluated = _compare([evaluate(p).permute(1, 2, 0).numpy() for p in photos], [official_eval(p) for p in photos])
     print(f"fine-tuning: {tuned}\neval: {evaluated}")  # `pytest -s` shows what docs/data.md quotes
-    # measured: fine-tuning median 0.003, shifts <= 0.004; eval p95 0.004, shift 0.0006 grey levels
-    assert tuned["median_sample_diff"] < 0.05 and tuned["mean_shift"] < 0.02 and tuned["std_shift"] < 0.02
+    # measured: fine-tuning median 0, p95 0.13, shifts <= 0.004 grey levels (where a view is not bit-identical, Pillow
+    # 13 ran the official resize vertical pass first); eval identical
+    assert tuned["median_sample_diff"] == 0 and tuned["mean_shift"] < 0.02 and tuned["std_shift"] < 0.02
     assert evaluated["p95_sample_diff"] < 0.02 and evaluated["mean_shift"] < 0.01

@@ -1,16 +1,18 @@
 """Pixels in the workers: decode a file to an RGB array, resample a crop box of it, flip.
 
 Why not PIL images end to end: on one core of the development machine (`benchmarks/bench_data.py --stages=true`)
-a PIL round trip (`Image.fromarray` then `np.asarray`) of an ImageNet-sized image costs ~0.3 ms and PIL's bicubic
-resize of a crop box to 224 ~1.6 ms, of a ~4 ms budget per image at the feed rate one GPU needs. So images travel as
-`[H, W, 3]` uint8 arrays:
+a PIL round trip (`Image.fromarray` then `np.asarray`) of an ImageNet-sized image costs ~0.3 ms and PIL's
+resampling of a crop box to 224 (bicubic) or 112 (Lanczos) ~1.6-1.8 ms, of a ~4 ms budget per image at the feed rate
+one GPU needs. So images travel as `[H, W, 3]` uint8 arrays:
 - JPEGs decode with simplejpeg (libjpeg-turbo; pixels identical to PIL's decode, ~2.5x faster to an array); other
-  formats, and
-  CMYK/YCCK JPEGs, with PIL.
-- Bilinear and bicubic resampling use torch's antialiased uint8 kernel on a channels-last view of the array (PIL's
-  filters: within 0.1 grey level on average of PIL's result, ~0.45 ms, ~3.6x faster); lanczos and nearest, which torch
-  lacks,
-  use PIL on the crop only.
+  formats, and CMYK/YCCK JPEGs, with PIL.
+- Bilinear, bicubic and Lanczos resampling run in the native extension `engine.data._native_resample`
+  (csrc/resample.cpp): PIL's filters and fixed-point arithmetic, so PIL's pixels bit for bit, several times faster
+  (vector loops over whole lines instead of PIL's per-pixel loops). Without the extension PIL itself resamples (the
+  same pixels, slower). Nearest uses PIL.
+- Both passes run horizontal first, the order of every Pillow before 13 (the official code's); Pillow 13 runs the
+  vertical pass first when the height shrinks much more than the width (python-pillow/Pillow#9549), which moves a
+  few pixels by one grey level, so the PIL path runs the two passes as two single-axis resizes.
 """
 
 from __future__ import annotations
@@ -20,13 +22,17 @@ import os
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 Box = tuple[int, int, int, int]  # (top, left, height, width) in pixels of the input image
 
+try:
+    from engine.data import _native_resample
+except ImportError:  # not built (no CMake or compiler at install): PIL resamples, to the same pixels
+    _native_resample = None
+
 _JPEG_MAGIC = b"\xff\xd8"
-_TORCH_MODES = {"bilinear": "bilinear", "bicubic": "bicubic"}
+_NATIVE_FILTERS = ("bilinear", "bicubic", "lanczos")
 _PIL_FILTERS = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
                 "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS}
 
@@ -99,31 +105,41 @@ def chw_view(pixels: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(pixels).permute(2, 0, 1)
 
 
+def resampler() -> str:
+    """What resamples bilinear/bicubic/lanczos in this process: 'native' or 'PIL' (the same pixels)."""
+    return "native" if _native_resample is not None else "PIL"
+
+
+def resample(pixels: np.ndarray, width: int, height: int, interpolation: str) -> np.ndarray:
+    """uint8 `[H, W, 3]` pixels (a crop view is fine) resampled to uint8 `[height, width, 3]` as PIL's
+    `Image.resize((width, height), filter)` does, horizontal pass first (see the module docstring). Antialiased when
+    shrinking, as PIL."""
+    check_interpolation(interpolation)
+    if pixels.shape[:2] == (height, width):
+        return np.ascontiguousarray(pixels)
+    if interpolation in _NATIVE_FILTERS and _native_resample is not None:
+        return _native_resample.resample(pixels, width, height, interpolation)
+    image = Image.fromarray(np.ascontiguousarray(pixels), "RGB")
+    if interpolation not in _NATIVE_FILTERS:
+        return np.asarray(image.resize((width, height), pil_filter(interpolation)))
+    if width != image.width:
+        image = image.resize((width, image.height), pil_filter(interpolation))
+    if height != image.height:
+        image = image.resize((width, height), pil_filter(interpolation))
+    return np.asarray(image)
+
+
 def resized_crop(pixels: np.ndarray, box: Box, size: int, interpolation: str) -> torch.Tensor:
     """The `box` of uint8 `[H, W, 3]` pixels resampled to `size` x `size` → uint8 `[3, size, size]` with
     channels-last strides (a view of an `[size, size, 3]` buffer: `.permute(1, 2, 0).numpy()` is free, `.contiguous()`
-    makes the layout workers ship).
-
-    Antialiased when shrinking, as PIL. The filter sees only the box (PIL also reads pixels just outside it, which
-    moves edge pixels slightly)."""
+    makes the layout workers ship). The filter sees only the box, as torchvision's crop-then-resize."""
     top, left, height, width = box
-    crop = pixels[top:top + height, left:left + width]
-    if interpolation in _TORCH_MODES:
-        if (height, width) == (size, size):
-            return chw_view(np.ascontiguousarray(crop))
-        return F.interpolate(chw_view(crop)[None], size=(size, size), mode=_TORCH_MODES[interpolation],
-                             antialias=True, align_corners=False)[0]
-    image = Image.fromarray(np.ascontiguousarray(crop), "RGB").resize((size, size), pil_filter(interpolation))
-    return chw_view(np.array(image))
+    return chw_view(resample(pixels[top:top + height, left:left + width], size, size, interpolation))
 
 
 def resize(pixels: np.ndarray, width: int, height: int, interpolation: str) -> torch.Tensor:
     """Whole uint8 `[H, W, 3]` pixels resampled to `width` x `height` → uint8 `[3, height, width]` (channels-last)."""
-    if interpolation in _TORCH_MODES:
-        return F.interpolate(chw_view(pixels)[None], size=(height, width), mode=_TORCH_MODES[interpolation],
-                             antialias=True, align_corners=False)[0]
-    image = Image.fromarray(np.ascontiguousarray(pixels), "RGB").resize((width, height), pil_filter(interpolation))
-    return chw_view(np.array(image))
+    return chw_view(resample(pixels, width, height, interpolation))
 
 
 def hflip(view: torch.Tensor) -> torch.Tensor:

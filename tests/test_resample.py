@@ -1,0 +1,97 @@
+"""The workers' resampling (engine/data/pixels.py, csrc/resample.cpp) against PIL: the same pixels, bit for bit."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from engine.data import pixels
+
+NATIVE_BUILT = pixels._native_resample is not None
+native = pytest.mark.skipif(not NATIVE_BUILT, reason="native extension engine.data._native_resample not built "
+                                                     "(needs CMake and a C++ compiler at install)")
+FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
+           "lanczos": Image.Resampling.LANCZOS}
+
+
+def pil_two_pass(array: np.ndarray, width: int, height: int, name: str) -> np.ndarray:
+    """PIL's resize as every Pillow before 13 ran it: the horizontal pass, then the vertical one (each a one-axis
+    resize, which no Pillow reorders)."""
+    image = Image.fromarray(np.ascontiguousarray(array))
+    if width != image.width:
+        image = image.resize((width, image.height), FILTERS[name])
+    if height != image.height:
+        image = image.resize((width, height), FILTERS[name])
+    return np.asarray(image)
+
+
+def random_cases(count: int, seed: int = 0):
+    """(crop view of a larger image, width, height, filter): noise and smooth images, shrinking and enlarging on
+    either axis, the views' sizes, 1-pixel edges."""
+    rng = np.random.default_rng(seed)
+    for case in range(count):
+        height, width = (int(v) for v in rng.integers(1, 260, 2))
+        image = rng.integers(0, 256, (height + 9, width + 13, 3), dtype=np.uint8)
+        if case % 2:  # smooth: sums near the clip and rounding boundaries are common in photos
+            image = (np.cumsum(image.astype(np.int64), axis=1) // 40 % 256).astype(np.uint8)
+        top, left = int(rng.integers(0, 10)), int(rng.integers(0, 14))
+        out_w, out_h = (224, 224) if case % 5 == 0 else (112, 112) if case % 5 == 1 else rng.integers(1, 260, 2)
+        yield (image[top:top + height, left:left + width], int(out_w), int(out_h),
+               ("bilinear", "bicubic", "lanczos")[case % 3])
+
+
+@native
+@pytest.mark.parametrize("simd", [True, False], ids=["simd", "portable"])
+def test_native_resampling_gives_pils_pixels_bit_for_bit(simd):
+    mismatches = []
+    for crop, width, height, name in random_cases(600):
+        got = pixels._native_resample.resample(crop, width, height, name, simd)
+        expected = pil_two_pass(crop, width, height, name)
+        if not np.array_equal(got, expected):
+            mismatches.append((crop.shape, width, height, name, int(np.abs(got.astype(int) - expected).max())))
+    assert not mismatches, mismatches[:5]
+
+
+@native
+def test_native_resampling_of_photos_matches_a_single_pil_resize_when_pil_runs_horizontal_first():
+    """The views of ImageNet-like crops: every Pillow runs these horizontal first (neither axis shrinks much more)."""
+    from engine.data.segmentation import PHOTOS_DIR
+
+    photo = np.asarray(Image.open(sorted(PHOTOS_DIR.glob("*.jpg"))[0]).convert("RGB"))
+    for size, name in ((224, "bicubic"), (112, "lanczos")):
+        crop = photo[40:340, 60:330]
+        expected = np.asarray(Image.fromarray(np.ascontiguousarray(crop)).resize((size, size), FILTERS[name]))
+        assert np.array_equal(pixels.resample(crop, size, size, name), expected)
+
+
+def test_the_pil_path_gives_the_same_pixels_as_the_native_one(monkeypatch):
+    cases = list(random_cases(60, seed=1))
+    native_results = [pixels.resample(crop, w, h, name) for crop, w, h, name in cases]
+    monkeypatch.setattr(pixels, "_native_resample", None)
+    assert pixels.resampler() == "PIL"
+    for (crop, w, h, name), result in zip(cases, native_results):
+        assert np.array_equal(pixels.resample(crop, w, h, name), result)
+        assert np.array_equal(result, pil_two_pass(crop, w, h, name))
+
+
+def test_resized_crop_and_resize_shapes_and_layout():
+    image = np.random.default_rng(0).integers(0, 256, (60, 80, 3), dtype=np.uint8)
+    view = pixels.resized_crop(image, (5, 10, 40, 30), 24, "bicubic")
+    assert view.shape == (3, 24, 24) and view.stride() == (1, 72, 3)  # channels-last: the worker ships it contiguous
+    assert np.array_equal(view.permute(1, 2, 0).numpy(), pil_two_pass(image[5:45, 10:40], 24, 24, "bicubic"))
+    assert pixels.resize(image, 33, 17, "nearest").shape == (3, 17, 33)
+    assert np.array_equal(pixels.resized_crop(image, (0, 0, 24, 24), 24, "lanczos").permute(1, 2, 0).numpy(),
+                          image[:24, :24])  # same size: the crop itself
+
+
+@native
+def test_native_resampling_rejects_what_it_cannot_read():
+    resample = pixels._native_resample.resample
+    image = np.zeros((8, 8, 3), np.uint8)
+    with pytest.raises(ValueError, match="filter must be"):
+        resample(image, 4, 4, "nearest")
+    with pytest.raises(ValueError, match="packed pixels"):
+        resample(image[:, ::-1], 4, 4, "bicubic")  # mirrored view: negative pixel stride
+    with pytest.raises(ValueError, match=r"uint8 \[H, W, 3\]"):
+        resample(np.zeros((8, 8), np.uint8), 4, 4, "bicubic")
+    with pytest.raises(ValueError, match="positive"):
+        resample(image, 0, 4, "bicubic")
