@@ -180,7 +180,7 @@ def stage_rows(image_folder: str) -> list[dict]:
     from PIL import Image
 
     from engine.data.datasets import build_dataset
-    from engine.data.pixels import resampler, resized_crop
+    from engine.data.pixels import affine, resampler, resized_crop, rotation_coefficients
     from engine.data.transforms import FinetuneTransform, PretrainTransform
 
     images = build_dataset(image_folder, "train")
@@ -201,7 +201,11 @@ def stage_rows(image_folder: str) -> list[dict]:
         "tokenizer view 112 lanczos (PIL), replaced": lambda i: pil_images[i].resize(
             (112, 112), Image.Resampling.LANCZOS, box=pil_boxes[i]),
         "jitter params + contrast mean": lambda i: pretrain.color_jitter.params(draws[i][0], pixels[i]),
-        "RandAugment on a 224 view (PIL)": lambda i: finetune.color_op(Image.fromarray(views[i]), random.Random(i)),
+        f"rotation of a 224 view, bicubic ({resampler()})": lambda i: affine(
+            views[i], rotation_coefficients(15.0, 224, 224), "bicubic", (124, 116, 104)),
+        "rotation of a 224 view, bicubic (PIL), replaced": lambda i: Image.fromarray(views[i]).rotate(
+            15.0, resample=Image.Resampling.BICUBIC, fillcolor=(124, 116, 104)),
+        "RandAugment on a 224 view": lambda i: finetune.color_op(Image.fromarray(views[i]), random.Random(i)),
     }
     rows = []
     for name, stage in stages.items():

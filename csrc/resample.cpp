@@ -1,21 +1,23 @@
-// Native resampling of uint8 RGB images with PIL's convolution filters, giving PIL's pixels bit for bit
-// (`Image.resize` of an RGB image with BILINEAR, BICUBIC or LANCZOS; Pillow's libImaging/Resample.c). The Python side
-// is engine/data/pixels.py, which uses PIL itself when this extension is not built.
+// The workers' pixel maps with PIL's arithmetic, giving PIL's pixels bit for bit, several times faster; the Python
+// side is engine/data/pixels.py, which uses PIL itself when this extension is not built.
 //
-// What is the same as PIL: the filter weights (double precision, the same expressions), their normalisation and
-// rounding to 22-bit fixed point, the two passes (horizontal first, only over the rows the vertical pass reads;
-// every intermediate clipped to uint8), and the 32-bit integer sums. Integer addition is associative, so the order in
-// which the taps are summed does not change a bit.
-//
-// What is different is the memory order, which makes both passes one routine: a pass computes each output line as a
-// weighted sum of whole input lines, `out[o][:] = clip(sum_k w[o][k] * in[first[o] + k][:])`, a loop over contiguous
-// bytes the compiler vectorises (AVX2 where the CPU has it, chosen at run time). The vertical pass runs on rows as
-// they are; the horizontal pass runs on the image transposed (columns as lines) and its result is transposed back.
-// On one core of the development machine this is ~5-10x faster than PIL's per-pixel loops
-// (benchmarks/bench_data.py --stages=true).
+// 1. Resampling (`Image.resize` of an RGB image with BILINEAR, BICUBIC or LANCZOS; Pillow's libImaging/Resample.c).
+//    The same as PIL: the filter weights (double precision, the same expressions), their normalisation and rounding
+//    to 22-bit fixed point, the two passes (horizontal first, only over the rows the vertical pass reads; every
+//    intermediate clipped to uint8), and the 32-bit integer sums. Integer addition is associative, so the order in
+//    which the taps are summed does not change a bit. Different: the memory order, which makes both passes one
+//    routine. A pass computes each output line as a weighted sum of whole input lines,
+//    `out[o][:] = clip(sum_k w[o][k] * in[first[o] + k][:])`, a loop over contiguous bytes (AVX2 where the CPU has it,
+//    chosen at run time; portable loops otherwise). The vertical pass runs on rows as they are; the horizontal pass
+//    runs on the image transposed (columns as lines) and its result is transposed back.
+// 2. Affine maps (`Image.transform(size, AFFINE, ...)` with BILINEAR or BICUBIC and a fill colour; Geometry.c), for
+//    RandAugment's rotate, shear and translate: PIL's per-pixel double arithmetic in PIL's order, the three channels
+//    of a pixel in one AVX2 register.
+// Timings per stage: `python benchmarks/bench_data.py --stages=true`.
 
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <algorithm>
 #include <cmath>
@@ -250,8 +252,8 @@ void resample_rgb(const uint8_t* src, int in_height, int in_width, int64_t pitch
     const Taps columns = compute_taps(in_width, out_width, filter);
     // the columns of the used rows, the resampled columns and the rows of those: one padding byte per line
     const int64_t column_bytes = static_cast<int64_t>(used_rows) * kChannels;
-    std::vector<uint8_t> by_column(static_cast<size_t>(in_width) * (column_bytes + 1));          // [in_width, rows, 3]
-    std::vector<uint8_t> resampled_columns(static_cast<size_t>(out_width) * (column_bytes + 1));  // [out_width, rows, 3]
+    std::vector<uint8_t> by_column(static_cast<size_t>(in_width) * (column_bytes + 1));  // [in_width, rows, 3]
+    std::vector<uint8_t> resampled_columns(static_cast<size_t>(out_width) * (column_bytes + 1));  // [out_w, rows, 3]
     transpose_pixels(src + row_first * pitch, used_rows, in_width, pitch, by_column.data(), column_bytes + 1);
     convolve_lines(by_column.data(), column_bytes + 1, column_bytes, columns, resampled_columns.data(),
                    column_bytes + 1);
@@ -290,6 +292,197 @@ py::array_t<uint8_t> resample(const py::array& pixels, int width, int height, co
     return out;
 }
 
+
+// ---- Affine transforms: PIL's Image.transform(size, AFFINE, a, BILINEAR|BICUBIC, fillcolor=fill) of an RGB image
+// (Pillow's libImaging/Geometry.c: ImagingGenericTransform with affine_transform and the *_filter32RGB filters).
+// Each output pixel (x, y) samples the input at (a0 (x+.5) + a1 (y+.5) + a2, a3 (x+.5) + a4 (y+.5) + a5); outside
+// the input it is the fill colour. The arithmetic is PIL's, in double precision and in PIL's order, so the pixels
+// are PIL's; the AVX2 path computes the three channels of a pixel in one 4-lane register.
+
+int floor_to_int(double x) { return x < 0.0 ? static_cast<int>(std::floor(x)) : static_cast<int>(x); }  // PIL's FLOOR
+int clamp_index(int i, int size) { return i < 0 ? 0 : i < size ? i : size - 1; }
+
+struct AffineSource {
+    const uint8_t* data;  // [height, pitch]; one readable byte after the last pixel (for 4-byte pixel loads)
+    int height, width;
+    int64_t pitch;
+};
+
+// where output pixel (x, y) samples, shifted to pixel-centre coordinates; false when outside the input
+bool affine_source_point(const double* a, int x, int y, const AffineSource& in, double* sx, double* sy) {
+    const double xin = x + 0.5, yin = y + 0.5;
+    const double xx = a[0] * xin + a[1] * yin + a[2];
+    const double yy = a[3] * xin + a[4] * yin + a[5];
+    if (xx < 0.0 || xx >= in.width || yy < 0.0 || yy >= in.height) return false;
+    *sx = xx - 0.5;
+    *sy = yy - 0.5;
+    return true;
+}
+
+double cubic(double v1, double v2, double v3, double v4, double d) {  // PIL's BICUBIC macro (Keys, a = -0.5)
+    const double p1 = v2;
+    const double p2 = -v1 + v3;
+    const double p3 = 2 * (v1 - v2) + v3 - v4;
+    const double p4 = -v1 + v2 - v3 + v4;
+    return p1 + d * (p2 + d * (p3 + d * p4));
+}
+
+uint8_t truncate_clipped(double v) { return v <= 0.0 ? 0 : v >= 255.0 ? 255 : static_cast<uint8_t>(v); }
+
+// One output pixel, channel by channel (PIL's loops).
+inline void affine_pixel_portable(const AffineSource& in, double sx, double sy, bool bicubic, uint8_t* out) {
+    int x = floor_to_int(sx), y = floor_to_int(sy);
+    const double dx = sx - x, dy = sy - y;
+    if (!bicubic) {
+        const int x0 = clamp_index(x, in.width) * kChannels, x1 = clamp_index(x + 1, in.width) * kChannels;
+        const uint8_t* row = in.data + clamp_index(y, in.height) * in.pitch;
+        const uint8_t* next = y + 1 >= 0 && y + 1 < in.height ? in.data + (y + 1) * in.pitch : nullptr;
+        for (int c = 0; c < kChannels; ++c) {
+            const double top = row[x0 + c] + (row[x1 + c] - row[x0 + c]) * dx;
+            const double bottom = next ? next[x0 + c] + (next[x1 + c] - next[x0 + c]) * dx : top;
+            out[c] = static_cast<uint8_t>(top + (bottom - top) * dy);
+        }
+        return;
+    }
+    --x;
+    --y;
+    int columns[4];
+    for (int i = 0; i < 4; ++i) columns[i] = clamp_index(x + i, in.width) * kChannels;
+    for (int c = 0; c < kChannels; ++c) {
+        double rows[4];
+        for (int j = 0; j < 4; ++j) {
+            if (j > 0 && !(y + j >= 0 && y + j < in.height)) {  // below the image: the row above repeats
+                rows[j] = rows[j - 1];
+                continue;
+            }
+            const uint8_t* row = in.data + (j == 0 ? clamp_index(y, in.height) : y + j) * in.pitch + c;
+            rows[j] = cubic(row[columns[0]], row[columns[1]], row[columns[2]], row[columns[3]], dx);
+        }
+        out[c] = truncate_clipped(cubic(rows[0], rows[1], rows[2], rows[3], dy));
+    }
+}
+
+#if BEIT_HAVE_AVX2
+// The same pixel, the three channels (and one spare lane) of each tap in one register of 4 doubles: the same IEEE
+// operations in the same order per lane, so the same results.
+#define BEIT_AVX2 __attribute__((target("avx2"))) inline
+
+BEIT_AVX2 __m256d pixel_lanes(const uint8_t* pixel) {  // R, G, B and the next byte, as doubles
+    uint32_t word;
+    std::memcpy(&word, pixel, sizeof(word));
+    return _mm256_cvtepi32_pd(_mm_cvtepu8_epi32(_mm_cvtsi32_si128(static_cast<int>(word))));
+}
+
+BEIT_AVX2 __m256d lerp_lanes(const uint8_t* row, int x0, int x1, __m256d d) {  // PIL's BILINEAR macro
+    const __m256d left = pixel_lanes(row + x0);
+    return _mm256_add_pd(left, _mm256_mul_pd(_mm256_sub_pd(pixel_lanes(row + x1), left), d));
+}
+
+BEIT_AVX2 __m256d cubic_lanes(__m256d v1, __m256d v2, __m256d v3, __m256d v4, __m256d d) {  // `cubic`, per lane
+    const __m256d twice_difference = _mm256_mul_pd(_mm256_set1_pd(2.0), _mm256_sub_pd(v1, v2));
+    const __m256d p2 = _mm256_sub_pd(v3, v1);                                                      // -v1 + v3
+    const __m256d p3 = _mm256_sub_pd(_mm256_add_pd(twice_difference, v3), v4);                     // 2(v1-v2)+v3-v4
+    const __m256d p4 = _mm256_add_pd(_mm256_sub_pd(_mm256_sub_pd(v2, v1), v3), v4);               // -v1+v2-v3+v4
+    const __m256d inner = _mm256_add_pd(p3, _mm256_mul_pd(d, p4));
+    return _mm256_add_pd(v2, _mm256_mul_pd(d, _mm256_add_pd(p2, _mm256_mul_pd(d, inner))));     // p1 = v2
+}
+
+BEIT_AVX2 void affine_pixel_avx2(const AffineSource& in, double sx, double sy, bool bicubic, uint8_t* out) {
+    int x = floor_to_int(sx), y = floor_to_int(sy);
+    const __m256d dx = _mm256_set1_pd(sx - x), dy = _mm256_set1_pd(sy - y);
+    __m256d value;
+    if (!bicubic) {
+        const int x0 = clamp_index(x, in.width) * kChannels, x1 = clamp_index(x + 1, in.width) * kChannels;
+        const __m256d top = lerp_lanes(in.data + clamp_index(y, in.height) * in.pitch, x0, x1, dx);
+        const __m256d bottom =
+            y + 1 >= 0 && y + 1 < in.height ? lerp_lanes(in.data + (y + 1) * in.pitch, x0, x1, dx) : top;
+        value = _mm256_add_pd(top, _mm256_mul_pd(_mm256_sub_pd(bottom, top), dy));
+    } else {
+        --x;
+        --y;
+        int columns[4];
+        for (int i = 0; i < 4; ++i) columns[i] = clamp_index(x + i, in.width) * kChannels;
+        __m256d rows[4];
+        for (int j = 0; j < 4; ++j) {
+            if (j > 0 && !(y + j >= 0 && y + j < in.height)) {  // below the image: the row above repeats
+                rows[j] = rows[j - 1];
+                continue;
+            }
+            const uint8_t* row = in.data + (j == 0 ? clamp_index(y, in.height) : y + j) * in.pitch;
+            rows[j] = cubic_lanes(pixel_lanes(row + columns[0]), pixel_lanes(row + columns[1]),
+                                  pixel_lanes(row + columns[2]), pixel_lanes(row + columns[3]), dx);
+        }
+        value = cubic_lanes(rows[0], rows[1], rows[2], rows[3], dy);
+        value = _mm256_min_pd(_mm256_max_pd(value, _mm256_setzero_pd()), _mm256_set1_pd(255.0));
+    }
+    alignas(16) int32_t lanes[4];
+    _mm_store_si128(reinterpret_cast<__m128i*>(lanes), _mm256_cvttpd_epi32(value));  // truncation, as PIL's cast
+    for (int c = 0; c < kChannels; ++c) out[c] = static_cast<uint8_t>(lanes[c]);
+}
+#endif
+
+// Every output pixel: the fill colour where the map leaves the input, the filter's value elsewhere.
+#define BEIT_AFFINE_ROWS(pixel_function)                                                                 \
+    for (int y = 0; y < in.height; ++y) {                                                                \
+        for (int x = 0; x < in.width; ++x) {                                                             \
+            uint8_t* target = dst + (static_cast<int64_t>(y) * in.width + x) * kChannels;                \
+            double sx, sy;                                                                               \
+            if (affine_source_point(a, x, y, in, &sx, &sy)) {                                            \
+                pixel_function(in, sx, sy, bicubic, target);                                             \
+            } else {                                                                                     \
+                std::memcpy(target, fill, kChannels);                                                    \
+            }                                                                                            \
+        }                                                                                                \
+    }
+
+void affine_portable(const AffineSource& in, const double* a, bool bicubic, const uint8_t* fill, uint8_t* dst) {
+    BEIT_AFFINE_ROWS(affine_pixel_portable)
+}
+
+#if BEIT_HAVE_AVX2
+__attribute__((target("avx2"))) void affine_avx2(const AffineSource& in, const double* a, bool bicubic,
+                                                 const uint8_t* fill, uint8_t* dst) {
+    BEIT_AFFINE_ROWS(affine_pixel_avx2)
+}
+#endif
+#undef BEIT_AFFINE_ROWS
+
+py::array_t<uint8_t> affine(const py::array_t<uint8_t, py::array::c_style | py::array::forcecast>& pixels,
+                            const std::vector<double>& coefficients, const std::string& filter_name,
+                            const std::vector<int>& fill, bool simd) {
+    if (filter_name != "bilinear" && filter_name != "bicubic") {
+        throw std::invalid_argument("affine filter must be 'bilinear' or 'bicubic', got '" + filter_name + "'");
+    }
+    if (pixels.ndim() != 3 || pixels.shape(2) != 3) throw std::invalid_argument("expected a uint8 [H, W, 3] array");
+    if (coefficients.size() != 6 || fill.size() != 3) {
+        throw std::invalid_argument("expected 6 affine coefficients and an RGB fill colour");
+    }
+    const int height = static_cast<int>(pixels.shape(0)), width = static_cast<int>(pixels.shape(1));
+    const int64_t bytes = static_cast<int64_t>(height) * width * kChannels;
+    std::vector<uint8_t> padded(bytes + 1);  // one spare byte: the 4-byte load of the last pixel stays inside
+    std::memcpy(padded.data(), pixels.data(), bytes);
+    const uint8_t fill_rgb[3] = {static_cast<uint8_t>(fill[0]), static_cast<uint8_t>(fill[1]),
+                                 static_cast<uint8_t>(fill[2])};
+    py::array_t<uint8_t> out({height, width, kChannels});
+    uint8_t* dst = out.mutable_data();
+    const AffineSource in{padded.data(), height, width, static_cast<int64_t>(width) * kChannels};
+    const bool bicubic = filter_name == "bicubic";
+    {
+        py::gil_scoped_release release;
+#if BEIT_HAVE_AVX2
+        if (simd && __builtin_cpu_supports("avx2")) {
+            affine_avx2(in, coefficients.data(), bicubic, fill_rgb, dst);
+        } else {
+            affine_portable(in, coefficients.data(), bicubic, fill_rgb, dst);
+        }
+#else
+        (void)simd;
+        affine_portable(in, coefficients.data(), bicubic, fill_rgb, dst);
+#endif
+    }
+    return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_native_resample, m) {
@@ -299,4 +492,8 @@ PYBIND11_MODULE(_native_resample, m) {
           "uint8 [H, W, 3] pixels (rows may be strided, e.g. a crop view) resampled to [height, width, 3] as PIL's "
           "Image.resize((width, height), filter) would, horizontal pass first. `simd=False` forces the portable "
           "loops (the same pixels; for tests on machines that have AVX2).");
+    m.def("affine", &affine, py::arg("pixels"), py::arg("coefficients"), py::arg("filter"), py::arg("fill"),
+          py::arg("simd") = true,
+          "uint8 [H, W, 3] pixels through the affine map `coefficients` (a0..a5, output -> input, as PIL's) with "
+          "'bilinear' or 'bicubic' sampling and the RGB `fill` outside: PIL's Image.transform(size, AFFINE, ...).");
 }

@@ -1,4 +1,5 @@
-"""The workers' resampling (engine/data/pixels.py, csrc/resample.cpp) against PIL: the same pixels, bit for bit."""
+"""The workers' resampling and affine maps (engine/data/pixels.py, csrc/resample.cpp) against PIL: the same pixels,
+bit for bit, natively (vectorised and portable loops) and on the PIL path."""
 
 import numpy as np
 import pytest
@@ -95,3 +96,52 @@ def test_native_resampling_rejects_what_it_cannot_read():
         resample(np.zeros((8, 8), np.uint8), 4, 4, "bicubic")
     with pytest.raises(ValueError, match="positive"):
         resample(image, 0, 4, "bicubic")
+
+
+def random_affine_cases(count: int, seed: int = 0):
+    """(pixels, coefficients, fill) for RandAugment's maps: shears, translations past the border, rotations."""
+    rng = np.random.default_rng(seed)
+    for case in range(count):
+        height, width = (int(v) for v in rng.integers(1, 100, 2))
+        image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        if case % 2:
+            image = (np.cumsum(image.astype(np.int64), axis=0) // 30 % 256).astype(np.uint8)
+        shear, shift = float(rng.uniform(-0.3, 0.3)), float(rng.uniform(-0.45, 0.45))
+        coefficients = [(1.0, shear, 0.0, 0.0, 1.0, 0.0), (1.0, 0.0, 0.0, shear, 1.0, 0.0),
+                        (1.0, 0.0, shift * width, 0.0, 1.0, shift * height),
+                        pixels.rotation_coefficients(float(rng.uniform(-30, 30)), width, height)][case % 4]
+        yield image, coefficients, tuple(int(v) for v in rng.integers(0, 256, 3))
+
+
+def pil_affine(image: np.ndarray, coefficients, name: str, fill) -> np.ndarray:
+    return np.asarray(Image.fromarray(image).transform((image.shape[1], image.shape[0]), Image.Transform.AFFINE,
+                                                       coefficients, resample=FILTERS[name], fillcolor=fill))
+
+
+@native
+@pytest.mark.parametrize("simd", [True, False], ids=["simd", "portable"])
+def test_native_affine_gives_pils_pixels_bit_for_bit(simd):
+    mismatches = []
+    for image, coefficients, fill in random_affine_cases(200):
+        for name in ("bilinear", "bicubic"):
+            got = pixels._native_resample.affine(image, list(coefficients), name, list(fill), simd)
+            if not np.array_equal(got, pil_affine(image, coefficients, name, fill)):
+                mismatches.append((image.shape, coefficients, name))
+    assert not mismatches, mismatches[:5]
+
+
+def test_affine_and_rotation_match_pil_on_either_path(monkeypatch):
+    from engine.data.segmentation import PHOTOS_DIR
+
+    photo = np.asarray(Image.open(sorted(PHOTOS_DIR.glob("*.jpg"))[1]).convert("RGB").resize((224, 224)))
+    expected = [np.asarray(Image.fromarray(photo).rotate(degrees, resample=Image.Resampling.BICUBIC,
+                                                         fillcolor=(124, 116, 104))) for degrees in (-27.0, 13.5)]
+    for backend in ("as built", "PIL"):
+        if backend == "PIL":
+            monkeypatch.setattr(pixels, "_native_resample", None)
+        for degrees, rotated in zip((-27.0, 13.5), expected):
+            coefficients = pixels.rotation_coefficients(degrees, 224, 224)
+            assert np.array_equal(pixels.affine(photo, coefficients, "bicubic", (124, 116, 104)), rotated), backend
+        for image, coefficients, fill in random_affine_cases(12, seed=3):
+            assert np.array_equal(pixels.affine(image, coefficients, "bilinear", fill),
+                                  pil_affine(image, coefficients, "bilinear", fill)), backend

@@ -40,6 +40,21 @@ def losses(output_dir: Path) -> dict[int, float]:
     return {row["step"]: row["loss"] for row in read_metrics(output_dir / "metrics.jsonl")}
 
 
+def assert_reproduces(output_dir: Path, reference: Path) -> None:
+    """A restarted run in a new process against the uninterrupted reference: the exported weights bit for bit, the
+    logged losses to float32 rounding. The logged loss is a float32 sum over the masked tokens whose order CPU kernels
+    may vary between processes (CI saw one step 1 ulp apart, the next step equal); it does not enter the gradients."""
+    import torch
+    from safetensors.torch import load_file
+
+    ours, theirs = losses(output_dir), losses(reference)
+    assert ours.keys() == theirs.keys() and all(abs(ours[s] - theirs[s]) <= 5e-7 * abs(theirs[s]) for s in ours), \
+        (ours, theirs)
+    weights = load_file(output_dir / "pretrained" / "model.safetensors")
+    expected = load_file(reference / "pretrained" / "model.safetensors")
+    assert weights.keys() == expected.keys() and all(torch.equal(weights[k], expected[k]) for k in weights)
+
+
 @pytest.fixture(scope="module")
 def reference_run(tokenizer_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("reference")
@@ -106,7 +121,7 @@ def test_sigkill_then_restart_reproduces_losses(tokenizer_dir, reference_run, tm
         assert (ckpt / "mp_rank_00_model_states.pt").is_file() and (ckpt / "rng_state_rank0.pt").is_file()
     restarted = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env=SUBPROCESS_ENV)
     assert restarted.returncode == 0, restarted.stderr[-3000:]
-    assert losses(tmp_path) == losses(reference_run)
+    assert_reproduces(tmp_path, reference_run)
 
 
 @pytest.mark.slow
@@ -197,7 +212,7 @@ def test_sigterm_to_the_process_group_with_workers_saves_and_resumes_exactly(tok
     assert 2 <= stopped_at < 6
     rerun = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env=SUBPROCESS_ENV)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert losses(tmp_path) == losses(reference_run)
+    assert_reproduces(tmp_path, reference_run)
 
 
 @pytest.mark.slow
