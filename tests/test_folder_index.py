@@ -127,3 +127,21 @@ def test_index_of_another_folder_or_layout_is_not_used(tmp_path):
     dataset = ImageFolderDataset(copy)  # the index names the old path: listed again, paths under the new one
     assert all(path.startswith(str(copy)) for path, _ in dataset.samples)
     assert np.array_equal(dataset.targets, [0, 0])
+
+
+def test_samples_are_a_table_of_arrays_not_a_list_of_objects():
+    """ImageNet-22k's 14 M samples as a list of tuples would be copied into every DataLoader worker (reference counts
+    un-share the pages); the table keeps them in a few arrays, and reads like the list it replaces."""
+    from engine.data.datasets import SampleTable
+
+    names = [f"n{i % 100:08d}/{i:08d}.JPEG" for i in range(50_000)]
+    table = SampleTable("/data/train", names, [i % 100 for i in range(50_000)])
+    assert {type(value) for value in vars(table).values()} <= {str, np.ndarray}
+    assert len(table) == 50_000 and table[12345] == ("/data/train/n00000045/00012345.JPEG", 45)
+    assert table[-1] == table[49_999] and table[:2] == [("/data/train/n00000000/00000000.JPEG", 0),
+                                                        ("/data/train/n00000001/00000001.JPEG", 1)]
+    with pytest.raises(IndexError):
+        table[50_000]
+    kept = table.keep(table.labels == 3)
+    assert len(kept) == 500 and kept[1] == ("/data/train/n00000003/00000103.JPEG", 3)
+    assert kept == list(kept) and kept != table

@@ -1,9 +1,9 @@
 """Image datasets: IDX files (MNIST / Fashion-MNIST), image folders, and the Fashion-MNIST subset shipped here.
 
 Every dataset returns samples `(RGB pixels uint8 [H, W, 3] numpy array, int label)`; unlabelled images have label
--1. Arrays, not PIL images: the transforms resample them with torch and a PIL round trip alone costs ~0.3 ms per
-ImageNet-sized image (engine/data/pixels.py). `classes`
-lists the class names (index = label; empty for unlabelled data).
+-1. Arrays, not PIL images: the transforms resample them natively and a PIL round trip alone costs ~0.3 ms per
+ImageNet-sized image (engine/data/pixels.py). `classes` lists the class names (index = label; empty for unlabelled
+data).
 
 `build_dataset(data_path, split)` is the single entry point. `data_path` is one of:
 - "embedded:fashion_mnist": the first 6000 train / 1000 test Fashion-MNIST images shipped in `assets/` (demo);
@@ -205,6 +205,47 @@ def _header_ok(path: str) -> bool:
         return False
 
 
+class SampleTable(Sequence):
+    """An image folder's (path, label) pairs in three arrays: the paths relative to `root` as one byte buffer with
+    offsets, and the labels (int32). Why not a list of tuples: for ImageNet-22k (14 M files) that list is ~2 GB, and
+    every DataLoader worker ends up with its own copy, since reading a Python object writes its reference count and
+    so un-shares the memory page that fork() shared (copy-on-write). Arrays are read without writes: their pages stay
+    shared by all workers. `table[i]` → (path, label); iteration and `==` as for the list."""
+
+    def __init__(self, root: str, names: Sequence[str], labels: Sequence[int]):
+        encoded = [os.fsencode(name) for name in names]
+        self.root = root
+        self._offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum([len(name) for name in encoded], out=self._offsets[1:])
+        self._names = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+        self.labels = np.asarray(labels, dtype=np.int32)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"sample {index} of {len(self)}")
+        index %= len(self)
+        return os.path.join(self.root, self._name(index)), int(self.labels[index])
+
+    def _name(self, index: int) -> str:
+        return os.fsdecode(self._names[self._offsets[index]:self._offsets[index + 1]].tobytes())
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, SampleTable):
+            return (self.root == other.root and np.array_equal(self.labels, other.labels)
+                    and np.array_equal(self._offsets, other._offsets) and np.array_equal(self._names, other._names))
+        return isinstance(other, Sequence) and list(self) == list(other)
+
+    def keep(self, mask: np.ndarray) -> SampleTable:
+        """The samples where `mask` is true."""
+        kept = np.flatnonzero(mask)
+        return SampleTable(self.root, [self._name(int(i)) for i in kept], self.labels[kept])
+
+
 class ImageFolderDataset(EncodedImageDataset):
     """Images under `root`, with labels from class subfolders or unlabelled (label -1) from a flat folder.
 
@@ -218,7 +259,7 @@ class ImageFolderDataset(EncodedImageDataset):
             comes from its index (engine/data/folder_index.py) and no image file is opened until a sample is read;
             files that fail then are replaced (see the module docstring).
 
-    Attributes: `classes`, `samples` (list of (path, label)), `ignored_files` (non-image extensions),
+    Attributes: `classes`, `samples` (a `SampleTable` of (path, label)), `ignored_files` (non-image extensions),
     `skipped_files` (files dropped by the header check), `num_skipped` (those plus files that failed to decode
     later in this process).
     """
@@ -235,13 +276,14 @@ class ImageFolderDataset(EncodedImageDataset):
         self.layout, self.classes = listing.layout, listing.classes
         self.check_headers = check_headers
         root_name = str(self.root)
-        self.samples = [(os.path.join(root_name, name), label) for name, label in listing.samples]
+        self.samples = SampleTable(root_name, [name for name, _ in listing.samples],
+                                   [label for _, label in listing.samples])
         self.ignored_files = [os.path.join(root_name, name) for name in listing.ignored]
         self.skipped_files: list[str] = []
         if check_headers:
-            self.skipped_files = [path for path, _ in self.samples if not _header_ok(path)]
-            skipped = set(self.skipped_files)
-            self.samples = [(path, label) for path, label in self.samples if path not in skipped]
+            readable = np.array([_header_ok(path) for path, _ in self.samples], dtype=bool)
+            self.skipped_files = [path for (path, _), ok in zip(self.samples, readable) if not ok]
+            self.samples = self.samples.keep(readable)
         self._check_listing(listing)
         if self.ignored_files:
             logger.info("%s: ignored %d non-image file(s), e.g. %s", self.root, len(self.ignored_files),
@@ -249,7 +291,7 @@ class ImageFolderDataset(EncodedImageDataset):
         if self.skipped_files:
             logger.warning("%s: skipped %d file(s) that are not decodable images, e.g. %s", self.root,
                            len(self.skipped_files), self.skipped_files[0])
-        self.index_labels(self.targets)
+        self.index_labels(self.samples.labels)
 
     def _check_listing(self, listing) -> None:
         extensions = ", ".join(IMG_EXTENSIONS)
@@ -259,7 +301,7 @@ class ImageFolderDataset(EncodedImageDataset):
             return
         if not self.classes:
             raise ConfigError(f"{self.root}: layout 'classes' needs one subfolder per class, found none")
-        counts = np.bincount([label for _, label in self.samples], minlength=len(self.classes))
+        counts = np.bincount(self.samples.labels, minlength=len(self.classes))
         if (counts == 0).any():
             name = self.classes[int(np.argmin(counts))]
             raise ConfigError(f"{self.root / name}: class folder {name!r} holds no readable image ({extensions}); "
@@ -275,7 +317,7 @@ class ImageFolderDataset(EncodedImageDataset):
 
     @property
     def targets(self) -> list[int]:
-        return [label for _, label in self.samples]
+        return self.samples.labels.tolist()
 
     def __len__(self) -> int:
         return len(self.samples)
