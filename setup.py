@@ -1,8 +1,9 @@
 """Install the `engine` and `kernels` packages.
 
-The native data-path extensions (`engine.data._native_masking` and `engine.data._native_resample`, built from `csrc/`
-by `CMakeLists.txt`) are optional: they are built when CMake and a C++ compiler are present, and the pure-Python
-masking and PIL's resampling are used otherwise (the same masks' distribution, the same pixels; slower).
+The native data-path extensions (`engine.data._native_masking` and `engine.data._native_pixels`, built from
+`csrc/` by `CMakeLists.txt`) are optional: they are built when CMake and a C++ compiler are present; otherwise the
+pure-Python masking and PIL's (and numpy's) pixel maps are used (the same masks' distribution, the same pixels;
+slower workers).
 """
 
 import os
@@ -64,7 +65,7 @@ setup(
     packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*"]),
     package_data={"engine": ["data/assets/**/*"]},
     include_package_data=True,
-    ext_modules=[CMakeExtension("engine.data._native_masking"), CMakeExtension("engine.data._native_resample")],
+    ext_modules=[CMakeExtension("engine.data._native_masking"), CMakeExtension("engine.data._native_pixels")],
     cmdclass={"build_ext": OptionalCMakeBuild},
     install_requires=[
         "torch>=2.10",  # Triton 3.6, the oldest we support, works with torch >= 2.10 only

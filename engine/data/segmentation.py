@@ -36,6 +36,7 @@ from PIL import Image, UnidentifiedImageError
 
 from engine.config import ConfigError
 from engine.data.datasets import ASSETS_DIR, FASHION_MNIST_CLASSES, embedded_dataset
+from engine.data.pixels import resample, saturation_hue
 from engine.data.transforms import mean_std, normalize, resolve_rng, to_unit_range
 
 SPLITS = ("training", "validation")
@@ -188,24 +189,6 @@ def _as_pair(img: Image.Image, label: Image.Image | np.ndarray) -> tuple[Image.I
     return img.convert("RGB"), label
 
 
-def _hsv_to_rgb(hue: np.ndarray, saturation: np.ndarray, value: np.ndarray) -> np.ndarray:
-    """hue in sextants [0, 6), saturation [0, 1], value [0, 255] → float RGB [..., 3] (f(n) = v - v s max(0,
-    min(k, 4 - k, 1)), k = (n + h) mod 6, n = 5, 3, 1 for R, G, B)."""
-    k = (np.array([5.0, 3.0, 1.0], dtype=np.float32) + hue[..., None]) % 6
-    return value[..., None] * (1 - saturation[..., None] * np.clip(np.minimum(k, 4 - k), 0, 1))
-
-
-def _rgb_to_hsv(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """float RGB [..., 3] in [0, 255] → (hue in sextants [0, 6), saturation [0, 1], value [0, 255])."""
-    red, green, blue = np.moveaxis(pixels, -1, 0)
-    value = pixels.max(-1)
-    chroma = value - pixels.min(-1)
-    safe = np.where(chroma > 0, chroma, 1)
-    hue = np.where(value == red, ((green - blue) / safe) % 6,
-                   np.where(value == green, (blue - red) / safe + 2, (red - green) / safe + 4))
-    return np.where(chroma > 0, hue, 0), np.where(value > 0, chroma / np.maximum(value, 1), 0), value
-
-
 class PhotoMetricDistortion:
     """mmseg's PhotoMetricDistortion on uint8 RGB [H, W, 3]: brightness (+U(-32, 32)), then contrast (×U(0.5, 1.5))
     either before or after saturation (×U(0.5, 1.5) on HSV's S) and hue (+randrange(-18, 18) OpenCV hue units of 2°);
@@ -237,12 +220,7 @@ class PhotoMetricDistortion:
         saturation = rng.uniform(*self.saturation_range) if rng.randrange(2) else None
         hue_shift = rng.randrange(-self.hue_delta, self.hue_delta) if rng.randrange(2) else None  # numpy randint
         if saturation is not None or hue_shift is not None:
-            hue, sat, value = _rgb_to_hsv(pixels.astype(np.float32))
-            if saturation is not None:
-                sat = np.clip(sat * saturation, 0, 1)
-            if hue_shift is not None:
-                hue = (hue + hue_shift / 30) % 6  # 1 OpenCV unit = 2°, a sextant = 60°
-            pixels = np.clip(np.rint(_hsv_to_rgb(hue, sat, value)), 0, 255).astype(np.uint8)
+            pixels = saturation_hue(pixels, saturation, hue_shift)
         if not contrast_first:
             pixels = self._contrast(pixels, rng)
         return pixels
@@ -328,7 +306,7 @@ class SegTrainTransform(_SegTransform):
         rng = resolve_rng(rng)
         img, label = _as_pair(img, label)
         size = rescale_size(img.width, img.height, self._scale(rng))  # image bilinear, labels always nearest
-        pixels = np.asarray(img.resize(size, Image.Resampling.BILINEAR))  # [h, w, 3] uint8
+        pixels = resample(np.asarray(img), *size, "bilinear")  # [h, w, 3] uint8, PIL's pixels (natively)
         labels = np.asarray(label.resize(size, Image.Resampling.NEAREST))  # [h, w] uint8
         top, left = self.crop_origin(labels, rng)
         size = self.crop_size

@@ -7,8 +7,8 @@ from PIL import Image
 
 from engine.data import pixels
 
-NATIVE_BUILT = pixels._native_resample is not None
-native = pytest.mark.skipif(not NATIVE_BUILT, reason="native extension engine.data._native_resample not built "
+NATIVE_BUILT = pixels._native_pixels is not None
+native = pytest.mark.skipif(not NATIVE_BUILT, reason="native extension engine.data._native_pixels not built "
                                                      "(needs CMake and a C++ compiler at install)")
 FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
            "lanczos": Image.Resampling.LANCZOS}
@@ -45,7 +45,7 @@ def random_cases(count: int, seed: int = 0):
 def test_native_resampling_gives_pils_pixels_bit_for_bit(simd):
     mismatches = []
     for crop, width, height, name in random_cases(600):
-        got = pixels._native_resample.resample(crop, width, height, name, simd)
+        got = pixels._native_pixels.resample(crop, width, height, name, simd)
         expected = pil_two_pass(crop, width, height, name)
         if not np.array_equal(got, expected):
             mismatches.append((crop.shape, width, height, name, int(np.abs(got.astype(int) - expected).max())))
@@ -67,7 +67,7 @@ def test_native_resampling_of_photos_matches_a_single_pil_resize_when_pil_runs_h
 def test_the_pil_path_gives_the_same_pixels_as_the_native_one(monkeypatch):
     cases = list(random_cases(60, seed=1))
     native_results = [pixels.resample(crop, w, h, name) for crop, w, h, name in cases]
-    monkeypatch.setattr(pixels, "_native_resample", None)
+    monkeypatch.setattr(pixels, "_native_pixels", None)
     assert pixels.resampler() == "PIL"
     for (crop, w, h, name), result in zip(cases, native_results):
         assert np.array_equal(pixels.resample(crop, w, h, name), result)
@@ -86,7 +86,7 @@ def test_resized_crop_and_resize_shapes_and_layout():
 
 @native
 def test_native_resampling_rejects_what_it_cannot_read():
-    resample = pixels._native_resample.resample
+    resample = pixels._native_pixels.resample
     image = np.zeros((8, 8, 3), np.uint8)
     with pytest.raises(ValueError, match="filter must be"):
         resample(image, 4, 4, "nearest")
@@ -124,7 +124,7 @@ def test_native_affine_gives_pils_pixels_bit_for_bit(simd):
     mismatches = []
     for image, coefficients, fill in random_affine_cases(200):
         for name in ("bilinear", "bicubic"):
-            got = pixels._native_resample.affine(image, list(coefficients), name, list(fill), simd)
+            got = pixels._native_pixels.affine(image, list(coefficients), name, list(fill), simd)
             if not np.array_equal(got, pil_affine(image, coefficients, name, fill)):
                 mismatches.append((image.shape, coefficients, name))
     assert not mismatches, mismatches[:5]
@@ -138,10 +138,27 @@ def test_affine_and_rotation_match_pil_on_either_path(monkeypatch):
                                                          fillcolor=(124, 116, 104))) for degrees in (-27.0, 13.5)]
     for backend in ("as built", "PIL"):
         if backend == "PIL":
-            monkeypatch.setattr(pixels, "_native_resample", None)
+            monkeypatch.setattr(pixels, "_native_pixels", None)
         for degrees, rotated in zip((-27.0, 13.5), expected):
             coefficients = pixels.rotation_coefficients(degrees, 224, 224)
             assert np.array_equal(pixels.affine(photo, coefficients, "bicubic", (124, 116, 104)), rotated), backend
         for image, coefficients, fill in random_affine_cases(12, seed=3):
             assert np.array_equal(pixels.affine(image, coefficients, "bilinear", fill),
                                   pil_affine(image, coefficients, "bilinear", fill)), backend
+
+
+@native
+def test_native_saturation_hue_gives_the_numpy_reference_bytes():
+    """Segmentation's photometric distortion: the float32 HSV round trip, natively, byte for byte."""
+    from engine.data.segmentation import PHOTOS_DIR
+
+    rng = np.random.default_rng(0)
+    photo = np.asarray(Image.open(sorted(PHOTOS_DIR.glob("*.jpg"))[2]).convert("RGB"))[:200, :300]
+    noise = rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)
+    greys = np.repeat(np.arange(256, dtype=np.uint8)[None, :, None], 3, axis=2)  # chroma 0, value 0 and 255
+    for image in (photo, noise, greys, photo[:, ::-1]):  # a mirrored view too (negative strides)
+        for saturation, hue_shift in ((None, None), (0.5, None), (1.5, None), (None, -18), (None, 17),
+                                      (float(rng.uniform(0.5, 1.5)), int(rng.integers(-18, 18)))):
+            expected = pixels.saturation_hue_reference(image, saturation, hue_shift)
+            assert np.array_equal(pixels._native_pixels.saturation_hue(image, saturation, hue_shift), expected), \
+                (image.shape, saturation, hue_shift)

@@ -13,6 +13,7 @@
 // 2. Affine maps (`Image.transform(size, AFFINE, ...)` with BILINEAR or BICUBIC and a fill colour; Geometry.c), for
 //    RandAugment's rotate, shear and translate: PIL's per-pixel double arithmetic in PIL's order, the three channels
 //    of a pixel in one AVX2 register.
+// 3. Segmentation's saturation/hue distortion: its numpy float32 HSV round trip, per pixel.
 // Timings per stage: `python benchmarks/bench_data.py --stages=true`.
 
 #include <pybind11/numpy.h>
@@ -483,10 +484,64 @@ py::array_t<uint8_t> affine(const py::array_t<uint8_t, py::array::c_style | py::
     return out;
 }
 
+// ---- Saturation and hue (mmseg's PhotoMetricDistortion): engine/data/segmentation.py's float32 HSV round trip,
+// the same float32 operations per pixel in the same order (numpy's `%` is fmod moved into [0, 6), np.rint is
+// round-half-even), so the same bytes, without numpy's dozen temporaries of the whole image.
+
+float float_mod6(float x) {  // numpy's float32 remainder for a divisor of 6
+    float mod = std::fmod(x, 6.0f);
+    if (mod != 0.0f) {
+        if (mod < 0.0f) mod += 6.0f;
+    } else {
+        mod = 0.0f;  // copysign(0, 6)
+    }
+    return mod;
+}
+
+void adjust_hsv(uint8_t* pixels, int64_t count, bool scale_saturation, float saturation, bool shift_hue, float shift) {
+    for (int64_t i = 0; i < count; ++i) {
+        uint8_t* rgb = pixels + i * kChannels;
+        const float red = rgb[0], green = rgb[1], blue = rgb[2];
+        const float value = std::max(std::max(red, green), blue);
+        const float chroma = value - std::min(std::min(red, green), blue);
+        const float safe = chroma > 0.0f ? chroma : 1.0f;
+        float hue = value == red ? float_mod6((green - blue) / safe)
+                    : value == green ? (blue - red) / safe + 2.0f : (red - green) / safe + 4.0f;
+        hue = chroma > 0.0f ? hue : 0.0f;
+        float sat = value > 0.0f ? chroma / std::max(value, 1.0f) : 0.0f;
+        if (scale_saturation) sat = std::min(std::max(sat * saturation, 0.0f), 1.0f);
+        if (shift_hue) hue = float_mod6(hue + shift);
+        const float offsets[3] = {5.0f, 3.0f, 1.0f};  // R, G, B: f(n) = v (1 - s clip(min(k, 4 - k), 0, 1))
+        for (int c = 0; c < kChannels; ++c) {
+            const float k = float_mod6(offsets[c] + hue);
+            const float ramp = std::min(std::max(std::min(k, 4.0f - k), 0.0f), 1.0f);
+            const float channel = std::nearbyint(value * (1.0f - sat * ramp));
+            rgb[c] = static_cast<uint8_t>(std::min(std::max(channel, 0.0f), 255.0f));
+        }
+    }
+}
+
+py::array_t<uint8_t> saturation_hue(const py::array_t<uint8_t, py::array::c_style | py::array::forcecast>& pixels,
+                                    py::object saturation, py::object hue_shift) {
+    if (pixels.ndim() != 3 || pixels.shape(2) != 3) throw std::invalid_argument("expected a uint8 [H, W, 3] array");
+    py::array_t<uint8_t> out({pixels.shape(0), pixels.shape(1), static_cast<py::ssize_t>(kChannels)});
+    const int64_t count = pixels.shape(0) * pixels.shape(1);
+    std::memcpy(out.mutable_data(), pixels.data(), count * kChannels);
+    const bool scale = !saturation.is_none(), shift = !hue_shift.is_none();
+    // numpy turns a Python float operand into float32 before the float32 arithmetic (NEP 50)
+    const float factor = scale ? static_cast<float>(saturation.cast<double>()) : 0.0f;
+    const float sextants = shift ? static_cast<float>(hue_shift.cast<double>() / 30) : 0.0f;
+    {
+        py::gil_scoped_release release;
+        adjust_hsv(out.mutable_data(), count, scale, factor, shift, sextants);
+    }
+    return out;
+}
+
 }  // namespace
 
-PYBIND11_MODULE(_native_resample, m) {
-    m.doc() = "PIL's bilinear/bicubic/lanczos resampling of uint8 RGB arrays, bit for bit (engine/data/pixels.py).";
+PYBIND11_MODULE(_native_pixels, m) {
+    m.doc() = "The workers' pixel maps with PIL's (and numpy's) arithmetic, bit for bit (engine/data/pixels.py).";
     m.def("resample", &resample, py::arg("pixels"), py::arg("width"), py::arg("height"), py::arg("filter"),
           py::arg("simd") = true,
           "uint8 [H, W, 3] pixels (rows may be strided, e.g. a crop view) resampled to [height, width, 3] as PIL's "
@@ -496,4 +551,7 @@ PYBIND11_MODULE(_native_resample, m) {
           py::arg("simd") = true,
           "uint8 [H, W, 3] pixels through the affine map `coefficients` (a0..a5, output -> input, as PIL's) with "
           "'bilinear' or 'bicubic' sampling and the RGB `fill` outside: PIL's Image.transform(size, AFFINE, ...).");
+    m.def("saturation_hue", &saturation_hue, py::arg("pixels"), py::arg("saturation"), py::arg("hue_shift"),
+          "uint8 [H, W, 3] RGB with HSV saturation scaled by `saturation` and hue shifted by `hue_shift` OpenCV units "
+          "(2 degrees), either None to skip it: engine.data.segmentation's float32 HSV round trip, byte for byte.");
 }
