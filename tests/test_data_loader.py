@@ -106,3 +106,28 @@ def test_classification_loader():
     assert torch.cat([labels for _, labels in batches]).tolist() == [base[i][1] for i in range(10)]
     with pytest.raises(ValueError, match="fewer than one batch"):
         build_loader(dataset, batch_size=16)
+
+
+def test_workers_outlive_a_stop_signal_to_their_fork_server():
+    """A scheduler signals the whole process group, the workers' fork server included: the server and the workers
+    ignore the signal, so the main process gets its batches until it stops (a killed server took its workers along:
+    'DataLoader worker exited unexpectedly' before the step at which the ranks agreed to stop)."""
+    import os
+    import signal
+    import time
+
+    dataset = MIMPretrainDataset(embedded_dataset("fashion_mnist", "train"), PretrainTransform(28, 14),
+                                 MaskingGenerator((7, 7), 16, 4, None))
+    batches = iter(build_loader(dataset, 8, num_workers=1))
+    next(batches)
+    worker = batches._workers[0].pid
+    with open(f"/proc/{worker}/stat") as stat:
+        server = int(stat.read().rsplit(")", 1)[1].split()[1])  # the worker's parent: the fork server
+    assert server != os.getpid()
+    for stop_signal in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        os.kill(server, stop_signal)
+        os.kill(worker, stop_signal)
+    time.sleep(0.5)
+    for _ in range(10):
+        next(batches)
+    assert batches._workers[0].is_alive()

@@ -25,9 +25,11 @@ from engine.config import ConfigError
 
 # Workers are forked from a clean server process, not from the training process: a worker forked after the model and
 # the optimizer exist keeps the old copy of every page that a training step then writes (copy-on-write), so each one
-# came to hold the model states a second time (benchmarks/bench_memory.py). The server imports these modules once.
+# came to hold the model states a second time (benchmarks/bench_memory.py). The server imports these modules once; the
+# first makes it ignore the stop signals, as the workers do.
 WORKER_START_METHOD = "forkserver"
-WORKER_PRELOAD = ["engine.data.loader", "engine.data.datasets", "engine.data.transforms", "engine.data.masking"]
+WORKER_PRELOAD = ["engine.data._forkserver_signals", "engine.data.loader", "engine.data.datasets",
+                  "engine.data.transforms", "engine.data.masking"]
 _TRANSFORM_STREAM = 1  # keeps transform seeds apart from the masking generator's default_rng([seed, epoch, index])
 
 
