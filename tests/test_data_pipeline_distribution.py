@@ -3,7 +3,7 @@
 The references below are the official pipelines as torchvision/timm run them on PIL images: pretraining jitters the
 whole image (ImageEnhance in the drawn order), flips, crops and resamples each view from the crop; fine-tuning and
 eval crop and resample with PIL. The engine draws the same random numbers in the same order, resamples with PIL's
-arithmetic (engine/data/pixels.py: the same pixels; tests/test_resample.py) and jitters the resampled views in batch.
+arithmetic (engine/data/pixels.py: the same pixels; tests/test_pixels.py) and jitters the resampled views in batch.
 These tests bound what that moves: the draws (equal), the crop-box distribution (torchvision's), the jitter arithmetic
 (PIL's, exactly), and the output pixels of thousands of samples (per-sample difference, per-channel mean and standard
 deviation).
@@ -176,7 +176,7 @@ def _pil_resize(image: Image.Image, size: tuple[int, int], resample: Image.Resam
 def test_finetune_and_eval_give_the_official_pixels(photos):
     """timm's fine-tuning transform (PIL crop and bicubic resize, flip, RandAugment) and eval (resize, centre crop):
     every sample identical. (RandAugment is the engine's on both sides; its geometric ops against PIL's:
-    tests/test_resample.py.)"""
+    tests/test_pixels.py.)"""
     finetune, evaluate = FinetuneTransform(re_prob=0), EvalTransform()
 
     def official_finetune(pixels, rng):

@@ -147,7 +147,7 @@ def affine(pixels: np.ndarray, coefficients: tuple[float, ...], interpolation: s
            fill: tuple[int, int, int]) -> np.ndarray:
     """uint8 `[H, W, 3]` pixels through an affine map → uint8 `[H, W, 3]`: PIL's
     `Image.transform(size, AFFINE, coefficients, resample, fillcolor=fill)` (coefficients a0..a5 map output to input
-    pixel centres), the same pixels natively for bilinear and bicubic (~3x faster than PIL's), PIL otherwise."""
+    pixel centres), the same pixels natively for bilinear and bicubic (~2.4x faster than PIL's), PIL otherwise."""
     if interpolation in ("bilinear", "bicubic") and _native_pixels is not None:
         return _native_pixels.affine(pixels, [float(c) for c in coefficients], interpolation, list(fill))
     image = Image.fromarray(np.ascontiguousarray(pixels), "RGB")
@@ -170,7 +170,7 @@ def rotation_coefficients(degrees: float, width: int, height: int) -> tuple[floa
 def saturation_hue(pixels: np.ndarray, saturation: float | None, hue_shift: int | None) -> np.ndarray:
     """uint8 `[H, W, 3]` RGB with the HSV saturation scaled by `saturation` (clipped to [0, 1]) and the hue shifted
     by `hue_shift` OpenCV units (2 degrees), None skipping either: segmentation's photometric distortion. Natively
-    when built (~10x faster), else `saturation_hue_reference`: the same bytes."""
+    when built, else `saturation_hue_reference`: the same bytes."""
     if _native_pixels is not None:
         return _native_pixels.saturation_hue(pixels, saturation, hue_shift)
     return saturation_hue_reference(pixels, saturation, hue_shift)

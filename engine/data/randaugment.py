@@ -9,7 +9,7 @@ Config string: "rand" then dash-separated sections, each a key followed by its v
 
 Each chosen op runs with probability 0.5. Ops are drawn with replacement. Geometric ops (rotate, shear, translate)
 fill with the dataset mean colour and resample with the given interpolation; they run through
-`engine.data.pixels.affine` (PIL's pixels, natively: PIL's bicubic affine transform costs ~3.7 ms on a 224 view).
+`engine.data.pixels.affine` (PIL's pixels, natively: PIL's bicubic affine transform costs ~3 ms on a 224 view).
 
 Randomness comes only from the `random.Random` passed to `__call__`, so a seeded generator reproduces the output.
 """
