@@ -32,7 +32,7 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from PIL import Image
@@ -41,7 +41,9 @@ from engine.config import ConfigError
 from engine.data.encoded import DECODE_ERRORS, EncodedImageDataset
 from engine.data.folder_index import IMG_EXTENSIONS, folder_listing
 from engine.data.pixels import as_hwc
-from engine.data.shards import ShardDataset, is_shard_split
+
+if TYPE_CHECKING:
+    from engine.data.shards import ShardDataset
 
 logger = logging.getLogger(__name__)
 
@@ -336,6 +338,7 @@ class ImageFolderDataset(EncodedImageDataset):
 def _image_folder_for_split(root: Path, split: str) -> ImageFolderDataset | ShardDataset:
     """The split's subfolder (train/, or test/ or val/), as an image folder or a shard split (engine/data/shards.py);
     for "train", `root` itself when it has no such subfolder."""
+    from engine.data.shards import ShardDataset, is_shard_split  # here: `python -m engine.data.shards` runs cleanly
     for name in _FOLDER_SPLITS[split]:
         if is_shard_split(root / name):
             return ShardDataset(root / name)
