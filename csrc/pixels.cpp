@@ -133,25 +133,30 @@ uint8_t clip(uint32_t sum) {
     return static_cast<uint8_t>(value < 0 ? 0 : value > 255 ? 255 : value);
 }
 
-// Portable: plain loops over 64-lane chunks, which compilers vectorise for the baseline instruction set.
+// Bytes [begin, end) of one output line from its `count` input lines (`src_pitch` apart, from `lines`): plain loops
+// over 64-lane chunks, which compilers vectorise for the baseline instruction set.
+void convolve_line_portable(const uint8_t* lines, int64_t src_pitch, const int32_t* weights, int count,
+                            int64_t begin, int64_t end, uint8_t* out) {
+    constexpr int64_t kChunk = 64;
+    for (int64_t start = begin; start < end; start += kChunk) {
+        const int64_t n = std::min(kChunk, end - start);
+        uint32_t sums[kChunk];
+        for (int64_t j = 0; j < kChunk; ++j) sums[j] = kRounding;
+        for (int k = 0; k < count; ++k) {
+            const uint32_t weight = static_cast<uint32_t>(weights[k]);
+            const uint8_t* in = lines + k * src_pitch + start;
+            for (int64_t j = 0; j < n; ++j) sums[j] += weight * in[j];
+        }
+        for (int64_t j = 0; j < n; ++j) out[start + j] = clip(sums[j]);
+    }
+}
+
 void convolve_lines_portable(const uint8_t* src, int64_t src_pitch, int64_t line_bytes, const Taps& taps,
                              uint8_t* dst, int64_t dst_pitch) {
-    constexpr int64_t kChunk = 64;
     for (int o = 0; o < taps.out_size; ++o) {
-        const int32_t* weights = &taps.weight[static_cast<size_t>(o) * taps.width];
-        const uint8_t* lines = src + static_cast<int64_t>(taps.first[o]) * src_pitch;
-        uint8_t* out = dst + static_cast<int64_t>(o) * dst_pitch;
-        for (int64_t start = 0; start < line_bytes; start += kChunk) {
-            const int64_t n = std::min(kChunk, line_bytes - start);
-            uint32_t sums[kChunk];
-            for (int64_t j = 0; j < kChunk; ++j) sums[j] = kRounding;
-            for (int k = 0; k < taps.count[o]; ++k) {
-                const uint32_t weight = static_cast<uint32_t>(weights[k]);
-                const uint8_t* in = lines + k * src_pitch + start;
-                for (int64_t j = 0; j < n; ++j) sums[j] += weight * in[j];
-            }
-            for (int64_t j = 0; j < n; ++j) out[start + j] = clip(sums[j]);
-        }
+        convolve_line_portable(src + static_cast<int64_t>(taps.first[o]) * src_pitch, src_pitch,
+                               &taps.weight[static_cast<size_t>(o) * taps.width], taps.count[o], 0, line_bytes,
+                               dst + static_cast<int64_t>(o) * dst_pitch);
     }
 }
 
@@ -188,10 +193,7 @@ __attribute__((target("avx2"))) void convolve_lines_avx2(const uint8_t* src, int
             const __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(low, high), unpermute);
             _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + start), bytes);
         }
-        if (blocked < line_bytes) {
-            Taps one = {1, taps.width, {taps.first[o]}, {count}, {weights, weights + taps.width}};
-            convolve_lines_portable(src + blocked, src_pitch, line_bytes - blocked, one, out + blocked, dst_pitch);
-        }
+        convolve_line_portable(lines, src_pitch, weights, count, blocked, line_bytes, out);
     }
 }
 #endif

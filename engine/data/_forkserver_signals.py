@@ -7,7 +7,6 @@ main process's and exits, and the main process, which still needs batches until 
 crashes instead of saving. The server still ends with the main process (multiprocessing closes its pipe).
 """
 
-import signal
+from engine.data.loader import ignore_stop_signals
 
-for _stop_signal in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
-    signal.signal(_stop_signal, signal.SIG_IGN)
+ignore_stop_signals()

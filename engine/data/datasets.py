@@ -1,7 +1,7 @@
 """Image datasets: IDX files (MNIST / Fashion-MNIST), image folders, and the Fashion-MNIST subset shipped here.
 
 Every dataset returns samples `(RGB pixels uint8 [H, W, 3] numpy array, int label)`; unlabelled images have label
--1. Arrays, not PIL images: the transforms resample them natively and a PIL round trip alone costs ~0.3 ms per
+-1. Arrays, not PIL images: the transforms resample them natively and a PIL round trip alone costs 0.3-0.65 ms per
 ImageNet-sized image (engine/data/pixels.py). `classes` lists the class names (index = label; empty for unlabelled
 data).
 
@@ -209,7 +209,8 @@ def _header_ok(path: str) -> bool:
 
 class SampleTable(Sequence):
     """An image folder's (path, label) pairs in three arrays: the paths relative to `root` as one byte buffer with
-    offsets, and the labels (int32). Why not a list of tuples: for ImageNet-22k (14 M files) that list is ~2 GB, and
+    offsets, and the labels (int32). Why not a list of tuples: 185 bytes per sample against the table's 35
+    (`benchmarks/bench_data.py --startup_files=50000`), so ~2.6 GB for ImageNet-22k's 14 M files, and
     every DataLoader worker ends up with its own copy, since reading a Python object writes its reference count and
     so un-shares the memory page that fork() shared (copy-on-write). Arrays are read without writes: their pages stay
     shared by all workers. `table[i]` → (path, label); iteration and `==` as for the list."""

@@ -181,6 +181,12 @@ class EpochShardSampler(Sampler[int]):
         return self.num_samples - self.start_index
 
 
+def ignore_stop_signals() -> None:
+    """SIGINT/SIGTERM/SIGUSR1 ignored in this process (a DataLoader worker, or their fork server): see `worker_init`."""
+    for stop_signal in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(stop_signal, signal.SIG_IGN)
+
+
 def worker_init(worker_id: int) -> None:
     """Each DataLoader worker ignores SIGINT/SIGTERM/SIGUSR1: a Ctrl-C or a scheduler's signal goes to the whole process
     group, and a worker that died first would crash the main process before it saved. The main process handles the
@@ -188,8 +194,7 @@ def worker_init(worker_id: int) -> None:
 
     Also seeds Python's and numpy's global RNGs from the worker's torch seed (base seed + worker id), so even code
     that uses them is reproducible; the datasets here do not (their samples are independent of the worker)."""
-    for stop_signal in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(stop_signal, signal.SIG_IGN)
+    ignore_stop_signals()
     worker_seed = torch.initial_seed() % 2**32
     random.seed(worker_seed)
     np.random.seed(worker_seed)

@@ -1,10 +1,10 @@
 """Pixels in the workers: decode a file to an RGB array, resample a crop box of it, flip.
 
 Why not PIL images end to end: on one core of the development machine (`benchmarks/bench_data.py --stages=true`)
-a PIL round trip (`Image.fromarray` then `np.asarray`) of an ImageNet-sized image costs ~0.3 ms and PIL's
-resampling of a crop box to 224 (bicubic) or 112 (Lanczos) ~1.6-1.8 ms, of a ~4 ms budget per image at the feed rate
+a PIL round trip (`Image.fromarray` then `np.asarray`) of an ImageNet-sized image costs 0.3-0.65 ms and PIL's
+resampling of a crop box to 224 (bicubic) or 112 (Lanczos) 1.4-1.8 ms, of a ~4 ms budget per image at the feed rate
 one GPU needs. So images travel as `[H, W, 3]` uint8 arrays:
-- JPEGs decode with simplejpeg (libjpeg-turbo; pixels identical to PIL's decode, ~2.5x faster to an array); other
+- JPEGs decode with simplejpeg (libjpeg-turbo; pixels identical to PIL's decode, 2.2-2.7x faster to an array); other
   formats, and CMYK/YCCK JPEGs, with PIL.
 - Bilinear, bicubic and Lanczos resampling run in the native extension `engine.data._native_pixels`
   (csrc/pixels.cpp): PIL's filters and fixed-point arithmetic, so PIL's pixels bit for bit, several times faster
