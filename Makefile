@@ -3,16 +3,25 @@ PYTHON ?= python
 # The CPU build of torch is installed by exact version so pip never pulls the multi-GB CUDA build on a CPU machine.
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test lint bench aot aot-oldest gpu-wheels gpu-check bench-pytest
+.PHONY: install demo test test-all lint bench aot aot-oldest gpu-wheels gpu-check bench-pytest
 
-install:
+# The install runs again only when what it depends on changed (or for another Python): a stamp per interpreter.
+INSTALL_STAMP = build/.installed-$(shell $(PYTHON) -c "import sys, hashlib; print(hashlib.md5(sys.prefix.encode()).hexdigest()[:8])")
+$(INSTALL_STAMP): setup.py pyproject.toml CMakeLists.txt $(wildcard csrc/*)
 	$(PYTHON) -m pip install $(TORCH)
 	$(PYTHON) -m pip install -e ".[test]"
+	mkdir -p build && touch $@
+
+install: $(INSTALL_STAMP)
 
 demo: install
 	$(PYTHON) recipes/pretrain_demo.py
 
+# The default suite (~3 min on 2 cores): every module, long-running tests left out (`slow`); test-all runs them too.
 test: install
+	$(PYTHON) -m pytest -q -m "not slow" tests
+
+test-all: install
 	$(PYTHON) -m pytest -q tests
 
 lint:
@@ -24,15 +33,17 @@ bench: install
 		$(PYTHON) benchmarks/bench_$$script.py || exit 1; done
 
 # Compiles every Triton kernel for sm_80/sm_90 with the ptxas in Triton's wheel, no GPU needed (kernels/aot.py);
-# fails on compile errors, shared-memory overflow and spilling configs. Writes benchmarks/results/aot/.
+# fails on compile errors, shared-memory overflow and spilling configs. Writes build/aot/ (git-ignored); the committed
+# tables are rewritten on purpose: make aot AOT_OUT=benchmarks/results/aot.
 # AOT_SUBSET=full: every autotune config (long). aot-oldest: the same check under the oldest Triton we support (the
 # GPU nodes' image has it), installed into a folder beside the tree (per Python version: the wheel is compiled) that
 # shadows the installed Triton on PYTHONPATH; installed into a temporary folder first, so a broken install is redone.
 AOT_SUBSET ?= ci
 TRITON_OLDEST ?= 3.6.0
 OLDEST_TRITON_DIR = $(CURDIR)/.triton-$(TRITON_OLDEST)-$(shell $(PYTHON) -c "import sys; print(sys.implementation.cache_tag)")
+AOT_OUT ?= build/aot
 aot:
-	env -u TRITON_INTERPRET $(PYTHON) -m kernels.aot --subset=$(AOT_SUBSET)
+	env -u TRITON_INTERPRET $(PYTHON) -m kernels.aot --subset=$(AOT_SUBSET) --out=$(AOT_OUT)
 
 aot-oldest:
 	@test -d $(OLDEST_TRITON_DIR)/triton-$(TRITON_OLDEST).dist-info || { rm -rf $(OLDEST_TRITON_DIR).partial && \
@@ -49,7 +60,8 @@ GPU_PYTHON ?= python3
 GPU_SITE ?= /tmp/site
 GPU_WHEELS ?= .whl
 GPU_WHEEL_PYTHON ?= 3.12
-OUT ?= benchmarks/results/
+# OUT: where gpu_check writes (default: benchmarks/results/ for a GPU run, build/gpu-check-dry-run/ for a dry run)
+OUT ?=
 GPU_WHEEL_DEEPSPEED ?= deepspeed==0.19.8
 GPU_WHEEL_DEPS ?= hjson==3.1.0 pydantic==2.13.4 pydantic-core==2.46.4 annotated-types==0.7.0 \
 	typing-inspection==0.4.2 typing-extensions==4.16.0 simplejpeg==1.8.2
@@ -71,7 +83,7 @@ gpu-check:
 	then echo "installing $(GPU_WHEELS)/ into $(GPU_SITE)"; \
 		$(GPU_PYTHON) -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
 			--target $(GPU_SITE) $(GPU_WHEELS)/*.whl || exit 1; fi
-	$(GPU_CHECK_PATH) $(GPU_PYTHON) benchmarks/gpu_check.py --out $(OUT) $(if $(filter 1 yes true,$(DRY_RUN)),--dry-run)
+	$(GPU_CHECK_PATH) $(GPU_PYTHON) benchmarks/gpu_check.py $(if $(OUT),--out $(OUT)) $(if $(filter 1 yes true,$(DRY_RUN)),--dry-run)
 
 # pytest-benchmark over the kernels (benchmarks/test_bench_kernels.py): BEiT shapes on a GPU, tiny shapes through
 # Triton's interpreter on CPU. Saved under .benchmarks/; `--benchmark-compare` in BENCH_PYTEST_ARGS compares.

@@ -82,6 +82,5 @@ setup(
         "test": ["pytest", "pytest-benchmark", "ruff"],
         "flash": ["flash-attn"],
         "dali": ["nvidia-dali-cuda120>=2.4,<3"],  # --data_backend=dali (CUDA 12; nvidia-dali-cuda130 for CUDA 13)
-        "apex": ["apex"],
     },
 )

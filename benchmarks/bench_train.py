@@ -104,7 +104,8 @@ _deepspeed_optimizer_error: str | None = None  # why DeepSpeed's optimizer could
 def _build_optimizer(cfg: BenchConfig, model, device: torch.device) -> torch.optim.Optimizer:
     """The trainer's optimizer, or torch's fused AdamW (same hyper-parameters) per `cfg.optimizer` (module doc)."""
     global _deepspeed_optimizer_error
-    from engine.train.optim import ADAM_BETAS, ADAM_EPS, build_optimizer, param_groups
+    from engine.param_groups import param_groups
+    from engine.train.optim import ADAM_BETAS, ADAM_EPS, build_optimizer
 
     groups = param_groups(model, 0.05)
     if cfg.optimizer == "deepspeed" or (cfg.optimizer == "auto" and _deepspeed_optimizer_error is None):

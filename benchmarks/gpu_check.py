@@ -46,7 +46,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from benchmarks.gpu_check_summary import read_rows, write_summary  # noqa: E402  (stdlib only, like this file)
 
-DEFAULT_OUT = REPO / "benchmarks" / "results"
+DEFAULT_OUT = REPO / "benchmarks" / "results"  # a GPU run's rows are results, committed on purpose
+DRY_RUN_OUT = REPO / "build" / "gpu-check-dry-run"  # a rehearsal's CPU rows never mix with them (git-ignored)
 KERNEL_TEST_FILES = ["tests/test_kernel_attention.py", "tests/test_kernel_rel_pos_bias.py",
                      "tests/test_kernel_masked_lm_loss.py", "tests/test_kernel_model.py"]
 BENCH_SHAPES = "beit_base_224,beit_large_224"  # N = 197, D = 64, H = 12 / 16
@@ -272,10 +273,11 @@ def failed(outcome: Outcome) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(DEFAULT_OUT), help=f"output directory (default {DEFAULT_OUT})")
+    parser.add_argument("--out", default=None,
+                        help=f"output directory (default {DEFAULT_OUT}; a dry run's: {DRY_RUN_OUT})")
     parser.add_argument("--dry-run", action="store_true", help="CPU rehearsal: every step at tiny shapes")
     args = parser.parse_args(argv)
-    out = Path(args.out).resolve()
+    out = Path(args.out or (DRY_RUN_OUT if args.dry_run else DEFAULT_OUT)).resolve()
     if out.exists() and not out.is_dir():
         parser.exit(2, f"gpu_check: --out {out} is a file, not a directory\n")
     if args.dry_run and shutil.which("nvidia-smi"):  # the scripts would pick their GPU shapes: no rehearsal then

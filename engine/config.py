@@ -169,14 +169,18 @@ def config_to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def format_config(cfg: Any) -> str:
-    return "\n".join(f"  --{path}={getattr(owner, field.name)!r}" for path, (owner, field) in _leaves(cfg).items())
-
-
 @functools.cache
 def field_docs(cls: type) -> dict[str, str]:
     """Field name → its description in the dataclass source: the comment at the end of the field's line, else the
-    comment lines right above it."""
+    comment lines right above it. Fields inherited from a base dataclass keep the base's description."""
+    docs = {}
+    for base in reversed(cls.__mro__[1:]):
+        if dataclasses.is_dataclass(base):
+            docs.update(field_docs(base))
+    return {**docs, **{name: doc for name, doc in _own_field_docs(cls).items() if doc}}
+
+
+def _own_field_docs(cls: type) -> dict[str, str]:
     try:
         source = inspect.getsource(cls)
     except (OSError, TypeError):

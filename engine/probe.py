@@ -186,7 +186,7 @@ def run_probe(cfg: ProbeConfig) -> dict:
         build_loader,
         mean_std,
     )
-    from engine.train.runtime import resolve_device
+    from engine.device import resolve_device
 
     started = time.time()
     device = torch.device(resolve_device(cfg.device))

@@ -1,7 +1,7 @@
 """Ahead-of-time compile check of the project's Triton kernels for sm_80 (A100) and sm_90 (H100/H200), no GPU needed.
 
     python -m kernels.aot [--subset=ci|full] [--arch=80,90] [--head-dims=64,128] [--dtypes=bf16,fp16]
-                          [--kernels=_fwd_kernel,...] [--jobs=N] [--out=benchmarks/results/aot/] [--cache-dir=DIR]
+                          [--kernels=_fwd_kernel,...] [--jobs=N] [--out=build/aot/] [--cache-dir=DIR]
     python -m kernels.aot --check-launchers     # only: does SPECS match what the launchers pass Triton? (seconds)
     python -m kernels.aot --compare A.jsonl B.jsonl   # only: variants usable in one result file and not the other
                                                       # (exit status 1 when there is one)
@@ -21,7 +21,7 @@ the kernel's pruned list that spills. The pruned list is what a kernel module's 
 
 (`kernel` is the kernel's name, e.g. "_bwd_dkdv_kernel"; None = no pruning for that kernel). Without the hook the
 pruned list is the full candidate list, so every candidate config must be spill-free. `--subset=ci` compiles only
-the pruned lists (or, without a hook, `CI_CONFIGS` below) for D=64, bf16; `--subset=full` compiles every candidate.
+the pruned lists (without a hook: every candidate) for D=64, bf16; `--subset=full` compiles every candidate.
 
 Specialisation model: Triton's launcher marks a pointer argument `tt.divisibility=16` when its address is 16-byte
 aligned and an integer when it is a multiple of 16 (1 would become a constant). The spec below uses the realistic
@@ -59,6 +59,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from kernels.rel_pos_attention import block_d, dot_precision
+
 # ---------------------------------------------------------------------------------------------------------------
 # The spec: one row per kernel. Adjust it here when a kernel's signature, launcher meta-parameters or configs change.
 # Argument types (non-constexpr arguments, in the kernel's order):
@@ -77,15 +79,11 @@ _STRIDES = "stride_qb:i32/16 stride_qh:i32/16 stride_qn:i32/16 stride_kb:i32/16 
            "stride_vb:i32/16 stride_vh:i32/16 stride_vn:i32/16"
 
 
-def _block_d(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
-
-
 _ATTENTION_CONSTEXPRS = {
     "HEAD_DIM": lambda v: v.head_dim,
-    "BLOCK_D": lambda v: _block_d(v.head_dim),
+    "BLOCK_D": lambda v: block_d(v.head_dim),
     "HAS_BIAS": lambda v: v.has_bias,
-    "DOT_PRECISION": lambda v: "ieee" if v.dtype == "fp32" else "tf32",
+    "DOT_PRECISION": lambda v: dot_precision(v.dtype == "fp32"),
 }
 
 
@@ -110,7 +108,7 @@ SPECS: dict[str, KernelSpec] = {
     ),
     "_bwd_preprocess_kernel": KernelSpec(
         "kernels.rel_pos_attention", "OUT:*x DO:*x DELTA:*fp32 N:i32",
-        {"HEAD_DIM": lambda v: v.head_dim, "BLOCK_D": lambda v: _block_d(v.head_dim)},
+        {"HEAD_DIM": lambda v: v.head_dim, "BLOCK_D": lambda v: block_d(v.head_dim)},
         fixed={"BLOCK_M": 32}, axes=frozenset({"head_dim"}),
     ),
     "_bwd_dkdv_kernel": KernelSpec(
@@ -145,20 +143,11 @@ SPECS: dict[str, KernelSpec] = {
     ),
 }
 
-# --subset=ci for a kernel whose module has no aot_configs hook (or whose hook fails): two candidates per autotuned
-# kernel (BLOCK_M, BLOCK_N, num_warps, num_stages) that the sweeps found spill-free on sm_80 and sm_90 at D = 64 for
-# every dtype and bias under Triton 3.6 and 3.9, so CI still checks they stay that way.
-CI_CONFIGS: dict[str, list[tuple[int, int, int, int]]] = {
-    "_fwd_kernel": [(128, 64, 8, 3), (64, 64, 4, 3)],
-    "_bwd_dkdv_kernel": [(32, 64, 4, 2), (32, 64, 8, 2)],
-    "_bwd_dq_kernel": [(64, 32, 8, 2), (64, 32, 8, 3)],
-}
-
 # Shared memory one block may use with the opt-in attribute (CUDA programming guide, compute capabilities table).
 SMEM_LIMITS = {80: 166912, 90: 232448}
 ALL_DTYPES = ("bf16", "fp16")
 TABLE_DTYPES = ("same", "fp32")  # the table in the input dtype (pure bf16/fp16), or an fp32 parameter (autocast)
-DEFAULT_OUT = Path("benchmarks/results/aot")
+DEFAULT_OUT = Path("build/aot")  # git-ignored; committed tables are written on purpose (--out=benchmarks/results/aot)
 HOOK_NAME = "aot_configs"
 TASKS_PER_WORKER = 200  # compiles per worker process before a fresh one (memory; ~2% of the time in imports)
 
@@ -249,13 +238,6 @@ def hook_failures(kernels: list[str], archs: list[int], head_dims: list[int]) ->
     return lines
 
 
-def _ci_configs(name: str, candidates: list) -> list:
-    wanted = set(CI_CONFIGS.get(name, []))
-    picked = [c for c in candidates if (c.kwargs.get("BLOCK_M"), c.kwargs.get("BLOCK_N"), c.num_warps,
-                                        c.num_stages) in wanted]
-    return picked or candidates[:1]
-
-
 def _shape_axes(name: str, head_dims: list[int]) -> list[tuple]:
     """(head_dim, has_bias, table dtype choice) combinations the kernel is compiled for."""
     axes = SPECS[name].axes
@@ -279,7 +261,7 @@ def build_variants(kernels: list[str], archs: list[int], dtypes: list[str], head
         for arch in archs:
             for head_dim, has_bias, table in _shape_axes(name, head_dims):
                 pruned = _pruned_configs(name, arch, head_dim)
-                configs = _configs_to_compile(name, candidates, pruned, subset)
+                configs = _configs_to_compile(candidates, pruned, subset)
                 pruned_keys = {_config_key(c) for c in (pruned if pruned is not None else candidates)}
                 candidate_keys = {_config_key(c) for c in candidates}
                 for dtype in kernel_dtypes:
@@ -296,9 +278,9 @@ def build_variants(kernels: list[str], archs: list[int], dtypes: list[str], head
     return variants
 
 
-def _configs_to_compile(name: str, candidates: list, pruned: list | None, subset: str) -> list:
+def _configs_to_compile(candidates: list, pruned: list | None, subset: str) -> list:
     if subset == "ci":
-        return pruned if pruned else _ci_configs(name, candidates)
+        return pruned if pruned else candidates  # without a hook every candidate is tuned over, so checked
     extra = [c for c in (pruned or []) if _config_key(c) not in {_config_key(k) for k in candidates}]
     return candidates + extra
 

@@ -113,6 +113,9 @@ def _chunk_rows(total_rows: int, vocab: int, channels: int) -> int:
     return min(total_rows, triton.next_power_of_2(triton.cdiv(total_rows, triton.cdiv(vocab, channels))))
 
 
+# The launcher is a torch.library custom op: opaque to torch.compile (the fake kernel gives shapes), differentiated by
+# MaskedLMLossFunction below.
+@torch.library.custom_op("kernels::masked_lm_loss_fwd", mutates_args=())
 def masked_lm_loss_forward(
     hidden: torch.Tensor,
     bool_masked_pos: torch.Tensor,
@@ -160,19 +163,7 @@ def masked_lm_loss_forward(
     return loss_rows.sum() / denominator, correct_rows.sum() / denominator, grad_hidden, grad_weight, grad_bias
 
 
-@torch.library.custom_op("kernels::masked_lm_loss_fwd", mutates_args=())
-def _fwd_op(
-    hidden: torch.Tensor,
-    bool_masked_pos: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    labels: torch.Tensor,
-    max_masked: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return masked_lm_loss_forward(hidden, bool_masked_pos, weight, bias, labels, max_masked)
-
-
-@_fwd_op.register_fake
+@masked_lm_loss_forward.register_fake
 def _fwd_fake(hidden, bool_masked_pos, weight, bias, labels, max_masked=None):
     scalar = hidden.new_empty((), dtype=torch.float32)
     grad_bias = hidden.new_empty((weight.shape[0] if bias is not None else 0,), dtype=torch.float32)
@@ -185,9 +176,8 @@ class MaskedLMLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, bool_masked_pos, weight, bias, labels, max_masked=None):
-        loss, accuracy, grad_hidden, grad_weight, grad_bias = torch.ops.kernels.masked_lm_loss_fwd(
-            hidden, bool_masked_pos, weight, bias, labels, max_masked
-        )
+        loss, accuracy, grad_hidden, grad_weight, grad_bias = masked_lm_loss_forward(hidden, bool_masked_pos, weight,
+                                                                                     bias, labels, max_masked)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.weight_dtype = weight.dtype
         ctx.bias_dtype = bias.dtype if bias is not None else None

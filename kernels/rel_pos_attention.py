@@ -77,8 +77,14 @@ def rel_pos_attention_ref(
     return (attn.to(v.dtype) @ v).to(dtype_in)
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"  # tf32 is ignored for half inputs
+def dot_precision(is_fp32: bool) -> str:
+    """The kernels' `DOT_PRECISION`: exact fp32 products for fp32 inputs (tf32 is ignored for half inputs)."""
+    return "ieee" if is_fp32 else "tf32"
+
+
+def block_d(head_dim: int) -> int:
+    """The kernels' `BLOCK_D`: the head dim padded to a power of two of at least 16 (tl.dot's smallest K)."""
+    return max(16, triton.next_power_of_2(head_dim))
 
 
 def _config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
@@ -390,16 +396,15 @@ def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _block_d(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
-
-
 def _gathered_bias(bias_table: torch.Tensor | None, rel_index: torch.Tensor | None, like: torch.Tensor
                    ) -> torch.Tensor:
     """`[H, N, N]` bias in the table's dtype (Triton gather), or `like` as a dummy pointer when there is no table."""
     return rel_pos_bias_forward(bias_table, rel_index) if bias_table is not None else like
 
 
+# The launchers are torch.library custom ops: opaque to torch.compile (the fake kernels give shapes), differentiated by
+# RelPosAttentionFunction below.
+@torch.library.custom_op("kernels::rel_pos_attention_fwd", mutates_args=())
 def rel_pos_attention_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -418,8 +423,8 @@ def rel_pos_attention_forward(
     grid = lambda meta: (triton.cdiv(tokens, meta["BLOCK_M"]), batch * heads)  # noqa: E731
     kernel[grid](
         q, k, v, bias, out, lse, *_strides(q), *_strides(k), *_strides(v), heads, tokens, scale * LOG2E,
-        HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), HAS_BIAS=bias_table is not None,
-        DOT_PRECISION=_dot_precision(q.dtype), **blocks,
+        HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), HAS_BIAS=bias_table is not None,
+        DOT_PRECISION=dot_precision(q.dtype == torch.float32), **blocks,
     )
     return out, lse
 
@@ -445,6 +450,7 @@ def batch_groups(batch: int, heads: int, tokens: int, sm_count: int) -> int:
     return max(1, min(batch, triton.cdiv(2 * sm_count, query_blocks * heads)))
 
 
+@torch.library.custom_op("kernels::rel_pos_attention_bwd", mutates_args=())
 def rel_pos_attention_backward(
     grad_out: torch.Tensor,
     q: torch.Tensor,
@@ -463,17 +469,18 @@ def rel_pos_attention_backward(
     q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
     batch, heads, tokens, head_dim = q.shape
     grad_out = grad_out.contiguous()
-    block_d = _block_d(head_dim)
+    padded_d = block_d(head_dim)
     delta = torch.empty(batch * heads, tokens, device=q.device, dtype=torch.float32)
     _bwd_preprocess_kernel[(triton.cdiv(tokens, 32), batch * heads)](
-        out, grad_out, delta, tokens, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=32
+        out, grad_out, delta, tokens, HEAD_DIM=head_dim, BLOCK_D=padded_d, BLOCK_M=32
     )
     dq, dk, dv = (torch.empty(batch, heads, tokens, head_dim, device=q.device, dtype=q.dtype) for _ in range(3))
     has_bias = bias_table is not None
     bias = _gathered_bias(bias_table, rel_index, q)
     groups = batch_groups(batch, heads, tokens, device_sm_count(q.device)) if has_bias else batch
     dbias = torch.empty((groups, heads, tokens, tokens) if has_bias else (1,), device=q.device, dtype=torch.float32)
-    common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, HAS_BIAS=has_bias, DOT_PRECISION=_dot_precision(q.dtype))
+    common = dict(HEAD_DIM=head_dim, BLOCK_D=padded_d, HAS_BIAS=has_bias,
+                  DOT_PRECISION=dot_precision(q.dtype == torch.float32))
     strides = (*_strides(q), *_strides(k), *_strides(v))
 
     kernel, blocks = _pick(_bwd_dkdv_kernel, _bwd_dkdv_kernel_tuned, q.device)
@@ -493,47 +500,16 @@ def rel_pos_attention_backward(
     return dq, dk, dv, table_grad_from_dense(dbias.sum(dim=0), plan)  # [G, H, N, N] → [H, N, N] → [R, H]
 
 
-# torch.library custom ops: opaque to torch.compile (fake kernels give shapes), differentiated by the Function below.
-@torch.library.custom_op("kernels::rel_pos_attention_fwd", mutates_args=())
-def _fwd_op(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    bias_table: torch.Tensor | None,
-    rel_index: torch.Tensor | None,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return rel_pos_attention_forward(q, k, v, bias_table, rel_index, scale)
-
-
-@_fwd_op.register_fake
-def _fwd_fake(q, k, v, bias_table, rel_index, scale):
+@rel_pos_attention_forward.register_fake
+def _fwd_fake(q, k, v, *_):
     batch, heads, tokens, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((batch * heads, tokens), dtype=torch.float32)
 
 
-@torch.library.custom_op("kernels::rel_pos_attention_bwd", mutates_args=())
-def _bwd_op(
-    grad_out: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    bias_table: torch.Tensor | None,
-    rel_index: torch.Tensor | None,
-    plan_order: torch.Tensor | None,
-    plan_offsets: torch.Tensor | None,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return rel_pos_attention_backward(grad_out, q, k, v, out, lse, bias_table, rel_index, plan_order, plan_offsets,
-                                      scale)
-
-
-@_bwd_op.register_fake
-def _bwd_fake(grad_out, q, k, v, out, lse, bias_table, rel_index, plan_order, plan_offsets, scale):
-    table_shape = (bias_table.shape[0] if bias_table is not None else 0, q.shape[1])
-    dtable = q.new_empty(table_shape, dtype=torch.float32)
+@rel_pos_attention_backward.register_fake
+def _bwd_fake(grad_out, q, *args):
+    bias_table = args[4]  # after k, v, out, lse
+    dtable = q.new_empty((bias_table.shape[0] if bias_table is not None else 0, q.shape[1]), dtype=torch.float32)
     return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape), dtable
 
 
@@ -543,7 +519,7 @@ class RelPosAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, bias_table, rel_index, plan_order, plan_offsets, scale: float):
-        out, lse = torch.ops.kernels.rel_pos_attention_fwd(q, k, v, bias_table, rel_index, scale)
+        out, lse = rel_pos_attention_forward(q, k, v, bias_table, rel_index, scale)
         ctx.save_for_backward(q, k, v, out, lse, bias_table, rel_index, plan_order, plan_offsets)
         ctx.scale = scale
         return out
@@ -551,9 +527,8 @@ class RelPosAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, lse, bias_table, rel_index, plan_order, plan_offsets = ctx.saved_tensors
-        dq, dk, dv, dtable = torch.ops.kernels.rel_pos_attention_bwd(
-            grad_out, q, k, v, out, lse, bias_table, rel_index, plan_order, plan_offsets, ctx.scale
-        )
+        dq, dk, dv, dtable = rel_pos_attention_backward(grad_out, q, k, v, out, lse, bias_table, rel_index,
+                                                        plan_order, plan_offsets, ctx.scale)
         dtable = dtable.to(bias_table.dtype) if bias_table is not None else None
         return dq, dk, dv, dtable, None, None, None, None
 

@@ -34,7 +34,6 @@ import pretrain_demo  # noqa: E402
 
 from engine.config import parse_overrides  # noqa: E402
 from engine.probe import ProbeConfig, run_probe, summary_line  # noqa: E402
-from engine.tokenizer import read_tokenizer_config  # noqa: E402
 from engine.train.finetune import run_finetuning  # noqa: E402
 from engine.train.metrics import read_metrics  # noqa: E402
 from engine.train.pretrain import run_pretraining  # noqa: E402
@@ -241,7 +240,6 @@ def main(argv: list[str]) -> dict:
     # runs before the tokenizer cache kept theirs in the pretraining output dir
     pre.data.tokenizer = tokenizer_metrics.get("tokenizer_dir",
                                                str(output_dir / "pretrain" / "tokenizer_run" / "tokenizer"))
-    pre.data.second_input_size = read_tokenizer_config(pre.data.tokenizer)["input_size"]
     pretraining = stages.run("pretraining", lambda: _pretrain(pre))
     probe_cfg = ProbeConfig(checkpoint=pretraining["export_dir"], data_path=cfg.data_path, device=cfg.device,
                             imagenet_mean_std=pre.data.imagenet_mean_std, init_seed=pre.run.seed,

@@ -24,12 +24,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from engine.config import config_errors_exit, exit_with_error, parse_overrides  # noqa: E402
 from engine.train.pretrain import run_pretraining  # noqa: E402
-from engine.train.settings import ModelSettings, OptimSettings, PretrainConfig, PretrainData, RunSettings  # noqa: E402
+from engine.train.settings import (  # noqa: E402
+    OptimSettings,
+    PretrainConfig,
+    PretrainData,
+    PretrainModelSettings,
+    RunSettings,
+)
 
 
 def config() -> PretrainConfig:
     return PretrainConfig(
-        model=ModelSettings(model="beit_base_patch16_224_8k_vocab", input_size=224, drop_path=0.1,
+        model=PretrainModelSettings(model="beit_base_patch16_224_8k_vocab", input_size=224, drop_path=0.1,
                             layer_scale_init_value=0.1, use_shared_rel_pos_bias=True,
                             attn_impl="triton" if torch.cuda.is_available() else "sdpa",
                             mlm_loss="auto"),

@@ -31,7 +31,13 @@ from engine.probe import ProbeConfig, run_probe, summary_line  # noqa: E402
 from engine.tokenizer import read_tokenizer_config  # noqa: E402
 from engine.train import validation  # noqa: E402
 from engine.train.pretrain import run_pretraining  # noqa: E402
-from engine.train.settings import ModelSettings, OptimSettings, PretrainConfig, PretrainData, RunSettings  # noqa: E402
+from engine.train.settings import (  # noqa: E402
+    OptimSettings,
+    PretrainConfig,
+    PretrainData,
+    PretrainModelSettings,
+    RunSettings,
+)
 
 
 @dataclass
@@ -45,16 +51,24 @@ class DemoConfig(PretrainConfig):
     # At the end, a linear probe and k-NN of the exported weights next to a random init (recipes/linear_probe.py).
     probe: bool = True
 
+    prepares_tokenizer = True
+
     def validate(self) -> None:
         super().validate()
         validation.at_least("tokenizer_steps", self.tokenizer_steps, 1, optional=True)
         if not self.data.tokenizer:  # the tokenizer trains first: the data must hold one global batch before that
             validation.check_dataset_size(self.data.data_path, self.run)
 
+    def prepare(self) -> None:
+        """Before the run (engine/train/resolve.py): the cached demo tokenizer when none is given, and the tokenizer
+        view at the size that tokenizer was trained at."""
+        ensure_tokenizer(self)
+        self.data.second_input_size = read_tokenizer_config(self.data.tokenizer)["input_size"]
+
 
 def config() -> DemoConfig:
     return DemoConfig(
-        model=ModelSettings(model="beit_mini_patch4_28_256_vocab", input_size=28, drop_path=0.0,
+        model=PretrainModelSettings(model="beit_mini_patch4_28_256_vocab", input_size=28, drop_path=0.0,
                             layer_scale_init_value=0.1, attn_impl="sdpa",
                             mlm_loss="auto"),
         data=PretrainData(data_path="embedded:fashion_mnist", tokenizer="", second_input_size=14,
@@ -111,8 +125,6 @@ if __name__ == "__main__":
     started = time.time()
     cfg = parse_overrides(config(), sys.argv[1:])
     with config_errors_exit():
-        ensure_tokenizer(cfg)
-        cfg.data.second_input_size = read_tokenizer_config(cfg.data.tokenizer)["input_size"]  # its training view
         summary = run_pretraining(cfg)
     if summary.get("first"):
         probe = None

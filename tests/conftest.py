@@ -28,16 +28,20 @@ def _seed():
     torch.manual_seed(0)
 
 
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    """A randomly initialised 14 px → 7×7 tokenizer (vocab 64), as the demo's: labels without training one."""
+def save_random_tokenizer(out):
+    """A randomly initialised 14 px → 7×7 tokenizer (vocab 64, seed 0), as the demo's: labels without training
+    one. The same weights on every call."""
     from engine.tokenizer import save_tokenizer
     from engine.tokenizer.dalle import DalleEncoder
 
     torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("tokenizer")
     save_tokenizer(out, DalleEncoder(group_count=2, n_hid=16, n_blk_per_group=1, vocab_size=64), input_size=14)
     return out
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    return save_random_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import triton.backends.nvidia.compiler as nvidia_compiler
 from conftest import SUBPROCESS_ENV
 
@@ -14,6 +15,7 @@ from kernels import aot
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_compiles_a_kernel_for_sm90_without_a_gpu(tmp_path):
     # A subprocess: the test session runs Triton's interpreter (TRITON_INTERPRET=1), which has nothing to compile.
     command = [sys.executable, "-m", "kernels.aot", "--kernels=_bwd_preprocess_kernel", "--arch=90", "--jobs=1",
@@ -38,6 +40,7 @@ def test_spec_matches_the_kernels():
         aot.check_spec(name, aot._kernel_function(name))
 
 
+@pytest.mark.slow
 def test_spec_matches_what_the_launchers_pass():
     command = [sys.executable, "-m", "kernels.aot", "--check-launchers"]
     result = subprocess.run(command, cwd=ROOT, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)

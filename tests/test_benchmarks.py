@@ -50,6 +50,7 @@ def test_masking_benchmark_writes_rows(tmp_path, monkeypatch):
     assert {row["backend"] for row in rows} >= {"python"} and all(row["masks_per_s"] > 0 for row in rows)
 
 
+@pytest.mark.slow
 def test_pytest_benchmark_suite_saves_json_that_compare_reads(tmp_path):
     """`pytest benchmarks --benchmark-only` (benchmarks/test_bench_kernels.py): every kernel benchmark runs on CPU
     (ours through the interpreter) and its JSON has one entry per benchmark, which `pytest-benchmark compare` reads."""

@@ -140,6 +140,7 @@ def test_a_live_run_holds_its_output_dir_and_a_dead_one_is_taken_over(tmp_path):
 
 # --- the watchdog ---
 
+@pytest.mark.slow
 def test_the_watchdog_ends_a_stalled_rank_naming_the_silent_one(tmp_path):
     """Rank 0 of a 2-rank job whose rank 1 never beats: exit 3 within the timeout plus one interval, naming both."""
     script = (
@@ -160,7 +161,7 @@ def test_the_watchdog_ends_a_stalled_rank_naming_the_silent_one(tmp_path):
 
 
 def test_a_stop_ends_an_evaluation_on_every_rank_at_the_same_batch():
-    from engine.train.guards import EvaluationStopped, StopSignal
+    from engine.stop_signal import EvaluationStopped, StopSignal
 
     stop = StopSignal()
     try:

@@ -77,6 +77,7 @@ def test_pixels_match_the_pil_backend_in_distribution(photo_folder):
     assert (pil_mean - dali_mean).abs().max() < 0.01 and (pil_std - dali_std).abs().max() < 0.01
 
 
+@pytest.mark.slow
 def test_deterministic_and_resumes_exactly(photo_folder):
     _, ours = _loaders(photo_folder, workers=2)
     first = epoch_batches(ours, 1)

@@ -136,6 +136,7 @@ def test_crop_box_distribution_is_torchvisions():
     assert np.abs(area[0] - area[1]).max() < 0.02 and np.abs(aspect[0] - aspect[1]).max() < 0.02
 
 
+@pytest.mark.slow
 def test_pretrain_views_match_the_official_pipeline(photos):
     transform = PretrainTransform()
     ours = [_engine_pretrain(transform, photos[i % len(photos)], random.Random(i)) for i in range(SAMPLES)]
@@ -148,6 +149,7 @@ def test_pretrain_views_match_the_official_pipeline(photos):
         assert stats["mean_shift"] < 0.05 and stats["std_shift"] < 0.25
 
 
+@pytest.mark.slow
 def test_jitter_moments_over_thousands_of_draws(photos):
     """3,000 draws on small images (so the official full-image jitter stays cheap): the per-channel mean and standard
     deviation of both views move by less than half a grey level."""

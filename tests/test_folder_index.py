@@ -41,6 +41,7 @@ def _image_opens(events, root) -> list[str]:
             and folder_index.INDEX_DIR not in path]
 
 
+@pytest.mark.slow
 def test_fifty_thousand_files_zero_opens_on_first_and_second_build(tmp_path):
     root = tmp_path / "train"
     for label in range(100):

@@ -26,9 +26,9 @@ def read_rows(path: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
+    """One dry run shared by the tests below: (output directory, completed process, seconds)."""
     if shutil.which("nvidia-smi"):
         pytest.skip("a dry run rehearses on a machine without a GPU")
-    """One dry run shared by the tests below: (output directory, completed process, seconds)."""
     out = tmp_path_factory.mktemp("gpu_check")
     start = time.monotonic()
     proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--out", str(out), "--dry-run"], cwd=REPO,
@@ -36,6 +36,7 @@ def dry_run(tmp_path_factory):
     return out, proc, time.monotonic() - start
 
 
+@pytest.mark.slow
 def test_dry_run_passes_every_step_within_its_budget(dry_run):
     out, proc, seconds = dry_run
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
@@ -129,3 +130,13 @@ def test_make_gpu_check_runs_the_script_without_install(dry):
     commands = subprocess.run(args, cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert "benchmarks/gpu_check.py --out some/dir" + (" --dry-run" if dry else "") in commands
     assert "--no-index --no-deps" in commands and "pip install -e" not in commands
+
+
+def test_rehearsals_write_outside_the_committed_results():
+    """A dry run's CPU rows and the AOT check's tables land in git-ignored folders unless --out says otherwise:
+    benchmarks/results/ holds results committed on purpose."""
+    from kernels import aot
+
+    for path in (gpu_check.DRY_RUN_OUT, REPO / aot.DEFAULT_OUT):
+        assert not path.resolve().is_relative_to(REPO / "benchmarks" / "results")
+        assert subprocess.run(["git", "check-ignore", "-q", str(path)], cwd=REPO).returncode == 0, path

@@ -1,8 +1,11 @@
 """rel_pos_attention: outputs and q/k/v/table gradients against the float64 reference.
 
 Tolerances follow flash-attn: the kernel's error against float64 must stay within 2× (forward) / 3× (gradients) of
-PyTorch's own error at the same precision, with floors of 1e-5 (fp32) and 2e-2 (half). CPU runs go through Triton's
-interpreter at small shapes (fp32/fp16: the interpreter mis-computes bf16 dots); CUDA runs add full shapes and bf16.
+PyTorch's own error at the same precision, plus a floor of a few units in the last place at the output's scale
+(`FLOOR_ULPS`: 8 for fp32, where PyTorch can be exact and the kernel's summation order is not; 1 for half, so the
+floor cannot hide a regression: at the CPU shapes the fp16 kernel errs ~1e-3 where PyTorch errs ~2-4e-3). CPU runs
+go through Triton's interpreter at small shapes (fp32/fp16: the interpreter mis-computes bf16 dots); CUDA runs add
+full shapes and bf16.
 """
 
 import importlib
@@ -25,7 +28,7 @@ def cuda_only(test):
     return pytest.mark.cuda(pytest.mark.skipif(not CUDA, reason="needs a CUDA device")(test))
 
 
-FLOOR = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+FLOOR_ULPS = {torch.float32: 8, torch.float16: 1, torch.bfloat16: 1}
 
 
 def make_case(batch, heads, tokens, head_dim, dtype, index_kind="random", grid=None):
@@ -61,7 +64,7 @@ def check_against_reference(q, k, v, table, index):
     leaves_low = [t.detach().clone().requires_grad_() if t is not None else None for t in (q, k, v, table)]
     out_low, grads_low = attention_and_grads(rel_pos_attention_ref, *leaves_low, index, grad_out,
                                              upcast=False, reorder_ops=True)
-    floor = FLOOR[q.dtype]
+    floor = FLOOR_ULPS[q.dtype] * torch.finfo(q.dtype).eps * out64.abs().max().item()
     assert max_error(out, out64) <= 2 * max_error(out_low, out64) + floor, "forward"
     names = ["dq", "dk", "dv", "dtable"]
     for name, grad, grad64, grad_low in zip(names, grads, grads64, grads_low):
@@ -78,6 +81,7 @@ def test_matches_reference_random_index(batch, heads, tokens, head_dim, dtype):
     check_against_reference(*make_case(batch, heads, tokens, head_dim, dtype))
 
 
+@pytest.mark.slow
 def test_matches_reference_beit_index_n197():
     check_against_reference(*make_case(1, 2, 0, 32, torch.float32, "beit", grid=(14, 14)))
 
@@ -212,6 +216,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow
 def test_offsets_beyond_int32_address_the_right_elements():
     """q/k/v whose last batch starts 2³¹ elements in (a strided view of a mostly untouched 4 GB buffer): 32-bit
     offsets would wrap and read the wrong memory. In a subprocess, so that a wrap cannot crash the test session."""

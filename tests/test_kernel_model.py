@@ -34,6 +34,7 @@ def train_losses(attn_impl: str, state: dict, images, mask, labels, optimizer_na
     return losses
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer_name", ["sgd", "adamw"])
 def test_triton_and_eager_train_alike(optimizer_name):
     reference = tiny_beit("eager")

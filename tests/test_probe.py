@@ -78,11 +78,12 @@ def test_run_probe_writes_json_and_summary(tiny_checkpoint, quadrant_data, tmp_p
     assert "linear probe" in line and "k-NN" in line and "\n" not in line
 
 
+@pytest.mark.slow
 def test_probe_recipe_errors_are_one_line(tmp_path):
     missing = subprocess.run([sys.executable, str(ROOT / "recipes" / "linear_probe.py"),
                               f"--checkpoint={tmp_path / 'nope'}"], capture_output=True, text=True)
-    assert missing.returncode != 0 and "does not exist" in missing.stderr
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
     assert "Traceback" not in missing.stderr
     bad_key = subprocess.run([sys.executable, str(ROOT / "recipes" / "linear_probe.py"), "--knn=3"],
                              capture_output=True, text=True)
-    assert bad_key.returncode != 0 and "knn" in bad_key.stderr and "Traceback" not in bad_key.stderr
+    assert bad_key.returncode == 2 and "knn" in bad_key.stderr and "Traceback" not in bad_key.stderr

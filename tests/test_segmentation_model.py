@@ -52,6 +52,7 @@ class PixelModel(torch.nn.Module):
 # ------------------------------------------------------------------------------------- shapes of the real sizes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, width, size", [("beit_base_patch16_224", 768, 512), ("beit_base_patch16_224", 768, 640),
                                                ("beit_large_patch16_224", 1024, 512),
                                                ("beit_large_patch16_224", 1024, 640)])

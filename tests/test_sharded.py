@@ -12,10 +12,10 @@ from torch.utils.data import Dataset
 
 from engine.data.loader import build_loader
 from engine.factory import create_model
+from engine.param_groups import param_groups
 from engine.segmentation.model import create_segmenter
 from engine.sharded import full_shape, gathered, is_partitioned
 from engine.train.deepspeed_config import bucket_elements, build_deepspeed_config
-from engine.train.optim import param_groups
 from engine.train.runtime import init_distributed
 from engine.train.settings import OptimSettings, RunSettings
 

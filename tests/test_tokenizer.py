@@ -324,7 +324,7 @@ def test_train_tokenizer_on_a_flat_image_folder(tmp_path):
 
 
 def test_comparison_grid_layout(tmp_path):
-    """Finding 8: reconstructions.png had no labels. Now a header row names original / reconstruction / tokens."""
+    """reconstructions.png is labelled: a header row names original / reconstruction / tokens."""
     from PIL import Image
 
     save_comparison_grid(torch.zeros(16, 3, 4, 4), torch.ones(16, 3, 4, 4), tmp_path / "g.png", columns=4, scale=1)
@@ -464,6 +464,7 @@ def test_tokenizer_cache_key_follows_the_data(tmp_path):
     assert cache_key(cfg) != key  # an added image is new data
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_process_group_during_tokenizer_training_then_rerun_continues_exactly(tmp_path):
     """Issue 12: a signal during tokenizer training (a scheduler's SIGTERM to the whole group) loses at most the
     current step: the state is saved, the run exits with one line, and a rerun ends with the same tokenizer as a run

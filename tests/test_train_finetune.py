@@ -35,6 +35,7 @@ def run(output_dir: Path, *extra: str) -> dict:
     return run_finetuning(apply_overrides(config(), [*TINY, f"--output_dir={output_dir}", *extra]))
 
 
+@pytest.mark.slow
 def test_finetune_from_pretrained_with_mixup_and_ema(pretrained_dir, tmp_path):
     summary = run(tmp_path, f"--finetune={pretrained_dir}", "--model_ema=true", "--model_ema_decay=0.5")
     evals = summary["evals"]
@@ -48,6 +49,7 @@ def test_finetune_from_pretrained_with_mixup_and_ema(pretrained_dir, tmp_path):
         pretrained["rel_pos_bias.relative_position_bias_table"].shape
 
 
+@pytest.mark.slow
 def test_finetune_resume_is_exact(pretrained_dir, tmp_path):
     reference = tmp_path / "reference"
     run(reference, f"--finetune={pretrained_dir}")
@@ -81,8 +83,9 @@ def test_compiled_finetuning_saves_a_best_checkpoint_that_loads(pretrained_dir, 
         assert model.config["depth"] == 2
 
 
+@pytest.mark.slow
 def test_first_ctrl_c_stops_the_whole_finetune_demo_and_a_rerun_finishes_both_arms(pretrained_dir, tmp_path):
-    """Finding 2: the first Ctrl-C stopped only the pretrained arm, the scratch arm started, and stopping that ended
+    """Once: the first Ctrl-C stopped only the pretrained arm, the scratch arm started, and stopping that ended
     in `KeyError: 'evals'`. Now the first SIGINT (to the whole process group, as a terminal sends it) saves and stops
     the demo; a rerun resumes the stopped arm and then runs the other."""
     import os
@@ -110,6 +113,7 @@ def test_first_ctrl_c_stops_the_whole_finetune_demo_and_a_rerun_finishes_both_ar
     assert "resumed from" in rerun.stderr and "pretrained: top-1" in rerun.stdout and "scratch: top-1" in rerun.stdout
 
 
+@pytest.mark.slow
 def test_zero3_finetuning_starts_from_the_pretrained_weights_and_saves_best_and_final(pretrained_dir, tmp_path):
     """At ZeRO-3 the model is built partitioned (deepspeed.zero.Init); --finetune is loaded into it gathered."""
     run(tmp_path, f"--finetune={pretrained_dir}", "--zero_stage=3")
@@ -134,6 +138,7 @@ def _train_only_folder(root: Path) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_finetuning_without_an_evaluation_split(tmp_path):
     """--disable_eval_during_finetuning (ImageNet-22k intermediate fine-tuning): no val/ needed, no evaluation, final/
     and no best/; without the flag, a missing split is one clear error naming the flag."""

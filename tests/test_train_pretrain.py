@@ -101,6 +101,7 @@ def test_resume_is_exact(tokenizer_dir, reference_run, tmp_path):
     assert losses(tmp_path) == losses(reference_run)
 
 
+@pytest.mark.slow
 def test_resume_with_other_batch_is_a_clear_error(tokenizer_dir, reference_run, tmp_path):
     run_in_process(tokenizer_dir, tmp_path, "--max_steps=1", "--save_every=1")
     with pytest.raises(ValueError, match="global batch=16"):
@@ -184,6 +185,7 @@ def test_resume_with_another_masking_backend_is_a_clear_error():
         check_mask_backend({"mask_backend": "native"}, "python")
 
 
+@pytest.mark.slow
 def test_bf16_stage0_export_takes_the_fp32_master_weights(tokenizer_dir, tmp_path):
     """Under bf16 ZeRO-0 the module holds a bf16 copy; the export must be the optimizer's fp32 masters."""
     import torch

@@ -8,10 +8,10 @@ import torch
 
 from engine.config import ConfigError, apply_overrides
 from engine.factory import create_model
+from engine.param_groups import layer_id_for_vit, param_groups
 from engine.train.deepspeed_config import build_deepspeed_config
 from engine.train.flops import train_flops_per_image
 from engine.train.loop import resolve_lr
-from engine.train.optim import layer_id_for_vit, param_groups
 from engine.train.schedules import Schedules, apply_schedules, cosine_scheduler
 from engine.train.settings import OptimSettings, PretrainConfig, RunSettings
 

@@ -45,6 +45,7 @@ def run(data_dir: Path, output_dir: Path, *extra: str) -> dict:
                                                        f"--output_dir={output_dir}", *extra]))
 
 
+@pytest.mark.slow
 def test_segmentation_resume_is_exact(data_dir, pretrained_dir, tmp_path):
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
     summary = run(data_dir, reference, f"--finetune={pretrained_dir}")
@@ -80,6 +81,7 @@ def test_segment_recipe_tiny_cpu_run(data_dir, tmp_path):
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "ADE20K-format folder" in bad.stderr
 
 
+@pytest.mark.slow
 def test_zero3_segmentation_starts_from_the_pretrained_encoder_and_saves_best_and_final(data_dir, pretrained_dir,
                                                                                       tmp_path):
     """At ZeRO-3 the segmenter is built partitioned; the 20 px checkpoint is resized into its gathered encoder."""

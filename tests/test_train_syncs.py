@@ -41,6 +41,7 @@ def test_pretraining_steps_do_not_sync(tokenizer_dir, tmp_path, monkeypatch):
     _check(counter)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [["--mixup=0.8", "--cutmix=1.0", "--model_ema=true"], ["--mixup=0", "--cutmix=0"]])
 def test_finetuning_steps_do_not_sync(tmp_path, monkeypatch, extra):
     from finetune_demo import config

@@ -1,5 +1,5 @@
 """Bad config values are caught when the command line is parsed: one line on stderr, exit status 2, nothing started;
-`--help` documents every key; `precision=auto` resolves per device."""
+`--help` documents every key; what `auto` stands for is resolved once, per device (engine/train/resolve.py)."""
 
 import logging
 import subprocess
@@ -7,19 +7,26 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import SUBPROCESS_ENV
 from PIL import Image
 
 from engine.config import _leaves, field_docs, format_help, parse_overrides
-from engine.train import validation
+from engine.train import resolve, validation
 from engine.train.settings import FinetuneConfig, PretrainConfig, RunSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def pretrain_config() -> PretrainConfig:
+@pytest.fixture
+def pretrain_config(tokenizer_dir):
+    """A factory of small pretraining configs that pass validation."""
+    return lambda: _pretrain_config(tokenizer_dir)
+
+
+def _pretrain_config(tokenizer_dir) -> PretrainConfig:
     cfg = PretrainConfig()
-    cfg.model.model, cfg.model.input_size = "beit_mini_patch4_28_256_vocab", 28
+    cfg.model.model, cfg.model.input_size, cfg.data.tokenizer = "beit_mini_patch4_28_256_vocab", 28, str(tokenizer_dir)
     cfg.data.data_path, cfg.data.num_mask_patches, cfg.data.min_mask_patches = "embedded:fashion_mnist", 20, 4
     return cfg
 
@@ -55,11 +62,12 @@ BAD_PRETRAIN = [
     ("--min_crop_scale=0", "--min_crop_scale=0.0: must be in (0, 1]"),
     ("--num_workers=-1", "--num_workers=-1: must be >= 0"),
     ("--output_dir=", "--output_dir=: must name a directory"),
+    ("--tokenizer=", "--tokenizer=: required: a tokenizer directory"),
 ]
 
 
 @pytest.mark.parametrize("args, message", BAD_PRETRAIN)
-def test_bad_pretrain_values_exit_2_with_one_line(args, message, capsys):
+def test_bad_pretrain_values_exit_2_with_one_line(args, message, pretrain_config, capsys):
     if message is None:
         parse_overrides(pretrain_config(), args.split())
         return
@@ -79,6 +87,7 @@ def test_bad_pretrain_values_exit_2_with_one_line(args, message, capsys):
     ("--model_ema_decay=1", "--model_ema_decay=1.0: must be in (0, 1)"),
     ("--eval_every=0", "--eval_every=0: must be >= 1"),
     ("--crop_pct=0", "--crop_pct=0.0: must be in (0, 1]"),
+    ("--model_ema=true --zero_stage=3", "--model_ema=True: needs --zero_stage=0, 1 or 2"),
 ])
 def test_bad_finetune_values_exit_2_with_one_line(args, message, capsys):
     with pytest.raises(SystemExit) as stop:
@@ -94,15 +103,16 @@ def run_recipe(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_recipe_rejects_a_bad_value_before_any_work():
-    """Finding: `--run.batch_size=-5` used to be accepted and fail after minutes of tokenizer training."""
+    """`--run.batch_size=-5` was once accepted and fail after minutes of tokenizer training."""
     proc = run_recipe("recipes/pretrain_demo.py", "--run.batch_size=-5")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == "error: --batch_size=-5: must be >= 1"
     assert "Traceback" not in proc.stderr and "tokenizer" not in proc.stdout
 
 
+@pytest.mark.slow
 def test_dataset_smaller_than_one_batch_and_empty_folder(tmp_path):
-    """Findings: a dataset smaller than one batch, and a folder with no readable image, ended in a traceback."""
+    """A dataset smaller than one batch, and a folder with no readable image, end in one line (once: tracebacks)."""
     small = tmp_path / "small"
     small.mkdir()
     for i in range(3):
@@ -119,8 +129,9 @@ def test_dataset_smaller_than_one_batch_and_empty_folder(tmp_path):
     assert "no readable image files" in proc.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_cpu_smoke_of_the_large_recipe_names_the_batch_layout(tokenizer_dir, tmp_path):
-    """Finding 11: a CPU smoke run of pretrain_large (global batch 2048 at --batch_size=4 on 1 rank) ended in a
+    """A CPU smoke run of pretrain_large (global batch 2048 at --batch_size=4 on 1 rank) ended in a
     `[rank0]` traceback. Now: one line naming the keys to change, exit 2."""
     folder = tmp_path / "imgs"
     folder.mkdir()
@@ -131,28 +142,24 @@ def test_cpu_smoke_of_the_large_recipe_names_the_batch_layout(tokenizer_dir, tmp
                       "--num_mask_patches=20", "--min_mask_patches=4", f"--output_dir={tmp_path / 'run'}",
                       "--num_workers=0")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert "accelerator" not in proc.stderr  # finding 7: no "unable to detect a GPU" message on a CPU machine
+    assert "accelerator" not in proc.stderr  # no "unable to detect a GPU" message on a CPU machine
     assert proc.stderr.strip().splitlines()[-1] == (
         "error: one epoch holds 2 micro-batches of 4 per rank, fewer than grad_accum=512: lower --batch_size, "
         "--grad_accum or --global_batch")
 
 
-def test_a_folder_that_is_not_a_tokenizer_is_rejected_when_parsed(tmp_path, capsys):
+def test_a_folder_that_is_not_a_tokenizer_is_rejected_when_parsed(tmp_path, pretrain_config, capsys):
     with pytest.raises(SystemExit) as stop:
         parse_overrides(pretrain_config(), [f"--tokenizer={tmp_path}"])
     assert stop.value.code == 2 and "is not a tokenizer directory (no tokenizer.json)" in capsys.readouterr().err
 
 
 def test_precision_auto_resolves_per_device(monkeypatch):
-    run = RunSettings(device="cpu")
-    assert run.precision == "auto"
-    monkeypatch.setattr(validation, "cpu_has_native_bf16", lambda: False)
-    validation.resolve_precision(run)
-    assert run.precision == "fp32"
-    run = RunSettings(device="cpu")
-    monkeypatch.setattr(validation, "cpu_has_native_bf16", lambda: True)
-    validation.resolve_precision(run)
-    assert run.precision == "bf16"
+    monkeypatch.setattr(resolve, "cpu_has_native_bf16", lambda: False)
+    assert resolve.resolved_precision("auto", "cpu") == "fp32"
+    monkeypatch.setattr(resolve, "cpu_has_native_bf16", lambda: True)
+    assert resolve.resolved_precision("auto", "cpu") == "bf16"
+    assert resolve.resolved_precision("fp32", "cpu") == "fp32"
 
 
 def test_explicit_bf16_on_a_cpu_without_it_warns_with_the_measured_cost(monkeypatch, caplog):
@@ -164,7 +171,7 @@ def test_explicit_bf16_on_a_cpu_without_it_warns_with_the_measured_cost(monkeypa
 
 
 def test_help_documents_every_key_by_section():
-    """Finding 6: `--help` listed dotted names with no descriptions, defaults or units."""
+    """`--help` gives every key a description, a default and a type."""
     for cfg in (PretrainConfig(), FinetuneConfig()):
         undocumented = [path for path, (owner, field) in _leaves(cfg).items()
                         if not field_docs(type(owner)).get(field.name)]
@@ -175,6 +182,7 @@ def test_help_documents_every_key_by_section():
     assert "--precision (--run.precision): auto|fp32|bf16|fp16 = 'auto'" in text
 
 
+@pytest.mark.slow
 def test_help_from_a_recipe_exits_0():
     proc = run_recipe("recipes/finetune_demo.py", "--help")
     assert proc.returncode == 0 and "[data]" in proc.stdout and "--finetune (--data.finetune)" in proc.stdout
@@ -186,24 +194,60 @@ def test_help_from_a_recipe_exits_0():
     ("--mlm_loss=fused", "--mlm_loss=fused: runs Triton kernels, which need a CUDA device (this run's device is cpu): "
                          "use --mlm_loss=reference (or auto)"),
 ])
-def test_triton_backends_on_a_cpu_run_are_refused_when_parsed(args, message, monkeypatch, capsys):
+def test_triton_backends_on_a_cpu_run_are_refused_when_parsed(args, message, pretrain_config, monkeypatch, capsys):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(SystemExit) as stop:
         parse_overrides(pretrain_config(), [args, "--device=cpu"])
     assert stop.value.code == 2 and capsys.readouterr().err == f"error: {message}\n"
 
 
-def test_mlm_loss_auto_resolves_once_per_device(monkeypatch, caplog):
+def test_validation_only_checks_and_the_resolve_step_fills_in_auto(pretrain_config, monkeypatch, caplog):
+    """Parsing leaves `auto` and the accumulation as given; `resolve_config` writes the device, the precision, the
+    masked-token loss and grad_accum once (the run's config.json records them)."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    cfg = pretrain_config()
-    assert cfg.model.mlm_loss == "auto"
-    with caplog.at_level(logging.INFO, logger="engine.train.validation"):
-        parse_overrides(cfg, ["--device=cpu"])
-    assert cfg.model.mlm_loss == "reference" and "mlm_loss=auto → reference (device cpu)" in caplog.text
+    monkeypatch.setattr(resolve, "cpu_has_native_bf16", lambda: False)
+    cfg = parse_overrides(pretrain_config(), ["--device=auto", "--global_batch=128", "--batch_size=32"])
+    before = (cfg.run.device, cfg.run.precision, cfg.model.mlm_loss, cfg.run.grad_accum)
+    assert before == ("auto", "auto", "auto", 1)
+    with caplog.at_level(logging.INFO, logger="engine.train.resolve"):
+        resolve.resolve_config(cfg, world_size=2)
+    assert (cfg.run.device, cfg.run.precision, cfg.model.mlm_loss, cfg.run.grad_accum) == ("cpu", "fp32",
+                                                                                            "reference", 2)
+    assert "mlm_loss=auto → reference (device cpu)" in caplog.text
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter allows an explicit fused, but auto stays on PyTorch
-    cfg = pretrain_config()
-    parse_overrides(cfg, ["--device=cpu", "--mlm_loss=fused"])
+    cfg = parse_overrides(pretrain_config(), ["--device=cpu", "--mlm_loss=fused"])
+    resolve.resolve_config(cfg, world_size=1)
     assert cfg.model.mlm_loss == "fused"
-    cfg = pretrain_config()
-    parse_overrides(cfg, ["--device=cpu"])
+    cfg = parse_overrides(pretrain_config(), ["--device=cpu"])
+    resolve.resolve_config(cfg, world_size=1)
     assert cfg.model.mlm_loss == "reference"
+
+
+def test_model_keys_are_the_ones_each_task_uses():
+    """Fine-tuning and segmentation list no pretraining-only key (they would be ignored), and the layer-scale init
+    that fine-tuning lists reaches the model it builds (None keeps the registered one)."""
+    from engine.config import ConfigError, apply_overrides
+    from engine.factory import create_model
+    from engine.train.settings import ModelSettings, SegmentationConfig
+
+    for cfg in (FinetuneConfig(), SegmentationConfig()):
+        for key in ("--mlm_loss=fused", "--use_shared_rel_pos_bias=false"):
+            with pytest.raises(ConfigError, match=f"unknown config key {key.split('=')[0]}"):
+                apply_overrides(cfg, [key])
+    settings = ModelSettings(model="beit_mini_patch4_28", input_size=28, depth=1, layer_scale_init_value=0.3)
+    model = create_model(settings.model, num_classes=3, **settings.create_kwargs())
+    assert all(torch.all(p == 0.3) for name, p in model.named_parameters() if "gamma" in name)
+    assert "layer_scale_init_value" not in ModelSettings().create_kwargs()
+
+
+def test_finetuning_data_of_one_class_exits_2_with_one_line(tmp_path):
+    for split in ("train", "val"):
+        (tmp_path / split / "only").mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (28, 28), (i * 40, 0, 0)).save(tmp_path / split / "only" / f"{i}.png")
+    proc = run_recipe("recipes/finetune_demo.py", f"--data_path={tmp_path}", "--batch_size=2", "--num_workers=0",
+                      f"--output_dir={tmp_path / 'run'}")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: --data_path={tmp_path}: 1 class(es); fine-tuning needs labelled data of two or more classes (class "
+        "subfolders under train/, or IDX labels)")

@@ -36,7 +36,7 @@ import torch.nn as nn
 
 from engine.factory import create_model
 from engine.model import BeitForImageClassification
-from engine.train.optim import layer_id_for_vit
+from engine.param_groups import layer_id_for_vit
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def layer_id_for_segmentation(name: str, num_layers: int) -> int:
     As the official BEiT segmentation constructor: encoder patch_embed / cls_token / pos_embed → 0, encoder
     `blocks.b` → b + 1, everything else (shared `rel_pos_bias`, the neck `fpn1..4`, decode and auxiliary heads)
     → num_layers + 1. The LR scale of id i is `layer_decay ** (num_layers + 1 - i)`
-    (`engine.train.optim.layer_scales`)."""
+    (`engine.param_groups.layer_scales`)."""
     for prefix in _WRAPPER_PREFIXES:
         if name.startswith(prefix):  # wrappers in any order and nesting
             return layer_id_for_segmentation(name[len(prefix):], num_layers)

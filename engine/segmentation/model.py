@@ -25,9 +25,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from engine.param_groups import param_groups
 from engine.segmentation.backbone import BeitBackbone, create_backbone, layer_id_for_segmentation
 from engine.segmentation.heads import FCNHead, UPerHead, convert_sync_batchnorm, resize
-from engine.train.optim import param_groups
 
 IGNORE_INDEX = 255
 AUX_WEIGHT = 0.4
@@ -175,7 +175,7 @@ class SegmentationLoss(nn.Module):
 
 def segmentation_param_groups(model: nn.Module, weight_decay: float, layer_decay: float | None = None,
                               num_layers: int | None = None, skip_rel_pos_tables: bool = False) -> list[dict]:
-    """`engine.train.optim.param_groups` for a `SegmentationModel` (or a `BeitBackbone`, or either wrapped):
+    """`engine.param_groups.param_groups` for a `SegmentationModel` (or a `BeitBackbone`, or either wrapped):
     the same groups (`layer_{id}_{decay|no_decay}`, `weight_decay`, `lr_scale`, `param_names`) and no-decay rule
     (`is_no_decay`: 1-D parameters, i.e. biases, LayerNorm/BatchNorm, layer-scale gammas; cls token; pos embed),
     with layer ids from `layer_id_for_segmentation` (neck and heads at num_layers + 1, full LR).

@@ -20,10 +20,10 @@ from torch.utils.data import Subset
 
 from engine.config import ConfigError, config_to_dict, save_config
 from engine.data.datasets import build_dataset
+from engine.stop_signal import StopSignal
 from engine.tokenizer.dalle import DalleDecoder, DalleEncoder
 from engine.tokenizer.dvae import DiscreteVAE, ReconLoss, gumbel_temperature, kl_weight
 from engine.tokenizer.io import save_tokenizer
-from engine.train.guards import StopSignal
 
 logger = logging.getLogger(__name__)
 

@@ -30,12 +30,6 @@ def build_deepspeed_config(run: RunSettings, optim: OptimSettings, world_size: i
     elements per gradient bucket, 1e9 live parameters: sized for billion-parameter models, and a 2 GB fp32 bucket
     holds all of BEiT-L's gradients a second time): gradients are reduced and parameters gathered one block at a time,
     ZeRO-3 prefetches one block ahead and keeps at most three gathered."""
-    if run.zero_stage not in (0, 1, 2, 3):
-        raise ValueError(f"zero_stage={run.zero_stage}: DeepSpeed ZeRO stages are 0, 1, 2 or 3")
-    if run.offload and run.zero_stage == 0:
-        raise ValueError("offload=true needs zero_stage >= 1 (ZeRO-Offload keeps the partitioned optimizer on the CPU)")
-    if run.batch_size < 1 or run.grad_accum < 1:
-        raise ValueError(f"batch_size ({run.batch_size}) and grad_accum ({run.grad_accum}) must be >= 1")
     zero: dict = {"stage": run.zero_stage}
     if run.offload:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import ConfigError
+from engine.param_groups import param_groups
 from engine.train.flops import train_flops_per_image
 from engine.train.loop import input_dtype, train
-from engine.train.optim import param_groups
 from engine.train.settings import FinetuneConfig
 from engine.train.task import EvaluatedTask
 
@@ -109,14 +109,6 @@ class ImageClassification(EvaluatedTask):
         from engine.sharded import gathered
 
         data, m, run, extras = cfg.data, cfg.model, cfg.run, cfg.extras
-        if not data.data_path:
-            raise ValueError("--data_path is required (an image folder with train/ and val/, an IDX directory or "
-                             "embedded:fashion_mnist)")
-        if data.finetune and not Path(data.finetune).exists():
-            raise FileNotFoundError(f"--finetune={data.finetune} does not exist (pretrained weights to start from; "
-                                    "leave it empty to train from scratch)")
-        if extras.model_ema and run.zero_stage == 3:
-            raise ValueError("model_ema needs zero_stage <= 2 (ZeRO-3 partitions the weights the EMA would average)")
         self.dtype = input_dtype(run.precision)
         train_base = build_dataset(data.data_path, "train")
         eval_base = None
@@ -128,11 +120,10 @@ class ImageClassification(EvaluatedTask):
                                   "with --disable_eval_during_finetuning=true (e.g. ImageNet-22k)") from None
         self.num_classes = data.num_classes or len(train_base.classes)
         if self.num_classes < 2:
-            raise ValueError(f"{data.data_path} has {self.num_classes} class(es): fine-tuning needs labelled data")
-        depth = {"depth": m.depth} if m.depth is not None else {}
-        self.model = self.build_model(lambda: create_model(
-            m.model, img_size=m.input_size, num_classes=self.num_classes, drop_path_rate=m.drop_path,
-            attn_impl=m.attn_impl, grad_checkpointing=m.grad_checkpointing, **depth))
+            raise ConfigError(f"--data_path={data.data_path}: {self.num_classes} class(es); fine-tuning needs labelled "
+                              "data of two or more classes (class subfolders under train/, or IDX labels)")
+        self.model = self.build_model(lambda: create_model(m.model, num_classes=self.num_classes,
+                                                           **m.create_kwargs()))
         if data.finetune:
             try:
                 with gathered(self.model.parameters()):  # ZeRO-3: whole on every rank while loading, then re-split
@@ -200,17 +191,17 @@ class ImageClassification(EvaluatedTask):
         if self.ema is not None:
             self.ema.update(self.model)
 
-    def evaluate(self, engine, step: int, epoch: int, epoch_done: bool, last_step: int, stop) -> None:
-        """At the end of every `eval_every`-th epoch and of the run: top-1/top-5 (and the EMA's); when top-1
-        improves, rank 0 writes `best/` (safetensors + config)."""
-        if self.eval_loader is None:  # --disable_eval_during_finetuning
-            return
-        steps_per_epoch = len(self.loader) // self.cfg.run.grad_accum
-        if not (epoch_done and ((step // steps_per_epoch) % self.cfg.extras.eval_every == 0 or step == last_step)):
-            return
+    def evaluation_due(self, step: int, plan) -> bool:
+        """At the end of every `eval_every`-th epoch and of the run (unless evaluation is off)."""
+        every = self.cfg.extras.eval_every
+        return self.eval_loader is not None and plan.ends_epoch(step) and (
+            (step // plan.steps_per_epoch) % every == 0 or step == plan.last_step)
+
+    def evaluate(self, engine, step: int, plan, stop) -> None:
+        """Top-1/top-5 (and the EMA's); when top-1 improves, rank 0 writes `best/` (safetensors + config)."""
         if self.dist_info.is_main:
             logger.info("evaluating after step %d: %d batches per rank", step, len(self.eval_loader))
-        device = self.dist_info.device
+        device, epoch = self.dist_info.device, plan.epoch(step - 1)
         result = {"step": step, "epoch": epoch, **evaluate(self.model, self.eval_loader, device, self.dtype, stop)}
         if self.ema is not None:
             ema_result = evaluate(self.ema.module, self.eval_loader, device, torch.float32, stop)

@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,17 +22,18 @@ import torch
 import torch.distributed as dist
 
 from engine.config import ConfigError, RunFailed, save_config
+from engine.stop_signal import EvaluationStopped, StopSignal
 from engine.train import checkpointing
 from engine.train.deepspeed_config import bucket_elements, build_deepspeed_config
 from engine.train.flops import device_peak_flops
-from engine.train.guards import EvaluationStopped, StepHealth, StopSignal, loss_scale
+from engine.train.guards import StepHealth, loss_scale
 from engine.train.metrics import METRICS_FILE, MetricsLogger, plot_curves, read_metrics
 from engine.train.optim import build_optimizer
+from engine.train.resolve import resolve_config
 from engine.train.run_lock import RunLock
 from engine.train.runtime import DistInfo, init_distributed, seed_everything, unmap_large_frees
 from engine.train.schedules import Schedules, apply_schedules, build_schedules
 from engine.train.settings import OptimSettings, RunSettings
-from engine.train.validation import check_backends, resolve_precision
 from engine.train.watchdog import Watchdog
 
 logger = logging.getLogger(__name__)
@@ -47,17 +49,6 @@ def resolve_lr(optim: OptimSettings, global_batch: int) -> float:
     return optim.lr if optim.lr is not None else optim.blr * global_batch / 256
 
 
-def resolve_grad_accum(run: RunSettings, world_size: int) -> None:
-    """Derives `run.grad_accum` from `run.global_batch` (the paper's batch on any number of devices)."""
-    if run.global_batch is None:
-        return
-    per_step = run.batch_size * world_size
-    if run.global_batch % per_step:
-        raise ConfigError(f"global_batch={run.global_batch} is not a multiple of batch_size × ranks = "
-                         f"{run.batch_size} × {world_size}; change --batch_size or --global_batch")
-    run.grad_accum = run.global_batch // per_step
-
-
 def input_dtype(precision: str) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
@@ -66,9 +57,6 @@ def initialize_engine(module: torch.nn.Module, groups: list[dict], run: RunSetti
                       dist_info: DistInfo, base_lr: float, output_dir: Path, load_universal: bool = False):
     """DeepSpeed engine around `module` with our AdamW; writes the DeepSpeed JSON next to the run. `load_universal`:
     the checkpoint to resume from is in DeepSpeed's universal format (written by another number of ranks)."""
-    if run.precision == "fp16" and dist_info.device.type != "cuda":
-        raise ConfigError("precision=fp16 needs a CUDA device (DeepSpeed's CPU accelerator has no fp16): use "
-                         "--precision=bf16 or --precision=fp32")
     ds_config = build_deepspeed_config(run, optim, dist_info.world_size, bucket_elements(module))
     if load_universal:
         ds_config["checkpoint"] = {"load_universal": True}
@@ -100,31 +88,46 @@ def check_resume_compatible(saved: dict, world_size: int, global_batch: int, ste
             f"this run has {world_size}. Resume it with {saved['world_size']} ranks")
 
 
-def grad_norm(engine, own: bool) -> float | None:
-    """Pre-clipping global grad norm of the last step: ours (`own`, computed before `engine.step`, for fp32 ZeRO-0
-    where DeepSpeed clips without keeping the norm) or DeepSpeed's. Host sync: logging steps only."""
-    if own:
-        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))) \
-            if grads else None
-    norm = engine.get_global_grad_norm()
-    return None if norm is None else float(norm)
+@dataclass(frozen=True)
+class Plan:
+    """The run's shape in optimizer steps, fixed before its first step (epochs are counted in optimizer steps)."""
+
+    global_batch: int  # images per optimizer step over all ranks
+    steps_per_epoch: int
+    total_steps: int  # the schedules' length
+    last_step: int  # where this run stops (`max_steps`, else `total_steps`)
+
+    def epoch(self, steps_done: int) -> int:
+        """The epoch of the next step after `steps_done` steps (so `epoch(step - 1)` is the epoch of step `step`)."""
+        return steps_done // self.steps_per_epoch
+
+    def ends_epoch(self, step: int) -> bool:
+        """Whether step `step` (1-based) ends an epoch, or the run."""
+        return step % self.steps_per_epoch == 0 or step == self.last_step
 
 
-def train_step(engine, task, batches, grad_accum: int, step: int, before_update=None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step of `grad_accum` micro-batches → (stats summed over them, loss summed), both on the device.
-    `before_update()` runs after the last backward, before DeepSpeed's update (where gradients are still whole)."""
-    stats_sum, loss_sum = None, None
+def own_grad_norm(engine) -> torch.Tensor | None:
+    """Global norm of the whole gradients before the update, on the device: for fp32 ZeRO-0, where DeepSpeed clips
+    without keeping the norm."""
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])) if grads \
+        else None
+
+
+def train_step(engine, task, batches, grad_accum: int, step: int, keep_norm: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One optimizer step of `grad_accum` micro-batches → (stats summed over them, loss summed, the gradients'
+    global norm before the update when `keep_norm`, else None), all on the device."""
+    stats_sum, loss_sum, norm = None, None, None
     for micro in range(grad_accum):
         loss, stats = engine(*task.inputs(next(batches), step))
         engine.backward(loss)
-        if before_update is not None and micro == grad_accum - 1:
-            before_update()
+        if keep_norm and micro == grad_accum - 1:  # gradients are whole until DeepSpeed's update
+            norm = own_grad_norm(engine)
         engine.step()
         stats_sum = stats.detach() if stats_sum is None else stats_sum + stats.detach()
         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
-    return stats_sum, loss_sum
+    return stats_sum, loss_sum, norm
 
 
 def reduce_stats(stats: torch.Tensor, names: tuple[str, ...]) -> tuple[dict, float]:
@@ -223,9 +226,7 @@ def train(cfg, task_class) -> dict:
     dist_info = init_distributed(run.device, run.dist_timeout_s + COLLECTIVE_GRACE_S)
     if dist_info.device.type == "cpu" and unmap_large_frees() and dist_info.is_main:
         logger.info("CPU run: blocks of 4 MiB or more go back to the system when freed (glibc mmap threshold)")
-    resolve_precision(run)
-    check_backends(cfg.model, run)
-    resolve_grad_accum(run, dist_info.world_size)
+    resolve_config(cfg, dist_info.world_size)
     output_dir = Path(run.output_dir)
     lock = lock_output_dir(output_dir, dist_info)
     watchdog = Watchdog(run.dist_timeout_s, dist_info.rank, dist_info.world_size, os.environ["MASTER_ADDR"],
@@ -247,26 +248,29 @@ def train(cfg, task_class) -> dict:
         lock.release()
 
 
+def _plan(run: RunSettings, micro_batches_per_epoch: int, world_size: int) -> Plan:
+    steps_per_epoch = micro_batches_per_epoch // run.grad_accum
+    if steps_per_epoch == 0:
+        raise ConfigError(f"one epoch holds {micro_batches_per_epoch} micro-batches of {run.batch_size} per rank, "
+                          f"fewer than grad_accum={run.grad_accum}: lower --batch_size, --grad_accum or --global_batch")
+    total_steps = run.steps if run.steps > 0 else run.epochs * steps_per_epoch
+    last_step = min(total_steps, run.max_steps) if run.max_steps > 0 else total_steps
+    return Plan(run.batch_size * run.grad_accum * world_size, steps_per_epoch, total_steps, last_step)
+
+
 def _train(cfg, task_class, dist_info: DistInfo, stop: StopSignal) -> dict:
     run, output_dir = cfg.run, Path(cfg.run.output_dir)
     _write_run_config(cfg, output_dir, dist_info)
     seed_everything(run.seed + dist_info.rank)
     task = task_class(cfg, dist_info)
-
-    global_batch = run.batch_size * run.grad_accum * dist_info.world_size
-    steps_per_epoch = len(task.loader) // run.grad_accum
-    if steps_per_epoch == 0:
-        raise ConfigError(f"one epoch holds {len(task.loader)} micro-batches of {run.batch_size} per rank, fewer "
-                          f"than grad_accum={run.grad_accum}: lower --batch_size, --grad_accum or --global_batch")
-    total_steps = run.steps if run.steps > 0 else run.epochs * steps_per_epoch
-    last_step = min(total_steps, run.max_steps) if run.max_steps > 0 else total_steps
-    base_lr = resolve_lr(cfg.optim, global_batch)
-    schedules = build_schedules(cfg.optim, base_lr, total_steps, steps_per_epoch)
+    plan = _plan(run, len(task.loader), dist_info.world_size)
+    base_lr = resolve_lr(cfg.optim, plan.global_batch)
+    schedules = build_schedules(cfg.optim, base_lr, plan.total_steps, plan.steps_per_epoch)
     groups = task.param_groups()
     ckpt = _resume_point(output_dir, run.resume, dist_info)
     layout = checkpointing.read_layout(ckpt) if ckpt is not None else None
     if layout is not None:  # refused before any conversion; older checkpoints are checked once loaded
-        check_resume_compatible(layout, dist_info.world_size, global_batch, steps_per_epoch, run.zero_stage)
+        check_resume_compatible(layout, dist_info.world_size, plan.global_batch, plan.steps_per_epoch, run.zero_stage)
     moved = layout is not None and layout["world_size"] != dist_info.world_size  # another number of ranks wrote it
     universal = moved and run.zero_stage >= 1  # ZeRO-0 checkpoints hold the whole state and load on any world size
     if universal:
@@ -276,27 +280,21 @@ def _train(cfg, task_class, dist_info: DistInfo, stop: StopSignal) -> dict:
     engine = initialize_engine(task.module, groups, run, cfg.optim, dist_info, base_lr, output_dir, universal)
     if dist_info.is_main:
         logger.info("global batch %d = %d per device × %d accumulation × %d ranks; lr %.3g (%s)%s; %d steps/epoch, "
-                    "%d steps in the schedule, stopping at step %d", global_batch, run.batch_size, run.grad_accum,
-                    dist_info.world_size, base_lr, "absolute --lr" if cfg.optim.lr is not None else
-                    f"blr {cfg.optim.blr:g} × {global_batch} / 256",
+                    "%d steps in the schedule, stopping at step %d", plan.global_batch, run.batch_size,
+                    run.grad_accum, dist_info.world_size, base_lr, "absolute --lr" if cfg.optim.lr is not None else
+                    f"blr {cfg.optim.blr:g} × {plan.global_batch} / 256",
                     f", layer decay {cfg.optim.layer_decay}" if cfg.optim.layer_decay is not None else "",
-                    steps_per_epoch, total_steps, last_step)
+                    plan.steps_per_epoch, plan.total_steps, plan.last_step)
     if dist.is_initialized():
         dist.barrier()
 
-    def client_state(step: int, pending_evaluation: list | None) -> dict:
-        return {"step": step, "steps_per_epoch": steps_per_epoch, "global_batch": global_batch,
-                "world_size": dist_info.world_size, "model_config": dict(task.model.config),
-                "master_param_names": [group["param_names"] for group in groups],  # export reads stage-0 masters
-                "pending_evaluation": pending_evaluation, **task.client_state()}
-
-    start_step, redo_evaluation = 0, None
+    start_step, redo_evaluation = 0, False
     if ckpt is not None:
         client = checkpointing.load_checkpoint(engine, ckpt, dist_info.rank, universal, run.seed)
-        check_resume_compatible(layout or client, dist_info.world_size, global_batch, steps_per_epoch,
+        check_resume_compatible(layout or client, dist_info.world_size, plan.global_batch, plan.steps_per_epoch,
                                 run.zero_stage)
         task.resume(client, ckpt)
-        start_step, redo_evaluation = client["step"], client.get("pending_evaluation")
+        start_step, redo_evaluation = client["step"], bool(client.get("pending_evaluation"))
         logger.info("resumed from %s at step %d%s", ckpt, start_step,
                     f" (written by {layout['world_size']} rank(s))" if moved else "")
         if universal:
@@ -304,9 +302,14 @@ def _train(cfg, task_class, dist_info: DistInfo, stop: StopSignal) -> dict:
             if dist_info.is_main:
                 shutil.rmtree(ckpt.with_name(ckpt.name + checkpointing.UNIVERSAL_SUFFIX), ignore_errors=True)
 
+    # what every checkpoint records next to the step: the layout a resume checks, the architecture, and the
+    # parameter names of the optimizer groups (the export reads ZeRO-0's fp32 masters by them)
+    saved_state = {"steps_per_epoch": plan.steps_per_epoch, "global_batch": plan.global_batch,
+                   "world_size": dist_info.world_size, "model_config": dict(task.model.config),
+                   "master_param_names": [group["param_names"] for group in groups]}
     # a run resumed on another number of ranks that ends where it resumed rewrites that checkpoint in its own layout
-    summary = _loop(cfg, task, engine, schedules, client_state, start_step, last_step, steps_per_epoch, stop,
-                    redo_evaluation, rewrite_start=moved)
+    summary = _loop(cfg, task, engine, schedules, plan, saved_state, start_step, stop, redo_evaluation,
+                    rewrite_start=moved)
     if summary["stopped_by"] is None:
         if stop.watchdog is not None:
             stop.watchdog.beat("the end of the run (final weights)")
@@ -319,19 +322,18 @@ def _train(cfg, task_class, dist_info: DistInfo, stop: StopSignal) -> dict:
     return summary
 
 
-def _loop(cfg, task, engine, schedules: Schedules, client_state, start_step: int, last_step: int,
-          steps_per_epoch: int, stop: StopSignal, redo_evaluation: list | None, rewrite_start: bool = False) -> dict:
-    """Steps from `start_step` to `last_step` (first redoing an evaluation that a stop interrupted before the
+def _loop(cfg, task, engine, schedules: Schedules, plan: Plan, saved_state: dict, start_step: int, stop: StopSignal,
+          redo_evaluation: bool, rewrite_start: bool = False) -> dict:
+    """Steps from `start_step` to `plan.last_step` (first redoing an evaluation that a stop interrupted before the
     checkpoint of `start_step` was written) → {"step", "stopped_by", "checkpoint"}. A run that ends at `start_step`
     rewrites its checkpoint when `rewrite_start` or after a redone evaluation."""
     run, dist_info = cfg.run, task.dist_info
-    output_dir, device = Path(run.output_dir), dist_info.device
-    global_batch = run.batch_size * run.grad_accum * dist_info.world_size
+    output_dir, device, last_step = Path(run.output_dir), dist_info.device, plan.last_step
     peak = device_peak_flops(device, run.precision)
-    own_grad_norm = run.precision == "fp32" and run.zero_stage == 0  # DeepSpeed clips there without keeping the norm
+    keep_norm = run.precision == "fp32" and run.zero_stage == 0  # DeepSpeed clips there without keeping the norm
     metrics = MetricsLogger(output_dir, dist_info.is_main, last_step, start_step, run.progress)
     health = StepHealth(engine, run.precision, run.max_bad_steps, device)
-    pending_evaluation = None  # [epoch, epoch_done] of an evaluation a stop interrupted: redone when resumed
+    evaluation_pending = False  # a stop interrupted the evaluation of the saved step: it is redone when resumed
 
     def beat(where: str) -> None:
         if stop.watchdog is not None:
@@ -339,43 +341,38 @@ def _loop(cfg, task, engine, schedules: Schedules, client_state, start_step: int
 
     def save(step: int, overwrite: bool = False) -> Path:
         beat(f"saving the checkpoint of step {step}")
-        return checkpointing.save_checkpoint(engine, output_dir, step, client_state(step, pending_evaluation),
-                                             dist_info.rank, run.keep_checkpoints, task.checkpoint_files(),
-                                             overwrite=overwrite)
+        client = {**saved_state, "step": step, "pending_evaluation": evaluation_pending, **task.client_state()}
+        return checkpointing.save_checkpoint(engine, output_dir, step, client, dist_info.rank, run.keep_checkpoints,
+                                             task.checkpoint_files(), overwrite=overwrite)
 
-    def evaluate(step: int, epoch: int, epoch_done: bool) -> bool:
-        """The task's evaluation hook; False (and the evaluation pending) when a stop interrupted it."""
-        nonlocal pending_evaluation
+    def evaluate(step: int) -> bool:
+        """The task's evaluation of `step` (collective); False, and the evaluation pending, when a stop ended it."""
+        nonlocal evaluation_pending
         beat(f"the evaluation after step {step}")
         try:
-            task.evaluate(engine, step, epoch, epoch_done, last_step, stop)
+            task.evaluate(engine, step, plan, stop)
         except EvaluationStopped:
-            pending_evaluation = [epoch, epoch_done]
+            evaluation_pending = True
             return False
         return True
 
     step, stopped_by, ckpt_dir = start_step, None, None
-    epoch = start_step // steps_per_epoch
-    batches = _epoch_batches(task.loader, epoch, (start_step % steps_per_epoch) * run.grad_accum)
+    batches = _epoch_batches(task.loader, plan.epoch(start_step), (start_step % plan.steps_per_epoch) * run.grad_accum)
     window_start, window_steps = time.perf_counter(), 0
     if dist_info.is_main and run.num_workers > 0:
         logger.info("starting %d DataLoader worker(s) per rank: the first step waits for them", run.num_workers)
     engine.train()
     try:
-        if redo_evaluation is not None and not evaluate(step, *redo_evaluation):
+        if redo_evaluation and not evaluate(step):
             stopped_by = stop.received or "signal on another rank"
         while stopped_by is None and step < last_step:
             beat(f"step {step + 1}")
-            if step % steps_per_epoch == 0 and step != start_step:  # epochs are counted in optimizer steps
-                epoch = step // steps_per_epoch
-                batches = _epoch_batches(task.loader, epoch)
+            if step % plan.steps_per_epoch == 0 and step != start_step:
+                batches = _epoch_batches(task.loader, plan.epoch(step))
             lr, wd = apply_schedules(engine.optimizer, schedules, step)
             log_now = ((step + 1) % run.log_every == 0 or step + 1 == last_step or step == start_step
-                       or task.log_due(step + 1, last_step))
-            norm = []
-            stats, loss_sum = train_step(engine, task, batches, run.grad_accum, step,
-                                         (lambda: norm.append(grad_norm(engine, True)))
-                                         if log_now and own_grad_norm else None)
+                       or task.log_due(step + 1, plan))
+            stats, loss_sum, norm = train_step(engine, task, batches, run.grad_accum, step, keep_norm and log_now)
             step += 1
             window_steps += 1
             health.count_step(loss_sum)
@@ -386,28 +383,28 @@ def _loop(cfg, task, engine, schedules: Schedules, client_state, start_step: int
                 health.check(step)
             if log_now:
                 values, weight = reduce_stats(stats, task.stat_names)  # syncs: the window's work is done on the device
-                img_per_s = global_batch * window_steps / (time.perf_counter() - window_start)
-                flops = task.flops_per_image(weight / global_batch)
-                row = {"step": step, "epoch": epoch, **values, "lr": lr, "wd": wd,
-                       "grad_norm": norm[0] if norm else grad_norm(engine, False), "loss_scale": loss_scale(engine),
+                img_per_s = plan.global_batch * window_steps / (time.perf_counter() - window_start)
+                flops = task.flops_per_image(weight / plan.global_batch)
+                norm = engine.get_global_grad_norm() if norm is None else norm
+                row = {"step": step, "epoch": plan.epoch(step - 1), **values, "lr": lr, "wd": wd,
+                       "grad_norm": None if norm is None else float(norm), "loss_scale": loss_scale(engine),
                        "img_per_s": img_per_s,
                        "mfu": flops * img_per_s / dist_info.world_size / peak if peak else None,
-                       "skipped_steps": health.total_skipped,
-                       **task.log_extras(engine, step, last_step, metrics)}
+                       "skipped_steps": health.total_skipped, **task.log_extras(engine, step, plan)}
                 metrics.log(row)
                 window_start, window_steps = time.perf_counter(), 0
-            if not evaluate(step, epoch, step % steps_per_epoch == 0 or step == last_step) or stop.poll():
+            if (task.evaluation_due(step, plan) and not evaluate(step)) or stop.poll():
                 stopped_by = stop.received or "signal on another rank"
                 break
             if save_due:
                 save(step)
         health.check(step)
         # a redone evaluation of the resumed step clears its mark in that step's checkpoint
-        ckpt_dir = save(step, overwrite=step == start_step and (rewrite_start or redo_evaluation is not None))
+        ckpt_dir = save(step, overwrite=step == start_step and (rewrite_start or redo_evaluation))
     finally:
         metrics.close()
     if stopped_by and dist_info.is_main:
-        during = " during an evaluation (redone when resumed)" if pending_evaluation is not None else ""
+        during = " during an evaluation (redone when resumed)" if evaluation_pending else ""
         logger.warning("stopped by %s at step %d%s; checkpoint %s saved. Run the same command again to resume.",
                        stopped_by, step, during, ckpt_dir)
     return {"step": step, "stopped_by": stopped_by, "checkpoint": ckpt_dir}

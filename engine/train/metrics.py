@@ -73,15 +73,6 @@ class MetricsLogger:
         else:
             logger.info("step %d %s", row["step"], {k: v for k, v in row.items() if k != "step"})
 
-    def note(self, text: str) -> None:
-        """A message line on rank 0, printed above the progress bar (not through it)."""
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.write(text)
-        else:
-            logger.info("%s", text)
-
     def close(self) -> None:
         if self.bar is not None:
             self._redirect.__exit__(None, None, None)

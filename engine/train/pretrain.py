@@ -14,11 +14,11 @@ import torch
 from torch import nn
 
 from engine.config import ConfigError
+from engine.param_groups import param_groups
 from engine.train.export import export_checkpoint
 from engine.train.flops import train_flops_per_image
 from engine.train.heldout import build_heldout_batch
 from engine.train.loop import input_dtype, train
-from engine.train.optim import param_groups
 from engine.train.settings import PretrainConfig
 from engine.train.task import Task
 
@@ -56,23 +56,12 @@ class MaskedImageModeling(Task):
         from engine.tokenizer import check_tokenizer_compatible, load_tokenizer
 
         data, m, run = cfg.data, cfg.model, cfg.run
-        if not data.tokenizer:
-            raise ValueError("--tokenizer is required: a tokenizer directory (engine.tokenizer format, e.g. the DALL-E "
-                             "dVAE converted with `python -m engine.tokenizer.convert`, or one trained by "
-                             "recipes/train_tokenizer.py)")
-        if not Path(data.tokenizer).exists():
-            raise FileNotFoundError(f"--tokenizer={data.tokenizer} does not exist")
-        if not data.data_path:
-            raise ValueError("--data_path is required (an image folder, an IDX directory or embedded:fashion_mnist)")
         device = dist_info.device
         self.dtype = input_dtype(run.precision)
         self.tokenizer = load_tokenizer(data.tokenizer, device)
-        depth = {"depth": m.depth} if m.depth is not None else {}
         self.model = self.build_model(lambda: create_model(
-            m.model, img_size=m.input_size, drop_path_rate=m.drop_path, **depth,
-            layer_scale_init_value=m.layer_scale_init_value, use_shared_rel_pos_bias=m.use_shared_rel_pos_bias,
-            attn_impl=m.attn_impl, mlm_loss=m.mlm_loss, max_masked_per_image=data.num_mask_patches,
-            vocab_size=self.tokenizer.vocab_size, grad_checkpointing=m.grad_checkpointing))
+            m.model, **m.create_kwargs(), max_masked_per_image=data.num_mask_patches,
+            vocab_size=self.tokenizer.vocab_size))
         grid = self.model.patch_embed.patch_shape
         check_tokenizer_compatible(self.tokenizer, self.model.config["vocab_size"], grid, data.second_input_size)
         mean, std = mean_std(data.imagenet_mean_std)
@@ -125,19 +114,18 @@ class MaskedImageModeling(Task):
     def resume(self, client: dict, ckpt_dir: Path) -> None:
         check_mask_backend(client, self.mask_backend)
 
-    def _heldout_due(self, step: int, last_step: int) -> bool:
-        return self.heldout is not None and (step % self.cfg.data.heldout_every == 0 or step == last_step)
+    def log_due(self, step: int, plan) -> bool:
+        """The held-out check's steps: every `heldout_every` and the last."""
+        return self.heldout is not None and (step % self.cfg.data.heldout_every == 0 or step == plan.last_step)
 
-    def log_due(self, step: int, last_step: int) -> bool:
-        return self._heldout_due(step, last_step)
-
-    def log_extras(self, engine, step: int, last_step: int, notes) -> dict:
-        if not self._heldout_due(step, last_step):
+    def log_extras(self, engine, step: int, plan) -> dict:
+        if not self.log_due(step, plan):
             return {}
         heldout = self.heldout
         loss, acc = heldout.evaluate(engine, self.dtype, self.dist_info.device)
-        notes.note(f"step {step}: held-out masked-token loss {loss:.3f} (accuracy {acc:.3f}); position prior "
-                   f"{heldout.prior_loss:.3f} ({heldout.prior_acc:.3f})")
+        if self.dist_info.is_main:
+            logger.info("step %d: held-out masked-token loss %.3f (accuracy %.3f); position prior %.3f (%.3f)", step,
+                        loss, acc, heldout.prior_loss, heldout.prior_acc)
         return {"heldout_loss": loss, "heldout_acc": acc, "prior_loss": heldout.prior_loss,
                 "prior_acc": heldout.prior_acc}
 

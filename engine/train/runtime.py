@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from engine.config import ConfigError
+from engine.device import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -184,17 +185,6 @@ def _cuda_index(local_rank: int) -> int:
         return 0
     raise ConfigError(f"local rank {local_rank} but {count} GPUs are visible: start one process per GPU (e.g. "
                       "`srun --ntasks-per-node=<GPUs per node>` or `--nproc_per_node=<GPUs per node>`)")
-
-
-def resolve_device(device: str) -> str:
-    """'auto' → 'cuda' when a GPU is visible, else 'cpu'; 'cuda' without a GPU is an error."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device=cuda but no CUDA device is visible; use --device=cpu (or auto)")
-    if device not in ("cuda", "cpu"):
-        raise ValueError(f"device={device!r}: expected auto, cuda or cpu")
-    return device
 
 
 def init_distributed(device: str, timeout_s: float = 600.0) -> DistInfo:

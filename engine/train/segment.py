@@ -40,13 +40,11 @@ class SemanticSegmentation(EvaluatedTask):
         data, m, run, head = cfg.data, cfg.model, cfg.run, cfg.head
         self.stat_names = STAT_NAMES
         self.dtype = input_dtype(run.precision)
-        overrides = {"depth": m.depth} if m.depth is not None else {}
         self.model = self.build_model(lambda: create_segmenter(
             m.model, data.num_classes, channels=head.decode_channels, aux_channels=head.aux_channels,
-            aux_weight=head.aux_weight, img_size=m.input_size,
+            aux_weight=head.aux_weight,
             sync_bn=dist_info.world_size > 1 and dist_info.device.type == "cuda",  # SyncBatchNorm is CUDA-only
-            drop_path_rate=m.drop_path, layer_scale_init_value=m.layer_scale_init_value, attn_impl=m.attn_impl,
-            grad_checkpointing=m.grad_checkpointing, **overrides))
+            **m.create_kwargs()))
         if data.finetune:
             encoder = self.model.backbone.encoder
             try:
@@ -94,7 +92,7 @@ class SemanticSegmentation(EvaluatedTask):
     @torch.no_grad()
     def score(self, stop) -> dict:
         """mIoU, mAcc, aAcc (%) and per-class IoU over the validation images, all ranks together. A stop raises
-        EvaluationStopped on every rank at the same image index (engine/train/guards.py, `StopSignal.iterate`)."""
+        EvaluationStopped on every rank at the same image index (engine/stop_signal.py, `StopSignal.iterate`)."""
         from engine.segmentation.metrics import confusion_matrix, reduce_confusion, segmentation_metrics
         from engine.segmentation.model import aug_inference
 
@@ -115,16 +113,17 @@ class SemanticSegmentation(EvaluatedTask):
         self.model.train(was_training)
         return segmentation_metrics(reduce_confusion(confusion))
 
-    def evaluate(self, engine, step: int, epoch: int, epoch_done: bool, last_step: int, stop) -> None:
-        if step % self.cfg.head.eval_every and step != last_step:
-            return
+    def evaluation_due(self, step: int, plan) -> bool:
+        return step % self.cfg.head.eval_every == 0 or step == plan.last_step
+
+    def evaluate(self, engine, step: int, plan, stop) -> None:
         if self.dist_info.is_main:
             logger.info("evaluating after step %d: %d validation images", step, self.eval_count)
         metrics = self.score(stop)
         if self.dist_info.is_main:
             logger.info("eval at step %d: mIoU %.2f%%, mAcc %.2f%%, pixel accuracy %.2f%%", step, metrics["mIoU"],
                         metrics["mAcc"], metrics["aAcc"])
-        self.record(engine, {"step": step, "epoch": epoch, **metrics})
+        self.record(engine, {"step": step, "epoch": plan.epoch(step - 1), **metrics})
 
 
 def run_segmentation(cfg: SegmentationConfig) -> dict:

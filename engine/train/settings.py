@@ -6,24 +6,43 @@ Every leaf name is unique across sections so that a bare `--lr=1e-3` works as we
 """
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from engine.train import validation
 
 
 @dataclass
 class ModelSettings:
-    model: str = "beit_base_patch16_224_8k_vocab"  # a registered name: engine.list_models()
+    model: str = "beit_base_patch16_224"  # a registered name: engine.list_models()
     input_size: int = 224  # image side in pixels; a multiple of the patch size
     depth: int | None = None  # None: the registered depth; smaller for quick CPU runs
     drop_path: float = 0.1  # stochastic depth rate of the last block (grows linearly from 0)
-    layer_scale_init_value: float = 0.1  # LayerScale init (0.1 up to Base, 1e-5 for Large; 0 disables)
-    use_shared_rel_pos_bias: bool = True  # one relative position bias table for all blocks (pretraining)
+    # LayerScale init (0 disables); None: the registered model's (0.1 up to Base, 1e-5 for Large). Loaded weights
+    # replace it: it matters for a model trained from scratch.
+    layer_scale_init_value: float | None = None
     attn_impl: Literal["eager", "sdpa", "triton"] = "sdpa"  # attention backend, fixed when the model is built
-    # pretraining loss: the fused Triton kernel (GPUs), the PyTorch reference, or auto (fused on CUDA devices)
-    mlm_loss: Literal["auto", "fused", "reference"] = "auto"
     grad_checkpointing: bool = False  # recompute each block in the backward pass (less memory, ~30% more compute)
     compile: bool = False  # torch.compile the model before DeepSpeed wraps it
+
+    def create_kwargs(self) -> dict:
+        """The `engine.create_model` overrides these settings give (the registered values where a setting is
+        None)."""
+        kwargs = dict(img_size=self.input_size, drop_path_rate=self.drop_path, attn_impl=self.attn_impl,
+                      grad_checkpointing=self.grad_checkpointing, depth=self.depth,
+                      layer_scale_init_value=self.layer_scale_init_value)
+        return {key: value for key, value in kwargs.items() if value is not None}
+
+
+@dataclass
+class PretrainModelSettings(ModelSettings):
+    model: str = "beit_base_patch16_224_8k_vocab"  # a registered name: engine.list_models()
+    use_shared_rel_pos_bias: bool = True  # one relative position bias table for all blocks (as the paper)
+    # the masked-token loss: the fused Triton kernel (GPUs), the PyTorch reference, or auto (fused on CUDA devices)
+    mlm_loss: Literal["auto", "fused", "reference"] = "auto"
+
+    def create_kwargs(self) -> dict:
+        return dict(super().create_kwargs(), use_shared_rel_pos_bias=self.use_shared_rel_pos_bias,
+                    mlm_loss=self.mlm_loss)
 
 
 @dataclass
@@ -92,17 +111,19 @@ class PretrainData:
 
 @dataclass
 class PretrainConfig:
-    model: ModelSettings = field(default_factory=ModelSettings)
+    model: PretrainModelSettings = field(default_factory=PretrainModelSettings)
     data: PretrainData = field(default_factory=PretrainData)
     optim: OptimSettings = field(default_factory=OptimSettings)
     run: RunSettings = field(default_factory=RunSettings)
+    prepares_tokenizer: ClassVar[bool] = False  # True: the recipe's `prepare()` finds or trains one when none is given
 
     def validate(self) -> None:
         validation.check_model(self.model)
-        validation.check_pretrain_data(self.data, self.model)
+        validation.check_pretrain_data(self.data, self.model, tokenizer_required=not self.prepares_tokenizer)
+        validation.check_mlm_loss(self.model, self.run)
         validation.check_optim(self.optim)
         validation.check_run(self.run)
-        validation.check_backends(self.model, self.run)
+        validation.check_attention(self.model, self.run)
 
 
 @dataclass
@@ -134,7 +155,7 @@ class FinetuneExtras:
 
 @dataclass
 class FinetuneConfig:
-    model: ModelSettings = field(default_factory=lambda: ModelSettings(model="beit_base_patch16_224"))
+    model: ModelSettings = field(default_factory=ModelSettings)
     data: FinetuneData = field(default_factory=FinetuneData)
     optim: OptimSettings = field(default_factory=lambda: OptimSettings(min_lr=1e-6, layer_decay=0.65))
     run: RunSettings = field(default_factory=RunSettings)
@@ -143,10 +164,10 @@ class FinetuneConfig:
     def validate(self) -> None:
         validation.check_model(self.model)
         validation.check_finetune_data(self.data)
-        validation.check_finetune_extras(self.extras)
+        validation.check_finetune_extras(self.extras, self.run)
         validation.check_optim(self.optim)
         validation.check_run(self.run)
-        validation.check_backends(self.model, self.run)
+        validation.check_attention(self.model, self.run)
 
 
 @dataclass
@@ -191,4 +212,4 @@ class SegmentationConfig:
         validation.check_segmentation(self)
         validation.check_optim(self.optim)
         validation.check_run(self.run)
-        validation.check_backends(self.model, self.run)
+        validation.check_attention(self.model, self.run)

@@ -54,7 +54,7 @@ class Task(ABC):
 
     @abstractmethod
     def param_groups(self) -> list[dict]:
-        """AdamW parameter groups (engine.train.optim.param_groups) of the parameters to train."""
+        """AdamW parameter groups (engine.param_groups.param_groups) of the parameters to train."""
 
     @abstractmethod
     def inputs(self, batch, step: int) -> tuple:
@@ -78,19 +78,24 @@ class Task(ABC):
     def after_step(self, engine, step: int) -> None:
         """After every optimizer step (e.g. the EMA update). Device work only."""
 
-    def log_due(self, step: int, last_step: int) -> bool:
-        """Whether this step must write a log row even off the `log_every` grid (e.g. a held-out check)."""
+    def log_due(self, step: int, plan) -> bool:
+        """Whether step `step` must write a log row even off the `log_every` grid (e.g. a held-out check). `plan`:
+        engine.train.loop.Plan."""
         return False
 
-    def log_extras(self, engine, step: int, last_step: int, notes) -> dict:
-        """Extra values for the log row of `step` (host syncs allowed: this is a logging step)."""
+    def log_extras(self, engine, step: int, plan) -> dict:
+        """Extra values for the log row of step `step` (host syncs allowed: this is a logging step)."""
         return {}
 
-    def evaluate(self, engine, step: int, epoch: int, epoch_done: bool, last_step: int, stop) -> None:
-        """Called after every step; evaluates when its schedule says so (collective on every rank). Its batches go
-        through `stop.iterate(loader, count)` (engine/train/guards.py), so a stop signal ends it within a batch or
-        two on every rank (EvaluationStopped); the loop then saves and the evaluation is redone on resume. The
-        decision must depend on the arguments only (the redo passes the same ones)."""
+    def evaluation_due(self, step: int, plan) -> bool:
+        """Whether to evaluate after step `step`; a function of its arguments only (a resumed run redoes an
+        evaluation that a stop interrupted without asking again)."""
+        return False
+
+    def evaluate(self, engine, step: int, plan, stop) -> None:
+        """The evaluation after step `step` (collective on every rank). Its batches go through
+        `stop.iterate(loader, count)` (engine/stop_signal.py), so a stop signal ends it within a batch or two on
+        every rank (EvaluationStopped); the loop then saves and the evaluation is redone on resume."""
 
     def finish(self, engine, ckpt_dir: Path) -> dict:
         """After the final checkpoint of a run that was not stopped (every rank): exports and summary values."""

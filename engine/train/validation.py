@@ -13,7 +13,9 @@ from pathlib import Path
 import torch
 
 from engine.config import ConfigError
-from engine.train.runtime import detect_launch, resolve_device
+from engine.device import resolve_device
+from engine.train.resolve import cpu_has_native_bf16
+from engine.train.runtime import detect_launch
 
 logger = logging.getLogger(__name__)
 
@@ -68,44 +70,15 @@ def check_dataset_size(data_path: str, run) -> None:
             f"holds {size} training images, fewer than one global batch of {global_batch}: lower --batch_size")
 
 
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX on x86 Linux; elsewhere assume not (the safe choice: fp32)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_precision(run) -> None:
-    """`auto` → bf16 on a GPU that runs it (fp16 on older ones) and on a CPU with native bf16, else fp32."""
-    if run.precision != "auto":
-        return
-    if resolve_device(run.device) == "cuda":
-        run.precision = "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
-    else:
-        run.precision = "bf16" if cpu_has_native_bf16() else "fp32"
-
-
 def _triton_runs_on(device: str) -> bool:
     from kernels._dispatch import triton_runs_on
 
     return triton_runs_on(torch.device(device))
 
 
-def check_backends(model, run) -> None:
-    """attn_impl='triton' and mlm_loss='fused' run Triton kernels: refuse them where Triton cannot run (a CPU
-    device without TRITON_INTERPRET=1), then resolve mlm_loss='auto' once (fused on CUDA), logged."""
-    device = resolve_device(run.device)
-    runs_triton = _triton_runs_on(device)
-    require(model.attn_impl != "triton" or runs_triton, "attn_impl", model.attn_impl,
-            f"runs Triton kernels, which need a CUDA device (this run's device is {device}): use --attn_impl=sdpa")
-    require(model.mlm_loss != "fused" or runs_triton, "mlm_loss", model.mlm_loss,
-            f"runs Triton kernels, which need a CUDA device (this run's device is {device}): use --mlm_loss=reference "
-            "(or auto)")
-    if model.mlm_loss == "auto":  # the interpreter is for debugging the kernels, not a reason to pick them
-        model.mlm_loss = "fused" if device == "cuda" else "reference"
-        logger.info("mlm_loss=auto → %s (device %s)", model.mlm_loss, device)
+def _needs_triton(key: str, value: str, device: str, fix: str) -> None:
+    require(_triton_runs_on(device), key, value,
+            f"runs Triton kernels, which need a CUDA device (this run's device is {device}): use {fix}")
 
 
 def bf16_slowdown_on_cpu(size: int = 384, repeats: int = 5) -> float:
@@ -122,6 +95,13 @@ def bf16_slowdown_on_cpu(size: int = 384, repeats: int = 5) -> float:
     return median_time(torch.bfloat16) / median_time(torch.float32)
 
 
+def check_attention(model, run) -> None:
+    """attn_impl='triton' runs Triton kernels: refused where Triton cannot run (a CPU device without
+    TRITON_INTERPRET=1)."""
+    if model.attn_impl == "triton":
+        _needs_triton("attn_impl", model.attn_impl, resolve_device(run.device), "--attn_impl=sdpa")
+
+
 def check_model(model) -> None:
     from engine.factory import list_models, registered_config
 
@@ -131,7 +111,7 @@ def check_model(model) -> None:
             f"must be a positive multiple of {model.model}'s patch size {patch}")
     at_least("depth", model.depth, 1, optional=True)
     in_unit_interval("drop_path", model.drop_path, closed_low=True, closed_high=False)
-    at_least("layer_scale_init_value", model.layer_scale_init_value, 0)
+    at_least("layer_scale_init_value", model.layer_scale_init_value, 0, optional=True)
 
 
 def check_optim(optim) -> None:
@@ -173,13 +153,22 @@ def check_run(run) -> None:
     if on_cpu and run.precision == "bf16" and not cpu_has_native_bf16():
         logger.warning("precision=bf16 on a CPU without native bf16: a bf16 matmul measured %.0f× slower than fp32 "
                        "here just now; --precision=auto (or fp32) trains faster", bf16_slowdown_on_cpu())
-    resolve_precision(run)
 
 
-def check_pretrain_data(data, model) -> None:
+def check_mlm_loss(model, run) -> None:
+    """mlm_loss='fused' runs a Triton kernel: refused where Triton cannot run."""
+    if model.mlm_loss == "fused":
+        _needs_triton("mlm_loss", model.mlm_loss, resolve_device(run.device), "--mlm_loss=reference (or auto)")
+
+
+def check_pretrain_data(data, model, tokenizer_required: bool = True) -> None:
+    """`tokenizer_required=False`: a recipe whose config prepares one (recipes/pretrain_demo.py)."""
     from engine.factory import registered_config
 
     data_path("data_path", data.data_path)
+    require(bool(data.tokenizer) or not tokenizer_required, "tokenizer", data.tokenizer,
+            "required: a tokenizer directory (engine.tokenizer format: the DALL-E dVAE converted with `python -m "
+            "engine.tokenizer.convert`, or one trained by recipes/train_tokenizer.py)")
     if data.tokenizer:
         from engine.tokenizer import read_tokenizer_config
 
@@ -225,8 +214,10 @@ def check_finetune_data(data) -> None:
     in_unit_interval("smoothing", data.smoothing, closed_low=True, closed_high=False)
 
 
-def check_finetune_extras(extras) -> None:
+def check_finetune_extras(extras, run) -> None:
     in_unit_interval("model_ema_decay", extras.model_ema_decay, closed_low=False, closed_high=False)
+    require(not (extras.model_ema and run.zero_stage == 3), "model_ema", extras.model_ema,
+            "needs --zero_stage=0, 1 or 2 (ZeRO-3 partitions the weights the average is taken of)")
     at_least("eval_every", extras.eval_every, 1)
 
 

@@ -1,0 +1,25 @@
+"""The house's rules that a reader relies on, checked: imports point down (the model side never reaches into the
+trainer), recipes stand alone (none imports another), and the README stays a front door."""
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module `path` imports, at any depth (function-level imports included)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def test_nothing_outside_the_trainer_imports_it():
+    upward = {str(path.relative_to(ROOT)): sorted(name for name in imported_modules(path)
+                                                  if name == "engine.train" or name.startswith("engine.train."))
+              for path in (ROOT / "engine").rglob("*.py") if "train" not in path.relative_to(ROOT / "engine").parts[:1]}
+    assert not {path: names for path, names in upward.items() if names}
