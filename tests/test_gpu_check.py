@@ -36,7 +36,7 @@ def dry_run(tmp_path_factory):
     return out, proc, time.monotonic() - start
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # the dry run
 def test_dry_run_passes_every_step_within_its_budget(dry_run):
     out, proc, seconds = dry_run
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
@@ -47,6 +47,7 @@ def test_dry_run_passes_every_step_within_its_budget(dry_run):
     assert seconds - prepared < 200
 
 
+@pytest.mark.slow  # the dry run
 def test_dry_run_writes_the_summary(dry_run):
     out, _, _ = dry_run
     summary = (out / "summary.md").read_text()
@@ -59,6 +60,7 @@ def test_dry_run_writes_the_summary(dry_run):
     assert json.loads((out / "environment.json").read_text())["device"] == "cpu"
 
 
+@pytest.mark.slow  # the dry run
 @pytest.mark.parametrize("name", KERNEL_BENCHES)
 def test_kernel_benchmarks_write_labelled_cpu_rows(dry_run, name):
     out, _, _ = dry_run
@@ -69,6 +71,7 @@ def test_kernel_benchmarks_write_labelled_cpu_rows(dry_run, name):
     assert ours and all("error" not in row and "interpreter" in row["note"] for row in ours)
 
 
+@pytest.mark.slow  # the dry run
 def test_training_steps_ran_the_trainer_path_for_both_models(dry_run):
     out, _, _ = dry_run
     rows = read_rows(out / "train.jsonl")
@@ -77,6 +80,7 @@ def test_training_steps_ran_the_trainer_path_for_both_models(dry_run):
     assert all(row["deepspeed"] and row["img_per_s"] > 0 for row in rows)
 
 
+@pytest.mark.slow  # the dry run
 def test_cuda_tests_are_collected_and_skipped_on_cpu(dry_run):
     out, _, _ = dry_run
     for name in ("junit_kernel_tests.xml", "junit_kernel_tests_slow.xml"):

@@ -109,7 +109,10 @@ def test_resume_with_other_batch_is_a_clear_error(tokenizer_dir, reference_run, 
 
 
 def test_missing_tokenizer_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="--tokenizer"):
+    """From Python too (not only from a recipe's command line): `train` checks the config it is given."""
+    from engine.config import ConfigError
+
+    with pytest.raises(ConfigError, match="--tokenizer=.*nowhere: tokenizer directory .* does not exist"):
         run_in_process(tmp_path / "nowhere", tmp_path)
 
 

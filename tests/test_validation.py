@@ -245,8 +245,8 @@ def test_finetuning_data_of_one_class_exits_2_with_one_line(tmp_path):
         (tmp_path / split / "only").mkdir(parents=True)
         for i in range(4):
             Image.new("RGB", (28, 28), (i * 40, 0, 0)).save(tmp_path / split / "only" / f"{i}.png")
-    proc = run_recipe("recipes/finetune_demo.py", f"--data_path={tmp_path}", "--batch_size=2", "--num_workers=0",
-                      f"--output_dir={tmp_path / 'run'}")
+    proc = run_recipe("recipes/finetune_demo.py", f"--data_path={tmp_path}", "--finetune=", "--batch_size=2",
+                      "--num_workers=0", f"--output_dir={tmp_path / 'run'}")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1] == (
         f"error: --data_path={tmp_path}: 1 class(es); fine-tuning needs labelled data of two or more classes (class "

@@ -221,7 +221,10 @@ def _write_run_config(cfg, output_dir: Path, dist_info: DistInfo) -> None:
 
 def train(cfg, task_class) -> dict:
     """Builds `task_class(cfg, dist_info)`, trains (or resumes) until `epochs` or `max_steps`; returns a summary
-    (rank 0 has the full one). A stop signal saves a checkpoint and returns with `stopped_by` set."""
+    (rank 0 has the full one). A stop signal saves a checkpoint and returns with `stopped_by` set. The config is
+    checked first (`cfg.validate()`: a recipe has done so when it parsed its command line; a caller from Python gets
+    the same ConfigError), then resolved once (engine/train/resolve.py)."""
+    cfg.validate()
     run = cfg.run
     dist_info = init_distributed(run.device, run.dist_timeout_s + COLLECTIVE_GRACE_S)
     if dist_info.device.type == "cpu" and unmap_large_frees() and dist_info.is_main:
