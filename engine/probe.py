@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.config import ConfigError
+
 logger = logging.getLogger(__name__)
 
 
@@ -160,7 +162,7 @@ def _build_models(cfg: ProbeConfig, device: torch.device) -> tuple[nn.Module, nn
     from engine.factory import create_model
 
     if not cfg.checkpoint:
-        raise ValueError("--checkpoint is required: the weights to probe (e.g. runs/pretrain_demo/pretrained)")
+        raise ConfigError("--checkpoint is required: the weights to probe (e.g. runs/pretrain_demo/pretrained)")
     if not Path(cfg.checkpoint).exists():
         raise FileNotFoundError(f"--checkpoint={cfg.checkpoint} does not exist")
     config = {"name": cfg.model} if cfg.model else read_model_config(cfg.checkpoint)
@@ -172,7 +174,7 @@ def _build_models(cfg: ProbeConfig, device: torch.device) -> tuple[nn.Module, nn
     report = load_checkpoint(pretrained, cfg.checkpoint)
     backbone_missing = [k for k in report.missing if k.startswith(("patch_embed.", "blocks.", "cls_token"))]
     if backbone_missing:
-        raise ValueError(f"{cfg.checkpoint} leaves {len(backbone_missing)} backbone tensors uninitialised (e.g. "
+        raise ConfigError(f"{cfg.checkpoint} leaves {len(backbone_missing)} backbone tensors uninitialised (e.g. "
                          f"{backbone_missing[0]}): it does not hold this model's weights; check --model/--depth")
     return pretrained.to(device), random_init, config
 
@@ -194,7 +196,7 @@ def run_probe(cfg: ProbeConfig) -> dict:
     train_base, test_base = build_dataset(cfg.data_path, "train"), build_dataset(cfg.data_path, "test")
     num_classes = len(train_base.classes)
     if num_classes < 2:
-        raise ValueError(f"{cfg.data_path} has no class labels: a probe needs a labelled train and test split")
+        raise ConfigError(f"{cfg.data_path} has no class labels: a probe needs a labelled train and test split")
     mean, std = mean_std(cfg.imagenet_mean_std)
     transform = EvalTransform(pretrained.patch_embed.img_size[0], crop_pct=1.0, mean=mean, std=std)
     loaders = [build_loader(ClassificationDataset(base, transform), cfg.batch_size, num_workers=cfg.num_workers,

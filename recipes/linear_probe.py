@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from engine.config import parse_overrides  # noqa: E402
+from engine.config import config_errors_exit, parse_overrides  # noqa: E402
 from engine.probe import ProbeConfig, run_probe, summary_line  # noqa: E402
 
 
@@ -25,9 +25,7 @@ def config() -> ProbeConfig:
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     cfg = parse_overrides(config(), sys.argv[1:])
-    try:
+    with config_errors_exit():  # a missing checkpoint, weights of another model, data without labels: exit 2
         summary = run_probe(cfg)
-    except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"error: {err}") from None
     print(summary_line(summary))
     print(f"details: {summary['output']}")

@@ -10,6 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 import engine.checkpoint as ckpt
+import engine.checkpoint.__main__ as checkpoint_cli
+import engine.checkpoint.write as checkpoint_write
 from engine.factory import create_model
 from engine.pos_embed import relative_position_index
 from engine.resize import geometric_offsets, resize_abs_pos_embed, resize_rel_pos_bias_table
@@ -148,7 +150,7 @@ def test_atomic_save_leaves_nothing_on_failure(tmp_path, monkeypatch):
             handle.write(b"half a checkpoint")
         raise OSError("disk full")
 
-    monkeypatch.setattr(ckpt, "save_file", failing_writer)
+    monkeypatch.setattr(checkpoint_write, "save_file", failing_writer)
     for target in ("ckpt", "fresh"):
         with pytest.raises(OSError, match="disk full"):
             ckpt.save_pretrained(make(CLS), tmp_path / target)
@@ -266,7 +268,8 @@ def test_hugging_face_cli_conversion(tmp_path):
     source = make(CLS)
     save_file(to_hf(source.state_dict(), masked_image_modeling=False), tmp_path / "model.safetensors")
     overrides = [f"--set={key}={json.dumps(value)}" for key, value in {**TINY, "num_classes": 10}.items()]
-    ckpt.main(["convert", str(tmp_path / "model.safetensors"), str(tmp_path / "ours"), "--model", CLS, *overrides])
+    checkpoint_cli.main(["convert", str(tmp_path / "model.safetensors"), str(tmp_path / "ours"), "--model", CLS,
+                         *overrides])
     assert torch.equal(outputs(ckpt.create_model_from_checkpoint(tmp_path / "ours")), outputs(source))
 
 

@@ -70,8 +70,8 @@ def test_run_probe_writes_json_and_summary(tiny_checkpoint, quadrant_data, tmp_p
     assert written["num_train"] == 120 and written["num_test"] == 60 and written["num_classes"] == 4
     for arm in ("pretrained", "random_init"):
         assert 1 <= written[arm]["linear"]["layer"] <= 2 and len(written[arm]["per_layer"]) == 2
-        assert 0 <= written[arm]["knn"]["acc1"] <= 100
-        assert written[arm]["linear"]["acc1"] > 50  # the quadrant is linearly readable even from a random ViT
+        # the quadrant is readable even from a random ViT (both give 100% here; 25% is chance)
+        assert written[arm]["linear"]["acc1"] > 50 and written[arm]["knn"]["acc1"] > 50
     assert written["gain"]["linear"] == pytest.approx(written["pretrained"]["linear"]["acc1"]
                                                       - written["random_init"]["linear"]["acc1"])
     line = summary_line(summary)
