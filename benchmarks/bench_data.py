@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     image_folder = cfg.data_path or str(imagenet_like_folder(cache / f"imagenet_like_{cfg.images}", cfg.images))
     seg_root = cfg.seg_data_path
     if "segmentation" in pipelines and not seg_root:
-        from engine.data.segmentation import build_demo_segmentation
+        from engine.data.demo_segmentation import build_demo_segmentation
 
         seg_root = str(build_demo_segmentation(cache / f"ade_like_512_{cfg.images}", num_train=cfg.images, num_val=1,
                                                image_size=512))

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from engine.data.segmentation import PHOTOS_DIR
+from engine.data.datasets import PHOTOS_DIR
 
 JPEG_QUALITY = 90
 # (width, height) around ImageNet's typical sizes: most images are 500 px on the long side, some larger or smaller

@@ -4,7 +4,7 @@ from scratch, same budget, then mIoU for both and a picture of predictions.
     python recipes/pretrain_demo.py        # first: writes runs/pretrain_demo/pretrained
     python recipes/segment_demo.py [--key=value ...]
 
-Data (engine.data.segmentation.build_demo_segmentation, built once under runs/segment_demo/data, in ADE20K format so
+Data (engine/data/demo_segmentation.py, built once under runs/segment_demo/data, in ADE20K format so
 that it goes through the same reader and pipeline as ADE20K): 28 px crops of eight public-domain / CC0 photographs
 (engine/data/assets/photos), turned grey and darkened, each with one Fashion-MNIST garment pasted on it (21-28 px,
 white, alpha = the garment's intensity); every pixel is labelled background or the garment's class (11 classes;
@@ -69,7 +69,7 @@ class SegmentDemoConfig(SegmentationConfig):
     def validate(self) -> None:
         """The generated set's values, then the set itself (built once, a few seconds) so that the checks of the
         segmentation config see its folder."""
-        from engine.data.segmentation import build_demo_segmentation
+        from engine.data.demo_segmentation import build_demo_segmentation
 
         demo = self.demo_set
         validation.at_least("num_train", demo.num_train, 1)
@@ -132,7 +132,8 @@ def save_picture(cfg: SegmentDemoConfig, run_dirs: dict[str, Path], out: Path) -
     import torch
     from matplotlib.patches import Patch
 
-    from engine.data.segmentation import DEMO_CLASSES, ADE20KDataset, SegEvalTransform
+    from engine.data.demo_segmentation import DEMO_CLASSES
+    from engine.data.segmentation import ADE20KDataset, SegEvalTransform
     from engine.segmentation.model import slide_inference
 
     dataset = ADE20KDataset(cfg.data.data_path, "validation", num_classes=cfg.data.num_classes)

@@ -354,7 +354,7 @@ def test_sigterm_during_a_classification_evaluation_saves_and_the_rerun_redoes_i
 
 @pytest.mark.slow
 def test_sigterm_during_a_segmentation_evaluation_saves_and_the_rerun_redoes_it(tmp_path):
-    from engine.data.segmentation import build_demo_segmentation
+    from engine.data.demo_segmentation import build_demo_segmentation
 
     data = build_demo_segmentation(tmp_path / "data", num_train=8, num_val=6, image_size=56)  # ~2 s an image
     out = tmp_path / "run"

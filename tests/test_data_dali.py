@@ -15,8 +15,8 @@ from PIL import Image
 
 from engine.config import ConfigError
 from engine.data import MIMPretrainDataset, PretrainTransform, build_dataset, build_loader
+from engine.data.datasets import PHOTOS_DIR
 from engine.data.masking import MaskingGenerator
-from engine.data.segmentation import PHOTOS_DIR
 
 dali = pytest.importorskip("nvidia.dali", reason="NVIDIA DALI not installed (pip install -e '.[dali]')")
 from engine.data.dali import build_dali_pretrain_loader, require_dali  # noqa: E402

@@ -18,7 +18,7 @@ import torch
 from PIL import Image, ImageEnhance, ImageStat
 
 from engine.data.color_jitter import CONTRAST, ColorJitter, apply_color_jitter, contrast_mean
-from engine.data.segmentation import PHOTOS_DIR
+from engine.data.datasets import PHOTOS_DIR
 from engine.data.transforms import EvalTransform, FinetuneTransform, PretrainTransform, random_resized_crop_box
 
 _ENHANCERS = {0: ImageEnhance.Brightness, 1: ImageEnhance.Contrast, 2: ImageEnhance.Color}

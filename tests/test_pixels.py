@@ -55,7 +55,7 @@ def test_native_resampling_gives_pils_pixels_bit_for_bit(simd):
 @native
 def test_native_resampling_of_photos_matches_a_single_pil_resize_when_pil_runs_horizontal_first():
     """The views of ImageNet-like crops: every Pillow runs these horizontal first (neither axis shrinks much more)."""
-    from engine.data.segmentation import PHOTOS_DIR
+    from engine.data.datasets import PHOTOS_DIR
 
     photo = np.asarray(Image.open(sorted(PHOTOS_DIR.glob("*.jpg"))[0]).convert("RGB"))
     for size, name in ((224, "bicubic"), (112, "lanczos")):
@@ -131,7 +131,7 @@ def test_native_affine_gives_pils_pixels_bit_for_bit(simd):
 
 
 def test_affine_and_rotation_match_pil_on_either_path(monkeypatch):
-    from engine.data.segmentation import PHOTOS_DIR
+    from engine.data.datasets import PHOTOS_DIR
 
     photo = np.asarray(Image.open(sorted(PHOTOS_DIR.glob("*.jpg"))[1]).convert("RGB").resize((224, 224)))
     expected = [np.asarray(Image.fromarray(photo).rotate(degrees, resample=Image.Resampling.BICUBIC,
@@ -150,7 +150,7 @@ def test_affine_and_rotation_match_pil_on_either_path(monkeypatch):
 @native
 def test_native_saturation_hue_gives_the_numpy_reference_bytes():
     """Segmentation's photometric distortion: the float32 HSV round trip, natively, byte for byte."""
-    from engine.data.segmentation import PHOTOS_DIR
+    from engine.data.datasets import PHOTOS_DIR
 
     rng = np.random.default_rng(0)
     photo = np.asarray(Image.open(sorted(PHOTOS_DIR.glob("*.jpg"))[2]).convert("RGB"))[:200, :300]

@@ -10,13 +10,12 @@ import torch
 from PIL import Image
 
 from engine.config import ConfigError
+from engine.data.demo_segmentation import DEMO_CLASSES, build_demo_segmentation
 from engine.data.segmentation import (
-    DEMO_CLASSES,
     ADE20KDataset,
     PhotoMetricDistortion,
     SegEvalTransform,
     SegTrainTransform,
-    build_demo_segmentation,
     reduce_zero_label,
     rescale_size,
 )

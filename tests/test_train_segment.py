@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from engine.checkpoint import save_pretrained
 from engine.config import apply_overrides
-from engine.data.segmentation import build_demo_segmentation
+from engine.data.demo_segmentation import build_demo_segmentation
 from engine.factory import create_model
 from engine.train.metrics import read_metrics
 

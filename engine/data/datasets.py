@@ -50,6 +50,7 @@ logger = logging.getLogger(__name__)
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                          "Ankle boot")
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+PHOTOS_DIR = ASSETS_DIR / "photos"  # public-domain / CC0 photographs (ATTRIBUTION.md): demos, benchmarks, tests
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 EMBEDDED_PREFIX = "embedded:"
 Split = Literal["train", "test"]
