@@ -43,7 +43,7 @@ def take_preset(argv: list[str], presets, default: str | None = None) -> tuple[s
     """A recipe's `--preset=NAME` (the last one wins) and the other arguments; an unknown name exits with one line."""
     names = [arg.split("=", 1)[1] for arg in argv if arg.startswith("--preset=")]
     if names and names[-1] not in presets:
-        exit_with_error(f"--preset={names[-1]}: expected one of {', '.join(presets)}")
+        exit_with_error(f"--preset={names[-1]}: expected one of {', '.join(presets) or 'none (this recipe has none)'}")
     return (names[-1] if names else default), [arg for arg in argv if not arg.startswith("--preset=")]
 
 

@@ -9,13 +9,12 @@ Stages, each resumable (rerun the same command after an interruption; finished s
 3. probe: linear probe and k-NN of the pretrained backbone vs a random init (recipes/linear_probe.py);
 4. fine-tuning from the pretrained weights and from scratch, same recipe and budget, `seeds` seeds per arm.
 Writes `<results>.json` (every number, the command, the wall time of each stage) and `<results>.png` (top-1 per
-epoch of both arms, probe accuracies). What was shrunk to fit about two hours of a 2-core CPU, and why, is in the
-README's section "Does pretraining pay off?".
+epoch of both arms, probe accuracies). What was shrunk to fit about two hours of a 2-core CPU, and why, is in
+docs/results.md, "Does pretraining pay off?".
 """
 
 import copy
 import json
-import logging
 import platform
 import shlex
 import statistics
@@ -27,16 +26,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
-sys.path.insert(0, str(ROOT / "recipes"))
 
-import finetune_demo  # noqa: E402
-import pretrain_demo  # noqa: E402
 
-from engine.config import parse_overrides  # noqa: E402
+from engine.config import exit_with_error, parse_overrides  # noqa: E402
 from engine.probe import ProbeConfig, run_probe, summary_line  # noqa: E402
+from engine.train import demos  # noqa: E402
 from engine.train.finetune import run_finetuning  # noqa: E402
 from engine.train.metrics import read_metrics  # noqa: E402
 from engine.train.pretrain import run_pretraining  # noqa: E402
+from engine.train.recipe import parse_recipe  # noqa: E402
 
 STAGES_FILE = "stages.json"
 SETTINGS_FILE = "settings.json"
@@ -80,8 +78,8 @@ def check_same_settings(cfg: EvidenceConfig, output_dir: Path) -> None:
                          "with the same settings, or pass a new --output_dir")
 
 
-def pretrain_config(cfg: EvidenceConfig) -> pretrain_demo.DemoConfig:
-    pre = pretrain_demo.config()
+def pretrain_config(cfg: EvidenceConfig) -> demos.PretrainDemoConfig:
+    pre = demos.pretrain_config()
     pre.data.data_path, pre.model.depth = cfg.data_path, cfg.depth
     pre.optim.lr, pre.optim.warmup_steps = cfg.pretrain_lr, cfg.pretrain_warmup_steps
     run = pre.run
@@ -95,7 +93,7 @@ def pretrain_config(cfg: EvidenceConfig) -> pretrain_demo.DemoConfig:
 
 def finetune_configs(cfg: EvidenceConfig, pretrained: Path) -> dict[str, object]:
     """{"pretrained_seed0": FinetuneConfig, "scratch_seed0": ..., ...}: the same recipe, only the init differs."""
-    base = finetune_demo.config()
+    base = demos.finetune_config()
     base.data.data_path, base.model.depth, base.optim.lr = cfg.data_path, cfg.depth, cfg.finetune_lr
     base.optim.layer_decay = cfg.layer_decay
     run = base.run
@@ -217,13 +215,13 @@ def plot(results: dict, png: Path) -> Path | None:
 
 
 def main(argv: list[str]) -> dict:
-    cfg = parse_overrides(EvidenceConfig(), argv)
+    cfg = parse_recipe(EvidenceConfig(), argv)
     from engine.data import build_dataset
 
     try:
         build_dataset(cfg.data_path, "test")
     except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"error: {err}") from None
+        exit_with_error(str(err))
     started = time.time()
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -232,7 +230,7 @@ def main(argv: list[str]) -> dict:
     pre = pretrain_config(cfg)
 
     def tokenizer() -> dict:
-        pretrain_demo.ensure_tokenizer(pre)
+        demos.ensure_tokenizer(pre)
         metrics = json.loads((Path(pre.data.tokenizer).parent / "metrics.json").read_text())
         return {**metrics, "tokenizer_dir": pre.data.tokenizer}
 
@@ -281,5 +279,4 @@ def main(argv: list[str]) -> dict:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     main(sys.argv[1:])

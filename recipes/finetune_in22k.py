@@ -19,29 +19,18 @@ ImageNet-1k next (recipes/finetune_base.py with the pt22k_ft22k settings).
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from finetune_base import config as base_config  # noqa: E402
-from finetune_base import main  # noqa: E402
-
-from engine.config import take_preset  # noqa: E402
-
-# preset: (model, per-device batch, global batch, lr, layer decay, clip)
-PRESETS = {"base": ("beit_base_patch16_224", 256, 4096, 3e-3, 0.65, 3.0),
-           "large": ("beit_large_patch16_224", 64, 2048, 2e-3, 0.75, 1.0)}
+from engine.train import published  # noqa: E402
+from engine.train.finetune import print_outcome, run_finetuning  # noqa: E402
+from engine.train.recipe import run_recipe  # noqa: E402
 
 
 def config(preset: str = "base"):
-    model, batch, global_batch, lr, layer_decay, clip = PRESETS[preset]
-    cfg = base_config()
-    cfg.model.model, cfg.model.drop_path = model, 0.2
-    cfg.optim.lr, cfg.optim.layer_decay, cfg.optim.clip_grad, cfg.optim.warmup_epochs = lr, layer_decay, clip, 5
-    cfg.run.batch_size, cfg.run.global_batch, cfg.run.epochs = batch, global_batch, 90
-    cfg.run.output_dir = f"runs/finetune_in22k_{preset}"
-    cfg.extras.disable_eval_during_finetuning = True
-    return cfg
+    return published.finetune(preset, "in22k")
 
+
+PRESETS = {size: (lambda cfg, size=size: config(size)) for size in published.SIZES}
 
 if __name__ == "__main__":
-    preset, sys.argv[1:] = take_preset(sys.argv[1:], PRESETS, default="base")
-    main(config(preset))
+    print_outcome(run_recipe(config(), run_finetuning, presets=PRESETS, default_preset="base"))

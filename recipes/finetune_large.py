@@ -10,19 +10,18 @@ recipe (recipes/finetune_base.py, same flags and --preset) with the Large model,
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from finetune_base import config as base_config  # noqa: E402
-from finetune_base import main  # noqa: E402
+from engine.train import published  # noqa: E402
+from engine.train.finetune import print_outcome, run_finetuning  # noqa: E402
+from engine.train.recipe import run_recipe  # noqa: E402
+
+PRESETS = {"imagenet": lambda cfg: cfg, "cifar100": lambda cfg: published.finetune("large", "cifar100")}
 
 
 def config():
-    cfg = base_config()
-    cfg.model.model, cfg.model.drop_path = "beit_large_patch16_224", 0.2
-    cfg.optim.lr, cfg.optim.layer_decay, cfg.optim.warmup_epochs = 1e-3, 0.75, 5
-    cfg.run.epochs, cfg.run.batch_size, cfg.run.output_dir = 50, 64, "runs/finetune_large"
-    return cfg
+    return published.finetune("large")
 
 
 if __name__ == "__main__":
-    main(config())
+    print_outcome(run_recipe(config(), run_finetuning, presets=PRESETS))

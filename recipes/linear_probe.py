@@ -8,24 +8,25 @@ is refitted on all training images and scored on the test split (engine/probe.py
 probe.json next to the checkpoint) and prints one summary line. About 70 s for the demo checkpoint on 2 cores.
 """
 
-import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from engine.config import config_errors_exit, parse_overrides  # noqa: E402
 from engine.probe import ProbeConfig, run_probe, summary_line  # noqa: E402
+from engine.train.recipe import run_recipe  # noqa: E402
 
 
 def config() -> ProbeConfig:
     return ProbeConfig(data_path="embedded:fashion_mnist", imagenet_mean_std=False)
 
 
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
-    cfg = parse_overrides(config(), sys.argv[1:])
-    with config_errors_exit():  # a missing checkpoint, weights of another model, data without labels: exit 2
-        summary = run_probe(cfg)
+def probe(cfg: ProbeConfig) -> None:
+    """A missing checkpoint, weights of another model, data without labels: one line, exit status 2."""
+    summary = run_probe(cfg)
     print(summary_line(summary))
     print(f"details: {summary['output']}")
+
+
+if __name__ == "__main__":
+    run_recipe(config(), probe)

@@ -14,47 +14,19 @@ weights + Adam moments, 12 bytes/param); stage 1 shards it at the communication 
 that these model sizes do not need on 80 GB GPUs.
 """
 
-import logging
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from engine.config import config_errors_exit, exit_with_error, parse_overrides  # noqa: E402
+from engine.train import published  # noqa: E402
 from engine.train.pretrain import run_pretraining  # noqa: E402
-from engine.train.settings import (  # noqa: E402
-    OptimSettings,
-    PretrainConfig,
-    PretrainData,
-    PretrainModelSettings,
-    RunSettings,
-)
+from engine.train.recipe import run_recipe  # noqa: E402
 
 
-def config() -> PretrainConfig:
-    return PretrainConfig(
-        model=PretrainModelSettings(model="beit_base_patch16_224_8k_vocab", input_size=224, drop_path=0.1,
-                            layer_scale_init_value=0.1, use_shared_rel_pos_bias=True,
-                            attn_impl="triton" if torch.cuda.is_available() else "sdpa",
-                            mlm_loss="auto"),
-        data=PretrainData(data_path="", tokenizer="", second_input_size=112, num_mask_patches=75,
-                          min_mask_patches=16, imagenet_mean_std=True),
-        optim=OptimSettings(lr=1.5e-3, min_lr=1e-5, warmup_epochs=10, weight_decay=0.05, clip_grad=3.0),
-        run=RunSettings(output_dir="runs/pretrain_base", epochs=800, batch_size=128, global_batch=2048,
-                        precision="auto", zero_stage=1, num_workers=10, save_every=5000, log_every=50),
-    )
-
-
-def main(cfg: PretrainConfig) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
-    cfg = parse_overrides(cfg, sys.argv[1:])
-    if not cfg.data.tokenizer:
-        exit_with_error(f"--tokenizer=DIR is required (see the docstring of {Path(sys.argv[0]).name})")
-    with config_errors_exit():
-        run_pretraining(cfg)
+def config():
+    return published.pretrain("base")
 
 
 if __name__ == "__main__":
-    main(config())
+    run_recipe(config(), run_pretraining)

@@ -12,25 +12,18 @@ class folders or a flat folder both work (pretraining ignores labels).
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from pretrain_base import config as base_config  # noqa: E402
-from pretrain_base import main  # noqa: E402
-from pretrain_large import config as large_config  # noqa: E402
-
-from engine.config import take_preset  # noqa: E402
-
-PRESETS = {"base": base_config, "large": large_config}
+from engine.train import published  # noqa: E402
+from engine.train.pretrain import run_pretraining  # noqa: E402
+from engine.train.recipe import run_recipe  # noqa: E402
 
 
 def config(preset: str = "base"):
-    cfg = PRESETS[preset]()
-    cfg.optim.warmup_steps = 10_000
-    cfg.run.epochs = 150
-    cfg.run.output_dir = f"runs/pretrain_in22k_{preset}"
-    return cfg
+    return published.pretrain(preset, "in22k")
 
+
+PRESETS = {size: (lambda cfg, size=size: config(size)) for size in published.SIZES}
 
 if __name__ == "__main__":
-    preset, sys.argv[1:] = take_preset(sys.argv[1:], PRESETS, default="base")
-    main(config(preset))
+    run_recipe(config(), run_pretraining, presets=PRESETS, default_preset="base")

@@ -7,19 +7,16 @@ as in the unilm beit README.
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from pretrain_base import config as base_config  # noqa: E402
-from pretrain_base import main  # noqa: E402
+from engine.train import published  # noqa: E402
+from engine.train.pretrain import run_pretraining  # noqa: E402
+from engine.train.recipe import run_recipe  # noqa: E402
 
 
 def config():
-    cfg = base_config()
-    cfg.model.model = "beit_large_patch16_224_8k_vocab"
-    cfg.model.layer_scale_init_value = 1e-5
-    cfg.run.output_dir = "runs/pretrain_large"
-    return cfg
+    return published.pretrain("large")
 
 
 if __name__ == "__main__":
-    main(config())
+    run_recipe(config(), run_pretraining)

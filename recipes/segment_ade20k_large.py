@@ -9,21 +9,16 @@ path 0.2, layer decay 0.95 at lr 2e-5, 3000 warm-up iterations, crop 640 with st
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from segment_ade20k_base import config as base_config  # noqa: E402
-from segment_ade20k_base import main  # noqa: E402
+from engine.train import published  # noqa: E402
+from engine.train.recipe import run_recipe  # noqa: E402
+from engine.train.segment import print_outcome, run_segmentation  # noqa: E402
 
 
 def config():
-    cfg = base_config()
-    cfg.model.model, cfg.model.input_size = "beit_large_patch16_224", 640
-    cfg.model.layer_scale_init_value, cfg.model.drop_path = 1e-6, 0.2
-    cfg.data.img_scale, cfg.data.eval_stride = (2560, 640), 426
-    cfg.optim.lr, cfg.optim.layer_decay, cfg.optim.warmup_steps = 2e-5, 0.95, 3000
-    cfg.run.output_dir = "runs/segment_ade20k_large"
-    return cfg
+    return published.segment("large")
 
 
 if __name__ == "__main__":
-    main(config(), presets={})
+    print_outcome(run_recipe(config(), run_segmentation))

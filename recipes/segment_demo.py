@@ -22,7 +22,6 @@ steps and at the end.
 """
 
 import json
-import logging
 import os
 import sys
 import time
@@ -30,12 +29,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from finetune_demo import ARMS, run_arms  # noqa: E402
-
-from engine.config import parse_overrides  # noqa: E402
 from engine.train import validation  # noqa: E402
+from engine.train.recipe import ARMS, run_arms, run_recipe  # noqa: E402
 from engine.train.segment import run_segmentation  # noqa: E402
 from engine.train.settings import (  # noqa: E402
     ModelSettings,
@@ -174,10 +170,8 @@ def save_picture(cfg: SegmentDemoConfig, run_dirs: dict[str, Path], out: Path) -
     return out
 
 
-def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+def demo(cfg: SegmentDemoConfig) -> None:
     started = time.time()
-    cfg = parse_overrides(config(), sys.argv[1:])
     print(f"segmentation from {cfg.data.finetune or '(no checkpoint)'} and from scratch, {cfg.run.steps} steps of "
           f"{cfg.run.batch_size} images each: expect about {expected_minutes(cfg):.0f} minutes on an idle 2-core CPU")
     results = run_arms(cfg, run_segmentation)
@@ -201,4 +195,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_recipe(config(), demo)

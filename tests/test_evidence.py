@@ -35,8 +35,9 @@ def test_evidence_pipeline_on_tiny_data(quadrant_data, tmp_path, capsys):
         fashion_mnist_evidence.main([*argv, "--finetune_epochs=5"])
 
 
-def test_missing_data_is_one_line(tmp_path):
+def test_missing_data_is_one_line(tmp_path, capsys):
     import fashion_mnist_evidence
 
-    with pytest.raises(SystemExit, match="does not exist"):
+    with pytest.raises(SystemExit) as stop:
         fashion_mnist_evidence.main([f"--data_path={tmp_path / 'absent'}"])
+    assert stop.value.code == 2 and "does not exist" in capsys.readouterr().err

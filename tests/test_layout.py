@@ -23,3 +23,19 @@ def test_nothing_outside_the_trainer_imports_it():
                                                   if name == "engine.train" or name.startswith("engine.train."))
               for path in (ROOT / "engine").rglob("*.py") if "train" not in path.relative_to(ROOT / "engine").parts[:1]}
     assert not {path: names for path, names in upward.items() if names}
+
+
+def test_recipes_import_nothing_from_each_other():
+    """Shared settings live in the engine (engine/train/published.py, demos.py); a recipe is an entry point."""
+    recipes = {path.stem for path in (ROOT / "recipes").glob("*.py")}
+    crossing = {path.name: sorted(imported_modules(path) & recipes) for path in (ROOT / "recipes").glob("*.py")}
+    assert not {name: names for name, names in crossing.items() if names}
+    assert not any("sys.path.insert(0, str(Path(__file__).resolve().parent))" in path.read_text()
+                   for path in (ROOT / "recipes").glob("*.py"))
+
+
+def test_every_recipe_parses_its_command_line_through_the_one_entry_helper():
+    for path in (ROOT / "recipes").glob("*.py"):
+        text = path.read_text()
+        assert "logging.basicConfig" not in text and "config_errors_exit" not in text, path.name
+        assert "run_recipe(" in text or "parse_recipe(" in text, path.name

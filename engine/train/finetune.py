@@ -224,3 +224,11 @@ def run_finetuning(cfg: FinetuneConfig) -> dict:
     """Trains (or resumes), evaluating every `eval_every` epochs; returns a summary (complete on rank 0). A run stopped
     by a signal returns `stopped_by` set and no `best`/`evals`."""
     return train(cfg, LinearProbe if cfg.extras.linear_probe else ImageClassification)
+
+
+def print_outcome(summary: dict) -> None:
+    """The recipes' last line: the best top-1, or where the final weights are when no evaluation ran."""
+    if summary.get("best"):
+        print(f"best top-1 {summary['best']['acc1']:.2f}% at step {summary['best'].get('step')}")
+    elif summary.get("final_dir"):
+        print(f"no evaluation ran; final weights in {summary['final_dir']}")

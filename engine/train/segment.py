@@ -130,3 +130,10 @@ def run_segmentation(cfg: SegmentationConfig) -> dict:
     """Trains (or resumes), evaluating every `eval_every` steps; returns a summary (complete on rank 0). A run
     stopped by a signal returns `stopped_by` set and no `best`/`evals`."""
     return train(cfg, SemanticSegmentation)
+
+
+def print_outcome(summary: dict) -> None:
+    """The recipes' last line: the best and the last mIoU."""
+    if summary.get("best") and summary.get("evals"):
+        print(f"best mIoU {summary['best']['mIoU']:.2f}% at step {summary['best'].get('step')}; "
+              f"last mIoU {summary['evals'][-1]['mIoU']:.2f}%")
