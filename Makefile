@@ -32,7 +32,7 @@ bench: install
 	for script in masking attention rel_pos_bias masked_lm_loss block train; do \
 		$(PYTHON) benchmarks/bench_$$script.py || exit 1; done
 
-# Compiles every Triton kernel for sm_80/sm_90 with the ptxas in Triton's wheel, no GPU needed (kernels/aot.py);
+# Compiles every Triton kernel for sm_80/sm_90 with the ptxas in Triton's wheel, no GPU needed (tools/aot/);
 # fails on compile errors, shared-memory overflow and spilling configs. Writes build/aot/ (git-ignored); the committed
 # tables are rewritten on purpose: make aot AOT_OUT=benchmarks/results/aot.
 # AOT_SUBSET=full: every autotune config (long). aot-oldest: the same check under the oldest Triton we support (the
@@ -43,7 +43,7 @@ TRITON_OLDEST ?= 3.6.0
 OLDEST_TRITON_DIR = $(CURDIR)/.triton-$(TRITON_OLDEST)-$(shell $(PYTHON) -c "import sys; print(sys.implementation.cache_tag)")
 AOT_OUT ?= build/aot
 aot:
-	env -u TRITON_INTERPRET $(PYTHON) -m kernels.aot --subset=$(AOT_SUBSET) --out=$(AOT_OUT)
+	env -u TRITON_INTERPRET $(PYTHON) -m tools.aot --subset=$(AOT_SUBSET) --out=$(AOT_OUT)
 
 aot-oldest:
 	@test -d $(OLDEST_TRITON_DIR)/triton-$(TRITON_OLDEST).dist-info || { rm -rf $(OLDEST_TRITON_DIR).partial && \

@@ -27,7 +27,7 @@ IEEE fp32 dot products (no TF32). Offsets into q/k/v/out and the gradient buffer
 (batch·H + head) × N × D pass 2³¹ at large batch × long sequences).
 Dispatch: Triton for CUDA tensors or under `TRITON_INTERPRET=1`; a CPU tensor otherwise is an error naming the fix,
 never a silent reference (`kernels._dispatch`). CUDA configs are autotuned over the configs that compile without
-register spills on the running arch (`kernels.aot` checks them); the interpreter uses one fixed small config.
+register spills on the running arch (`python -m tools.aot` checks them); the interpreter uses one fixed small config.
 """
 
 import functools
@@ -92,7 +92,7 @@ def _config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Confi
 
 
 def _fwd_configs() -> list[triton.Config]:
-    """Candidates of the query-block kernels (forward and dQ): what `python -m kernels.aot --subset=full` sweeps."""
+    """Candidates of the query-block kernels (forward and dQ): what `python -m tools.aot --subset=full` sweeps."""
     large = [_config(bm, bn, w, s) for bm in (64, 128) for bn in (32, 64) for w in (4, 8) for s in (2, 3, 4)
              if not (bm == 128 and w == 4 and s == 4)]
     return large + [_config(32, bn, 4, s) for bn in (32, 64) for s in (2, 3)]  # small tiles for D = 128
@@ -105,7 +105,7 @@ def _bwd_configs() -> list[triton.Config]:
 
 # What each kernel autotunes, per arch and head-dim block: the candidates that compile with no register spill and
 # within shared memory under Triton 3.6 and 3.9, for bf16 and fp16 inputs, with no bias and with a bf16 or fp32 bias
-# (chosen from the sweeps in benchmarks/results/aot/; `python -m kernels.aot` fails if one of them spills).
+# (chosen from the sweeps in benchmarks/results/aot/; `python -m tools.aot` fails if one of them spills).
 # (BLOCK_M, BLOCK_N, warps, stages). Other archs (sm_86/89, sm_100) take the sm_80 lists; there a config above the
 # card's shared memory (sm_86/89: ~99 KB) fails to launch and the autotuner skips it. fp32 inputs take the same
 # lists (they may spill there: fp32 is the tests' path, not the training one).

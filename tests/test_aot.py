@@ -1,4 +1,4 @@
-"""kernels.aot, the ahead-of-time compile check: a real sm_90 compile on the CPU (Triton's bundled ptxas, no GPU),
+"""tools.aot, the ahead-of-time compile check: a real sm_90 compile on the CPU (Triton's bundled ptxas, no GPU),
 and the failure rule on hand-made rows."""
 
 import json
@@ -10,7 +10,9 @@ import pytest
 import triton.backends.nvidia.compiler as nvidia_compiler
 from conftest import SUBPROCESS_ENV
 
-from kernels import aot
+import tools.aot.__main__ as cli
+from tools.aot import compile as aot_compile
+from tools.aot import launchers, report, spec, sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_compiles_a_kernel_for_sm90_without_a_gpu(tmp_path):
     # A subprocess: the test session runs Triton's interpreter (TRITON_INTERPRET=1), which has nothing to compile.
-    command = [sys.executable, "-m", "kernels.aot", "--kernels=_bwd_preprocess_kernel", "--arch=90", "--jobs=1",
+    command = [sys.executable, "-m", "tools.aot", "--kernels=_bwd_preprocess_kernel", "--arch=90", "--jobs=1",
                f"--out={tmp_path}"]
     result = subprocess.run(command, cwd=ROOT, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -36,28 +38,28 @@ def test_compiles_a_kernel_for_sm90_without_a_gpu(tmp_path):
 
 
 def test_spec_matches_the_kernels():
-    for name in aot.SPECS:
-        aot.check_spec(name, aot._kernel_function(name))
+    for name in spec.SPECS:
+        aot_compile.check_spec(name, sweep._kernel_function(name))
 
 
 @pytest.mark.slow
 def test_spec_matches_what_the_launchers_pass():
-    command = [sys.executable, "-m", "kernels.aot", "--check-launchers"]
+    command = [sys.executable, "-m", "tools.aot", "--check-launchers"]
     result = subprocess.run(command, cwd=ROOT, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "every recorded launch matches the spec" in result.stdout
 
 
 def test_launch_mismatches_name_the_argument():
-    variant = aot.Variant("_fwd_kernel", 90, "bf16", 64, True, "fp32", (("BLOCK_M", 32), ("BLOCK_N", 16)), 4, 3)
-    fn = aot._kernel_function("_fwd_kernel")
-    source = aot._ast_source(fn, variant)
+    variant = spec.Variant("_fwd_kernel", 90, "bf16", 64, True, "fp32", (("BLOCK_M", 32), ("BLOCK_N", 16)), 4, 3)
+    fn = sweep._kernel_function("_fwd_kernel")
+    source = aot_compile._ast_source(fn, variant)
     launch = ["_fwd_kernel", dict(source.signature), dict(source.constants), dict(source.attrs)]
-    assert aot.launch_mismatches([tuple(launch)]) == []
+    assert launchers.launch_mismatches([tuple(launch)]) == []
     stride_qh = fn.arg_names.index("stride_qh")
     del launch[3][(stride_qh,)]
     launch[1]["N"] = "i64"
-    assert aot.launch_mismatches([tuple(launch)]) == [
+    assert launchers.launch_mismatches([tuple(launch)]) == [
         "SPEC MISMATCH _fwd_kernel.N: spec i32 -, launcher i64 -",
         "SPEC MISMATCH _fwd_kernel.stride_qh: spec divisible by 16 = True, launcher False",
     ]
@@ -79,7 +81,7 @@ def _spilling(**fields) -> dict:
 
 
 def test_clean_rows_pass():
-    assert aot.failures([_row(), _spilling(config="big"), _row(head_dim=128)]) == []
+    assert report.failures([_row(), _spilling(config="big"), _row(head_dim=128)]) == []
 
 
 def test_failure_rule_gives_one_line_per_failure():
@@ -93,7 +95,7 @@ def test_failure_rule_gives_one_line_per_failure():
         _spilling(has_bias=False, table_dtype=None),  # a group whose only config spills
         _spilling(has_bias=False, table_dtype=None, config="other", shared=999999, pruned=True),
     ]
-    lines = aot.failures(rows)
+    lines = report.failures(rows)
     assert lines == [
         "COMPILE ERROR _fwd_kernel sm_90 bf16 table=fp32 D=64 bias [BLOCK_M=64 BLOCK_N=64 w4 s3]: "
         "CompilationError: boom",
@@ -107,16 +109,16 @@ def test_failure_rule_gives_one_line_per_failure():
 
 
 def test_report_exit_status_and_files(tmp_path, capsys):
-    args = aot.parse_args([f"--out={tmp_path}", "--kernels=_fwd_kernel"])
+    args = cli.parse_args([f"--out={tmp_path}", "--kernels=_fwd_kernel"])
     header = {"triton": "0.0", "date": "today", "subset": "ci", "archs": [90], "dtypes": ["bf16"], "head_dims": [64],
               "wall_s": 1.0, "jobs": 1, "ptxas": "ptxas 12.8", "kernels_sha": "abc"}
-    assert aot.report([_row()], args, header) == 0
-    assert aot.report([_row(), _row(config="huge", shared=240000, pruned=True)], args, header) == 1
+    assert cli.report([_row()], args, header) == 0
+    assert cli.report([_row(), _row(config="huge", shared=240000, pruned=True)], args, header) == 1
     out = capsys.readouterr().out
     assert out.rstrip().splitlines()[-1].startswith("SMEM OVERFLOW _fwd_kernel sm_90")
     markdown = next(tmp_path.glob("aot_*.md")).read_text()
     assert "## Candidate sweep" in markdown and "SMEM OVERFLOW" in markdown
-    assert aot.candidate_overflows([_row(config="candidate only", shared=240000)]) == [
+    assert report.candidate_overflows([_row(config="candidate only", shared=240000)]) == [
         "_fwd_kernel sm_90 bf16 table=fp32 D=64 bias [candidate only]: 240000 B > 232448 B"]
     rows = [json.loads(line) for line in next(tmp_path.glob("aot_*.jsonl")).read_text().splitlines()]
     assert [row["triton"] for row in rows] == ["0.0", "0.0"]
@@ -126,23 +128,23 @@ def test_ptxas_log_parsing():
     log = ("ptxas info    : Function properties for _fwd_kernel\n"
            "    8 bytes stack frame, 4 bytes spill stores, 12 bytes spill loads\n"
            "ptxas info    : Used 255 registers, used 1 barriers\n")
-    assert aot.parse_ptxas_log(log) == {"stack_bytes": 8, "spill_stores": 4, "spill_loads": 12, "n_regs": 255,
+    assert aot_compile.parse_ptxas_log(log) == {"stack_bytes": 8, "spill_stores": 4, "spill_loads": 12, "n_regs": 255,
                                         "n_spills": 2}
 
 
 def test_user_errors_are_one_line(monkeypatch, capsys):
-    monkeypatch.setattr(aot.triton.knobs.runtime, "interpret", False)
+    monkeypatch.setattr(cli.triton.knobs.runtime, "interpret", False)
 
     def no_ptxas(arch):
         raise RuntimeError("Cannot find ptxas")
 
     monkeypatch.setattr(nvidia_compiler, "get_ptxas", no_ptxas)
-    assert aot.main(["--arch=90"]) == 2
-    assert aot.main(["--kernels=_no_such_kernel"]) == 2
+    assert cli.main(["--arch=90"]) == 2
+    assert cli.main(["--kernels=_no_such_kernel"]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 2
-    assert errors[0].startswith("kernels.aot: no ptxas for sm_90") and "TRITON_PTXAS_PATH" in errors[0]
-    assert errors[1].startswith("kernels.aot: unknown kernel(s) ['_no_such_kernel']")
+    assert errors[0].startswith("tools.aot: no ptxas for sm_90") and "TRITON_PTXAS_PATH" in errors[0]
+    assert errors[1].startswith("tools.aot: unknown kernel(s) ['_no_such_kernel']")
 
 
 def test_compare_names_the_variants_that_differ(tmp_path, capsys):
@@ -151,24 +153,24 @@ def test_compare_names_the_variants_that_differ(tmp_path, capsys):
                _row(config="only in A")]
     sweep_b = [_row(**spilling), _row(config="only usable in B"), _row(config="in neither", shared=240000),
                _row(config="only in B"), _row(config="also only in B")]
-    assert aot.compare(sweep_a, sweep_b, names=("3.9", "3.6")) == [
+    assert report.compare(sweep_a, sweep_b, names=("3.9", "3.6")) == [
         "variants in both: 3; only in 3.9: 1; only in 3.6: 2; usable in both: 0; in neither: 1; differ: 2",
         "_fwd_kernel sm_90 bf16 table=fp32 D=64 bias [BLOCK_M=64 BLOCK_N=64 w4 s3]: "
         "3.9 200 regs, spill 0/0 B, smem 65536 B; 3.6 255 regs, spill 8/4 B, smem 65536 B",
         "_fwd_kernel sm_90 bf16 table=fp32 D=64 bias [only usable in B]: "
         "3.9 255 regs, spill 8/4 B, smem 65536 B; 3.6 200 regs, spill 0/0 B, smem 65536 B",
     ]
-    assert aot.compare([_row(error="CompilationError")], [_row()])[1].endswith(
+    assert report.compare([_row(error="CompilationError")], [_row()])[1].endswith(
         "A compile error; B 200 regs, spill 0/0 B, smem 65536 B")
     files = {}
     for name, rows in (("a", sweep_a), ("b", sweep_b), ("same", [_row()])):
         files[name] = tmp_path / f"{name}.jsonl"
         files[name].write_text("".join(json.dumps(row) + "\n" for row in rows))
-    assert aot.main(["--compare", str(files["same"]), str(files["same"])]) == 0
+    assert cli.main(["--compare", str(files["same"]), str(files["same"])]) == 0
     assert capsys.readouterr().out.startswith("variants in both: 1; only in")
-    assert aot.main(["--compare", str(files["a"]), str(files["b"])]) == 1
+    assert cli.main(["--compare", str(files["a"]), str(files["b"])]) == 1
     assert "a.jsonl 200 regs" in capsys.readouterr().out
     for bad in ("not json", "{}\n", "1\n", ""):
         (tmp_path / "bad.jsonl").write_text(bad)
-        assert aot.main(["--compare", str(files["a"]), str(tmp_path / "bad.jsonl")]) == 2
-        assert "give a .jsonl that kernels.aot wrote" in capsys.readouterr().err
+        assert cli.main(["--compare", str(files["a"]), str(tmp_path / "bad.jsonl")]) == 2
+        assert "give a .jsonl that tools.aot wrote" in capsys.readouterr().err

@@ -139,7 +139,7 @@ def test_make_gpu_check_runs_the_script_without_install(dry):
 def test_rehearsals_write_outside_the_committed_results():
     """A dry run's CPU rows and the AOT check's tables land in git-ignored folders unless --out says otherwise:
     benchmarks/results/ holds results committed on purpose."""
-    from kernels import aot
+    from tools.aot import spec as aot
 
     for path in (gpu_check.DRY_RUN_OUT, REPO / aot.DEFAULT_OUT):
         assert not path.resolve().is_relative_to(REPO / "benchmarks" / "results")
