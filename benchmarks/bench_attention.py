@@ -121,7 +121,9 @@ def providers(device: str) -> dict:
     return found
 
 
-def bench_one(provider, mode: str, shape, device: str, dtype: torch.dtype) -> dict:
+def call(provider, mode: str, shape, device: str, dtype: torch.dtype):
+    """The timed callable of one (provider, mode, shape) and its row's shape fields: what this script and the
+    pytest-benchmark suite (benchmarks/test_bench_kernels.py) both time."""
     _, batch, heads, side, head_dim = shape
     index = relative_position_index((side, side)).to(device, torch.int32)  # the model's buffer dtype
     tokens = index.shape[0]
@@ -136,11 +138,18 @@ def bench_one(provider, mode: str, shape, device: str, dtype: torch.dtype) -> di
         fn = lambda: out.backward(grad_out, retain_graph=True)  # noqa: E731
     else:
         fn = lambda: provider(q, k, v, table, index).backward(grad_out)  # noqa: E731
+    return fn, {"batch": batch, "heads": heads, "tokens": tokens, "head_dim": head_dim}
+
+
+def flop(mode: str, batch: int, heads: int, tokens: int, head_dim: int) -> float:
+    return 4 * batch * heads * tokens**2 * head_dim * {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[mode]
+
+
+def bench_one(provider, mode: str, shape, device: str, dtype: torch.dtype) -> dict:
+    fn, info = call(provider, mode, shape, device, dtype)
     median, p20, p80 = measure_ms(fn, device)
-    flops = 4 * batch * heads * tokens**2 * head_dim * {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[mode]
-    return {"ms": median, "ms_p20": p20, "ms_p80": p80, "tflops": flops / median / 1e9,
-            "peak_mb": peak_memory_mb(fn, device), "batch": batch, "heads": heads, "tokens": tokens,
-            "head_dim": head_dim}
+    return {"ms": median, "ms_p20": p20, "ms_p80": p80, "tflops": flop(mode, **info) / median / 1e9,
+            "peak_mb": peak_memory_mb(fn, device), **info}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -39,7 +39,9 @@ IMPLS = ("triton", "sdpa", "eager")
 MLM_LOSS = "reference" if ON_CPU else "fused"
 
 
-def bench_one(attn_impl: str, shape, device: str) -> dict:
+def call(attn_impl: str, shape, device: str):
+    """One MIM training step's forward and backward (bf16 autocast on a GPU) and its row's fields (this script and
+    the pytest-benchmark suite time the same)."""
     _, model_name, batch, overrides = shape
     model = engine.create_model(model_name, attn_impl=attn_impl, mlm_loss=MLM_LOSS, **overrides).to(device)
     side = model.patch_embed.patch_shape
@@ -53,9 +55,14 @@ def bench_one(attn_impl: str, shape, device: str) -> dict:
             loss, _ = model(images, mask, labels)
         loss.backward()
 
+    return step, {"batch": batch, "model": model_name, **overrides}
+
+
+def bench_one(attn_impl: str, shape, device: str) -> dict:
+    step, info = call(attn_impl, shape, device)
     median, p20, p80 = measure_ms(step, device)
-    return {"ms": median, "ms_p20": p20, "ms_p80": p80, "images_per_s": batch / median * 1e3,
-            "peak_mb": peak_memory_mb(step, device), "batch": batch, "model": model_name, **overrides}
+    return {"ms": median, "ms_p20": p20, "ms_p80": p80, "images_per_s": info["batch"] / median * 1e3,
+            "peak_mb": peak_memory_mb(step, device), **info}
 
 
 def main(argv: list[str] | None = None) -> None:

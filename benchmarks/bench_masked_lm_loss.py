@@ -38,7 +38,9 @@ PROVIDERS = {
 }
 
 
-def bench_one(provider, mode: str, shape, device: str, dtype: torch.dtype) -> dict:
+def call(provider, mode: str, shape, device: str, dtype: torch.dtype):
+    """The timed callable of one (provider, mode, shape) and its row's shape fields (this script and the
+    pytest-benchmark suite time the same)."""
     _, batch, tokens, channels, vocab, masked = shape
     hidden = torch.randn(batch, tokens, channels, device=device, dtype=dtype, requires_grad=True)
     weight = (torch.randn(vocab, channels, device=device) * channels**-0.5).to(dtype).requires_grad_()
@@ -50,9 +52,13 @@ def bench_one(provider, mode: str, shape, device: str, dtype: torch.dtype) -> di
         fn = lambda: provider(hidden, mask, weight, bias, labels, bound=bound)  # noqa: E731
     else:
         fn = lambda: provider(hidden, mask, weight, bias, labels, bound=bound)[0].backward()  # noqa: E731
+    return fn, {"batch": batch, "tokens": tokens, "channels": channels, "vocab": vocab, "masked_per_image": masked}
+
+
+def bench_one(provider, mode: str, shape, device: str, dtype: torch.dtype) -> dict:
+    fn, info = call(provider, mode, shape, device, dtype)
     median, p20, p80 = measure_ms(fn, device)
-    return {"ms": median, "ms_p20": p20, "ms_p80": p80, "peak_mb": peak_memory_mb(fn, device), "batch": batch,
-            "tokens": tokens, "channels": channels, "vocab": vocab, "masked_per_image": masked}
+    return {"ms": median, "ms_p20": p20, "ms_p80": p80, "peak_mb": peak_memory_mb(fn, device), **info}
 
 
 def main(argv: list[str] | None = None) -> None:

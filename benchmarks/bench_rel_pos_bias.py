@@ -33,7 +33,9 @@ CPU_SHAPES = [("tiny_cpu", 2, 4)]
 PROVIDERS = {"ours": kernels.rel_pos_bias, "torch": kernels.rel_pos_bias_ref}
 
 
-def bench_one(provider, mode: str, shape, device: str) -> dict:
+def call(provider, mode: str, shape, device: str):
+    """The timed callable of one (provider, mode, shape), its row's shape fields and the bytes it moves (this
+    script and the pytest-benchmark suite time the same)."""
     _, heads, side = shape
     index = relative_position_index((side, side)).to(device)
     table = torch.randn(int(index.max()) + 1, heads, device=device, requires_grad=True)
@@ -42,10 +44,14 @@ def bench_one(provider, mode: str, shape, device: str) -> dict:
         fn = lambda: provider(table, index)  # noqa: E731
     else:
         fn = lambda: provider(table, index).backward(grad)  # noqa: E731
+    return fn, {"heads": heads, "tokens": index.shape[0]}, grad.numel() * 4 * (1 if mode == "fwd" else 2)
+
+
+def bench_one(provider, mode: str, shape, device: str) -> dict:
+    fn, info, moved_bytes = call(provider, mode, shape, device)
     median, p20, p80 = measure_ms(fn, device)
-    moved_bytes = grad.numel() * 4 * (1 if mode == "fwd" else 2)
     return {"ms": median, "ms_p20": p20, "ms_p80": p80, "gbps": moved_bytes / median / 1e6,
-            "peak_mb": peak_memory_mb(fn, device), "heads": heads, "tokens": index.shape[0]}
+            "peak_mb": peak_memory_mb(fn, device), **info}
 
 
 def main(argv: list[str] | None = None) -> None:
