@@ -251,3 +251,18 @@ def test_finetuning_data_of_one_class_exits_2_with_one_line(tmp_path):
     assert proc.stderr.strip().splitlines()[-1] == (
         f"error: --data_path={tmp_path}: 1 class(es); fine-tuning needs labelled data of two or more classes (class "
         "subfolders under train/, or IDX labels)")
+
+
+def test_zero3_segmentation_is_refused_on_several_ranks_only(tmp_path, monkeypatch, capsys):
+    from engine.train.settings import SegmentationConfig
+
+    for sub in ("images/training", "annotations/training", "images/validation", "annotations/validation"):
+        (tmp_path / sub).mkdir(parents=True)
+    args = [f"--data_path={tmp_path}", "--zero_stage=3", "--device=cpu", "--global_batch=none"]
+    parse_overrides(SegmentationConfig(), args)  # one rank: nothing to mismatch
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(SystemExit) as stop:
+        parse_overrides(SegmentationConfig(), args)
+    assert stop.value.code == 2 and "on several ranks supports ZeRO 0-2" in capsys.readouterr().err

@@ -229,9 +229,9 @@ def check_segmentation(cfg) -> None:
     existing_path("finetune", data.finetune, MISSING_CHECKPOINT)
     require(1 <= data.num_classes <= 255, "num_classes", data.num_classes,
             "must be in [1, 255] (label maps are 8-bit and 255 is the ignore index)")
-    require(cfg.run.zero_stage <= 2, "zero_stage", cfg.run.zero_stage,
-            "segmentation supports ZeRO 0-2 (its evaluation runs a different number of windows per rank, which "
-            "ZeRO-3's per-forward parameter gathers cannot match)")
+    require(cfg.run.zero_stage <= 2 or detect_launch(os.environ).world_size == 1, "zero_stage", cfg.run.zero_stage,
+            "segmentation on several ranks supports ZeRO 0-2 (its evaluation runs a different number of windows per "
+            "rank, which ZeRO-3's per-forward parameter gathers cannot match)")
     require(min(data.img_scale) >= 1, "img_scale", data.img_scale, "two positive sizes (long, short)")
     require(0 < data.ratio_range[0] <= data.ratio_range[1], "ratio_range", data.ratio_range, "0 < low <= high")
     in_unit_interval("cat_max_ratio", data.cat_max_ratio, closed_low=False, closed_high=True)
