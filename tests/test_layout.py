@@ -39,3 +39,14 @@ def test_every_recipe_parses_its_command_line_through_the_one_entry_helper():
         text = path.read_text()
         assert "logging.basicConfig" not in text and "config_errors_exit" not in text, path.name
         assert "run_recipe(" in text or "parse_recipe(" in text, path.name
+
+
+def test_the_readme_is_a_front_door_whose_links_resolve():
+    """About 150 lines; the details live in docs/, and every relative link points at a file that exists."""
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 160
+    for page in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]:
+        for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", page.read_text()):
+            assert (page.parent / target).exists(), f"{page.name} links to {target}, which does not exist"
