@@ -1,6 +1,7 @@
 # Two entry points for a fresh CPU machine (see README): `make demo` and `make test`.
 PYTHON ?= python
-# The CPU build of torch is installed by exact version so pip never pulls the multi-GB CUDA build on a CPU machine.
+# torch is pinned to the version every test ran with; on the project's machines the package index serves its CPU
+# build for this pin (elsewhere, add the CPU wheel index, e.g. TORCH="torch==2.13.0 --index-url .../whl/cpu").
 TORCH ?= torch==2.13.0
 
 .PHONY: install demo test test-all lint bench aot aot-oldest gpu-wheels gpu-check bench-pytest
@@ -17,7 +18,7 @@ install: $(INSTALL_STAMP)
 demo: install
 	$(PYTHON) recipes/pretrain_demo.py
 
-# The default suite (~3 min on 2 cores): every module, long-running tests left out (`slow`); test-all runs them too.
+# The default suite (~2 min of pytest on 2 cores): every module, long-running tests left out (`slow`); test-all runs them too.
 test: install
 	$(PYTHON) -m pytest -q -m "not slow" tests
 

@@ -39,7 +39,7 @@ def test_compiles_a_kernel_for_sm90_without_a_gpu(tmp_path):
 
 def test_spec_matches_the_kernels():
     for name in spec.SPECS:
-        aot_compile.check_spec(name, sweep._kernel_function(name))
+        aot_compile.check_spec(name, sweep.kernel_function(name))
 
 
 @pytest.mark.slow
@@ -52,8 +52,8 @@ def test_spec_matches_what_the_launchers_pass():
 
 def test_launch_mismatches_name_the_argument():
     variant = spec.Variant("_fwd_kernel", 90, "bf16", 64, True, "fp32", (("BLOCK_M", 32), ("BLOCK_N", 16)), 4, 3)
-    fn = sweep._kernel_function("_fwd_kernel")
-    source = aot_compile._ast_source(fn, variant)
+    fn = sweep.kernel_function("_fwd_kernel")
+    source = aot_compile.ast_source(fn, variant)
     launch = ["_fwd_kernel", dict(source.signature), dict(source.constants), dict(source.attrs)]
     assert launchers.launch_mismatches([tuple(launch)]) == []
     stride_qh = fn.arg_names.index("stride_qh")

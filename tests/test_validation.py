@@ -266,3 +266,25 @@ def test_zero3_segmentation_is_refused_on_several_ranks_only(tmp_path, monkeypat
     with pytest.raises(SystemExit) as stop:
         parse_overrides(SegmentationConfig(), args)
     assert stop.value.code == 2 and "on several ranks supports ZeRO 0-2" in capsys.readouterr().err
+
+
+def test_the_global_batch_is_checked_against_the_ranks_srun_starts(pretrain_config, monkeypatch, capsys):
+    """srun sets SLURM_* and no WORLD_SIZE before the process group forms: the check reads the launcher's count."""
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_LOCALID", "0")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "32")
+    with pytest.raises(SystemExit) as stop:
+        parse_overrides(pretrain_config(), ["--global_batch=2048", "--batch_size=128"])
+    assert stop.value.code == 2 and "must be a multiple of batch_size × ranks = 128 × 32" in capsys.readouterr().err
+    cfg = parse_overrides(pretrain_config(), ["--global_batch=2048", "--batch_size=16", "--device=cpu"])
+    resolve.resolve_config(cfg, world_size=32)
+    assert cfg.run.grad_accum == 4
+
+
+def test_layer_decay_is_refused_for_pretraining(pretrain_config, capsys):
+    with pytest.raises(SystemExit) as stop:
+        parse_overrides(pretrain_config(), ["--layer_decay=0.65"])
+    assert stop.value.code == 2 and "fine-tuning and segmentation only" in capsys.readouterr().err

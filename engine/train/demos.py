@@ -45,8 +45,6 @@ class PretrainDemoConfig(PretrainConfig):
     # At the end, a linear probe and k-NN of the exported weights next to a random init (recipes/linear_probe.py).
     probe: bool = True
 
-    prepares_tokenizer = True
-
     def validate(self) -> None:
         super().validate()
         validation.at_least("tokenizer_steps", self.tokenizer_steps, 1, optional=True)

@@ -201,7 +201,7 @@ class ImageClassification(EvaluatedTask):
         """Top-1/top-5 (and the EMA's); when top-1 improves, rank 0 writes `best/` (safetensors + config)."""
         if self.dist_info.is_main:
             logger.info("evaluating after step %d: %d batches per rank", step, len(self.eval_loader))
-        device, epoch = self.dist_info.device, plan.epoch(step - 1)
+        device, epoch = self.dist_info.device, plan.epoch_of(step)
         result = {"step": step, "epoch": epoch, **evaluate(self.model, self.eval_loader, device, self.dtype, stop)}
         if self.ema is not None:
             ema_result = evaluate(self.ema.module, self.eval_loader, device, torch.float32, stop)

@@ -98,8 +98,12 @@ class Plan:
     last_step: int  # where this run stops (`max_steps`, else `total_steps`)
 
     def epoch(self, steps_done: int) -> int:
-        """The epoch of the next step after `steps_done` steps (so `epoch(step - 1)` is the epoch of step `step`)."""
+        """The epoch of the next step after `steps_done` steps (where the loader is)."""
         return steps_done // self.steps_per_epoch
+
+    def epoch_of(self, step: int) -> int:
+        """The epoch that step `step` (1-based, as logged) belongs to."""
+        return (step - 1) // self.steps_per_epoch
 
     def ends_epoch(self, step: int) -> bool:
         """Whether step `step` (1-based) ends an epoch, or the run."""
@@ -229,9 +233,13 @@ def train(cfg, task_class) -> dict:
     dist_info = init_distributed(run.device, run.dist_timeout_s + COLLECTIVE_GRACE_S)
     if dist_info.device.type == "cpu" and unmap_large_frees() and dist_info.is_main:
         logger.info("CPU run: blocks of 4 MiB or more go back to the system when freed (glibc mmap threshold)")
-    resolve_config(cfg, dist_info.world_size)
     output_dir = Path(run.output_dir)
     lock = lock_output_dir(output_dir, dist_info)
+    try:
+        resolve_config(cfg, dist_info.world_size)  # the demo may train its tokenizer here: under the run's lock
+    except BaseException:
+        lock.release()
+        raise
     watchdog = Watchdog(run.dist_timeout_s, dist_info.rank, dist_info.world_size, os.environ["MASTER_ADDR"],
                         int(os.environ["MASTER_PORT"])) if dist_info.world_size > 1 else None
     stop = StopSignal(watchdog)  # from here on a stop signal (SLURM's USR1 during start-up too) saves after a step
@@ -389,7 +397,7 @@ def _loop(cfg, task, engine, schedules: Schedules, plan: Plan, saved_state: dict
                 img_per_s = plan.global_batch * window_steps / (time.perf_counter() - window_start)
                 flops = task.flops_per_image(weight / plan.global_batch)
                 norm = engine.get_global_grad_norm() if norm is None else norm
-                row = {"step": step, "epoch": plan.epoch(step - 1), **values, "lr": lr, "wd": wd,
+                row = {"step": step, "epoch": plan.epoch_of(step), **values, "lr": lr, "wd": wd,
                        "grad_norm": None if norm is None else float(norm), "loss_scale": loss_scale(engine),
                        "img_per_s": img_per_s,
                        "mfu": flops * img_per_s / dist_info.world_size / peak if peak else None,

@@ -1,7 +1,7 @@
 """The one step that fills in what a checked config leaves open: `resolve_config(cfg, world_size)`.
 
-`cfg.validate()` (engine/train/validation.py) only checks, when the command line is parsed. `train()` calls
-`resolve_config` once, after joining the process group and before the task is built, and the run's `config.json`
+`cfg.validate()` (engine/train/validation.py) only checks. `train()` calls `resolve_config` once, after joining the
+process group and taking the run's lock, before the task is built, and the run's `config.json`
 records the values it wrote:
 - `run.device`: auto → cuda when a GPU is visible, else cpu;
 - `run.precision`: auto → bf16 on a GPU that runs it (fp16 on older ones) and on a CPU with native bf16, else fp32;
@@ -11,7 +11,7 @@ records the values it wrote:
   divides).
 
 A config class may define `prepare()`, run first: inputs that a recipe finds or makes before its run (the demo's
-cached tokenizer, recipes/pretrain_demo.py).
+cached tokenizer, engine/train/demos.py).
 """
 
 import logging

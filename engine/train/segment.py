@@ -123,7 +123,7 @@ class SemanticSegmentation(EvaluatedTask):
         if self.dist_info.is_main:
             logger.info("eval at step %d: mIoU %.2f%%, mAcc %.2f%%, pixel accuracy %.2f%%", step, metrics["mIoU"],
                         metrics["mAcc"], metrics["aAcc"])
-        self.record(engine, {"step": step, "epoch": plan.epoch(step - 1), **metrics})
+        self.record(engine, {"step": step, "epoch": plan.epoch_of(step), **metrics})
 
 
 def run_segmentation(cfg: SegmentationConfig) -> dict:

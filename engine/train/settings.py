@@ -6,7 +6,7 @@ Every leaf name is unique across sections so that a bare `--lr=1e-3` works as we
 """
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import Literal
 
 from engine.train import validation
 
@@ -115,13 +115,15 @@ class PretrainConfig:
     data: PretrainData = field(default_factory=PretrainData)
     optim: OptimSettings = field(default_factory=OptimSettings)
     run: RunSettings = field(default_factory=RunSettings)
-    prepares_tokenizer: ClassVar[bool] = False  # True: the recipe's `prepare()` finds or trains one when none is given
 
     def validate(self) -> None:
         validation.check_model(self.model)
-        validation.check_pretrain_data(self.data, self.model, tokenizer_required=not self.prepares_tokenizer)
+        # a config with a prepare() step (the demo's) finds or trains its tokenizer when none is given
+        validation.check_pretrain_data(self.data, self.model, tokenizer_required=not hasattr(self, "prepare"))
         validation.check_mlm_loss(self.model, self.run)
         validation.check_optim(self.optim)
+        validation.require(self.optim.layer_decay is None, "layer_decay", self.optim.layer_decay,
+                           "fine-tuning and segmentation only (pretraining trains every layer at one LR)")
         validation.check_run(self.run)
         validation.check_attention(self.model, self.run)
 

@@ -1,8 +1,11 @@
-"""Checks of every config value when the command line is parsed, before any work starts.
+"""Checks of every config value, before any work starts: when a recipe parses its command line, and again when
+`train()` is given a config (so a caller from Python gets the same errors). Checks never change the config; what
+`auto` stands for is filled in later, once (engine/train/resolve.py).
 
 Each check raises `ConfigError("--key=value: what is allowed")`; `engine.config.parse_overrides` turns it into one
-line on stderr and exit status 2. Only what can be known from the config and the file system is checked here; the
-dataset's size against one global batch is checked by the loop once the dataset is listed (engine/train/loop.py).
+line on stderr and exit status 2. What can be known from the config, the file system and the launcher's variables
+(the number of ranks, `engine.train.runtime.detect_launch`) is checked here; that an epoch holds `grad_accum`
+micro-batches per rank is checked by the loop once the task's loader exists.
 """
 
 import logging
@@ -142,7 +145,7 @@ def check_run(run) -> None:
     require(run.device in ("auto", "cpu", "cuda"), "device", run.device, "expected auto, cpu or cuda")
     require(run.device != "cuda" or torch.cuda.is_available(), "device", run.device,
             "no CUDA device is visible; use --device=cpu (or auto)")
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    world_size = detect_launch(os.environ).world_size  # srun and mpirun set no WORLD_SIZE before the group forms
     if run.global_batch is not None:
         per_step = run.batch_size * world_size
         require(run.global_batch >= per_step and run.global_batch % per_step == 0, "global_batch", run.global_batch,
@@ -162,7 +165,7 @@ def check_mlm_loss(model, run) -> None:
 
 
 def check_pretrain_data(data, model, tokenizer_required: bool = True) -> None:
-    """`tokenizer_required=False`: a recipe whose config prepares one (recipes/pretrain_demo.py)."""
+    """`tokenizer_required=False`: a config whose `prepare()` finds or trains one (engine/train/demos.py)."""
     from engine.factory import registered_config
 
     data_path("data_path", data.data_path)

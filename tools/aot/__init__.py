@@ -33,3 +33,4 @@ stand-in driver, records the signature Triton specialises for each kernel, and c
 Spill counts are ptxas' "bytes spill stores/loads"; `n_spills` is what `CompiledKernel.n_spills` reports on a GPU
 (the function's local memory in 4-byte words).
 """
+

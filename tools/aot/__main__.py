@@ -1,4 +1,5 @@
 """`python -m tools.aot`: the command line (see the package's docstring)."""
+
 from __future__ import annotations
 
 import argparse
@@ -20,7 +21,7 @@ from tools.aot.compile import check_spec, run_sweep
 from tools.aot.launchers import check_launchers
 from tools.aot.report import compare, failures, render_report, summary_table
 from tools.aot.spec import ALL_DTYPES, DEFAULT_OUT, HOOK_NAME, SMEM_LIMITS, SPECS, UserError, Variant
-from tools.aot.sweep import _kernel_function, build_variants, hook_failures
+from tools.aot.sweep import build_variants, hook_failures, kernel_function
 
 # ---------------------------------------------------------------------------------------------------------------
 # Command line
@@ -165,7 +166,7 @@ def _prepare(args: argparse.Namespace) -> tuple[str, list[Variant]]:
     _check_args(args)
     ptxas = ptxas_versions(args.arch)
     for name in args.kernels:
-        check_spec(name, _kernel_function(name))
+        check_spec(name, kernel_function(name))
     return ptxas, build_variants(args.kernels, args.arch, args.dtypes, args.head_dims, args.subset)
 
 

@@ -1,4 +1,5 @@
 """Compiling one variant down to a cubin with Triton's bundled ptxas (in worker processes), and running the sweep."""
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -16,32 +17,32 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from tools.aot.spec import SMEM_LIMITS, SPECS, TASKS_PER_WORKER, KernelSpec, UserError, Variant, one_line
-from tools.aot.sweep import _candidate_configs, _kernel_function
+from tools.aot.sweep import candidate_configs, kernel_function
 
 # ---------------------------------------------------------------------------------------------------------------
 # Compiling one variant (runs in a worker process)
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _parse_args_spec(spec: KernelSpec) -> list[tuple[str, str]]:
+def parse_args_spec(spec: KernelSpec) -> list[tuple[str, str]]:
     return [tuple(item.split(":", 1)) for item in spec.args.split()]
 
 
 def check_spec(name: str, fn) -> None:
     """The spec's argument names must be the kernel's non-constexpr arguments, in order."""
     spec = SPECS[name]
-    declared = [arg for arg, _ in _parse_args_spec(spec)]
+    declared = [arg for arg, _ in parse_args_spec(spec)]
     constexprs = [arg for arg in fn.arg_names if arg not in declared]
     runtime = [arg for arg in fn.arg_names if arg in declared]
-    missing = [arg for arg in constexprs if arg not in spec.constexprs and arg not in _meta_names(name)]
+    missing = [arg for arg in constexprs if arg not in spec.constexprs and arg not in meta_names(name)]
     if runtime != declared or missing:
         extra = [arg for arg in declared if arg not in fn.arg_names]
         raise UserError(f"SPECS['{name}'] in tools/aot/spec.py is stale: kernel args {fn.arg_names}; spec lacks "
                         f"{missing}, has unknown {extra}")
 
 
-def _meta_names(name: str) -> set[str]:
-    return {key for config in _candidate_configs(name) for key in config.kwargs}
+def meta_names(name: str) -> set[str]:
+    return {key for config in candidate_configs(name) for key in config.kwargs}
 
 
 def _arg_type(kind: str, variant: Variant) -> tuple[str, bool]:
@@ -59,9 +60,9 @@ def _arg_type(kind: str, variant: Variant) -> tuple[str, bool]:
     raise UserError(f"unknown argument kind {kind!r} in SPECS of tools/aot/spec.py")
 
 
-def _ast_source(fn, variant: Variant):
+def ast_source(fn, variant: Variant):
     spec = SPECS[variant.kernel]
-    kinds = dict(_parse_args_spec(spec))
+    kinds = dict(parse_args_spec(spec))
     signature, attrs = {}, {}
     constexprs = {name: (value(variant) if callable(value) else value) for name, value in spec.constexprs.items()}
     constexprs.update(dict(variant.meta))
@@ -114,7 +115,7 @@ def compile_variant(variant: Variant) -> dict:
     row = _row_base(variant)
     start = time.perf_counter()
     try:
-        fn = _kernel_function(variant.kernel)
+        fn = kernel_function(variant.kernel)
         check_spec(variant.kernel, fn)
         options = {"num_warps": variant.num_warps, "num_stages": variant.num_stages, "num_ctas": variant.num_ctas}
         if variant.maxnreg is not None:
@@ -122,7 +123,7 @@ def compile_variant(variant: Variant) -> dict:
         target = GPUTarget("cuda", variant.arch, 32)
         with warnings.catch_warnings(), _ptxas_log() as log:
             warnings.simplefilter("ignore")  # e.g. 3.9's TRITON_DEFAULT_FP_FUSION notice, once per worker
-            compiled = triton.compile(_ast_source(fn, variant), target=target, options=options)
+            compiled = triton.compile(ast_source(fn, variant), target=target, options=options)
         row["compile_s"] = round(time.perf_counter() - start, 3)
         row.update(parse_ptxas_log(log.getvalue()))
         row["shared"] = int(compiled.metadata.shared)

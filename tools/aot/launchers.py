@@ -1,4 +1,5 @@
 """Checking the spec against what the launchers pass Triton (--check-launchers), under a stand-in driver."""
+
 from __future__ import annotations
 
 import contextlib
@@ -7,10 +8,10 @@ import importlib
 import triton
 from triton.backends.compiler import GPUTarget
 
-from tools.aot.compile import _ast_source, _meta_names, _parse_args_spec
-from tools.aot.report import _fmt
+from tools.aot.compile import ast_source, meta_names, parse_args_spec
+from tools.aot.report import fmt
 from tools.aot.spec import SPECS, Variant
-from tools.aot.sweep import _kernel_function
+from tools.aot.sweep import kernel_function
 
 # ---------------------------------------------------------------------------------------------------------------
 # Checking the spec against the launchers (--check-launchers)
@@ -97,10 +98,10 @@ def _patched(module, name: str, value):
 
 def _variant_of_launch(name: str, signature: dict, constants: dict) -> Variant:
     """The spec variant of a recorded launch: dtypes from its pointer types, the rest from its constexprs."""
-    kinds = dict(_parse_args_spec(SPECS[name]))
+    kinds = dict(parse_args_spec(SPECS[name]))
     by_kind = {kind: signature[arg].lstrip("*") for arg, kind in reversed(kinds.items())}
     values = {arg: constants[(index,)] for index, arg in enumerate(signature) if (index,) in constants}
-    meta = tuple(sorted((key, values[key]) for key in _meta_names(name) if key in values))
+    meta = tuple(sorted((key, values[key]) for key in meta_names(name) if key in values))
     has_bias = values.get("HAS_BIAS")
     table = by_kind.get("*t") if has_bias else None
     return Variant(name, 90, by_kind["*x"], values.get("HEAD_DIM"), has_bias, table,
@@ -118,15 +119,15 @@ def launch_mismatches(launches: list[tuple[str, dict, dict, dict]]) -> list[str]
         if name not in SPECS:
             lines.append(f"LAUNCH NOT IN SPEC {name}: add it to SPECS in tools/aot/spec.py")
             continue
-        fn = _kernel_function(name)
-        source = _ast_source(fn, _variant_of_launch(name, signature, constants))
+        fn = kernel_function(name)
+        source = ast_source(fn, _variant_of_launch(name, signature, constants))
         spec_divisible, launch_divisible = _divisible(source.attrs), _divisible(attrs)
         for index, arg in enumerate(fn.arg_names):
             spec_type, launch_type = source.signature[arg], signature[arg]
             spec_value, launch_value = source.constants.get((index,)), constants.get((index,))
             if spec_type != launch_type or spec_value != launch_value:
-                lines.append(f"SPEC MISMATCH {name}.{arg}: spec {spec_type} {_fmt(spec_value)}, launcher "
-                             f"{launch_type} {_fmt(launch_value)}")
+                lines.append(f"SPEC MISMATCH {name}.{arg}: spec {spec_type} {fmt(spec_value)}, launcher "
+                             f"{launch_type} {fmt(launch_value)}")
             elif (index in spec_divisible) != (index in launch_divisible):
                 lines.append(f"SPEC MISMATCH {name}.{arg}: spec divisible by 16 = {index in spec_divisible}, "
                              f"launcher {index in launch_divisible}")

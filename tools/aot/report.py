@@ -1,4 +1,5 @@
 """The failure rule and the report: usable configs per group, spills, shared memory, comparisons of two sweeps."""
+
 from __future__ import annotations
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -102,7 +103,7 @@ def _short_config(row: dict) -> str:
     return f"{tiles} w{row['num_warps']}s{row['num_stages']}"
 
 
-def _fmt(value) -> str:
+def fmt(value) -> str:
     return "-" if value is None else str(value)
 
 
@@ -124,9 +125,9 @@ def summary_table(rows: list[dict], pruned_only: bool = False) -> str:
         errors = len(group) - len(compiled)
         configs = f"{len(group)}" + (f" ({errors} errors)" if errors else "")
         lines.append(
-            f"| {first['kernel']} | sm_{first['arch']} | {first['dtype']} | {_fmt(first['table_dtype'])} "
-            f"| {_fmt(first['head_dim'])} | {_fmt(first['has_bias'])} | {configs} "
-            f"| {len(usable)} | {reg_range} | {_fmt(smem)} ({_fmt(first['shared_limit'])}) "
+            f"| {first['kernel']} | sm_{first['arch']} | {first['dtype']} | {fmt(first['table_dtype'])} "
+            f"| {fmt(first['head_dim'])} | {fmt(first['has_bias'])} | {configs} "
+            f"| {len(usable)} | {reg_range} | {fmt(smem)} ({fmt(first['shared_limit'])}) "
             f"| {', '.join(_short_config(row) for row in usable) or '**none**'} |"
         )
     return "\n".join(lines)
@@ -139,10 +140,10 @@ def variants_table(rows: list[dict]) -> str:
     for row in rows:
         spills = "-" if row["spill_stores"] is None else f"{row['spill_stores']}/{row['spill_loads']}"
         lines.append(
-            f"| {row['kernel']} | sm_{row['arch']} | {row['dtype']} | {_fmt(row['table_dtype'])} "
-            f"| {_fmt(row['head_dim'])} | {_fmt(row['has_bias'])} | {row['config']} "
-            f"| {_fmt(row.get('pruned'))} | {_fmt(row['n_regs'])} | {spills} | {_fmt(row['stack_bytes'])} "
-            f"| {_fmt(row['shared'])} | {_fmt(row['shared_limit'])} | {_fmt(row['compile_s'])} "
+            f"| {row['kernel']} | sm_{row['arch']} | {row['dtype']} | {fmt(row['table_dtype'])} "
+            f"| {fmt(row['head_dim'])} | {fmt(row['has_bias'])} | {row['config']} "
+            f"| {fmt(row.get('pruned'))} | {fmt(row['n_regs'])} | {spills} | {fmt(row['stack_bytes'])} "
+            f"| {fmt(row['shared'])} | {fmt(row['shared_limit'])} | {fmt(row['compile_s'])} "
             f"| {(row['error'] or '').replace('|', '/')} |"
         )
     return "\n".join(lines)

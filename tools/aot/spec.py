@@ -1,5 +1,6 @@
 """The spec of every kernel the check compiles (signature, constexprs, configs, variant axes) and one compile's
 variant."""
+
 from __future__ import annotations
 
 import dataclasses

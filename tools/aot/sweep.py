@@ -1,4 +1,5 @@
 """Building the sweep: the variants (kernel × arch × dtype × shape × config) a run compiles."""
+
 from __future__ import annotations
 
 import importlib
@@ -16,7 +17,7 @@ def _config_key(config) -> tuple:
     return (tuple(sorted(config.kwargs.items())), config.num_warps, config.num_stages)
 
 
-def _kernel_function(name: str):
+def kernel_function(name: str):
     spec = SPECS[name]
     try:
         return getattr(importlib.import_module(spec.module), name)
@@ -24,7 +25,7 @@ def _kernel_function(name: str):
         raise UserError(f"{spec.module} has no kernel {name}: update SPECS in tools/aot/spec.py") from None
 
 
-def _candidate_configs(name: str) -> list:
+def candidate_configs(name: str) -> list:
     spec = SPECS[name]
     if spec.configs is None:
         return [triton.Config(dict(spec.fixed), num_warps=spec.num_warps, num_stages=spec.num_stages)]
@@ -84,7 +85,7 @@ def build_variants(kernels: list[str], archs: list[int], dtypes: list[str], head
                    ) -> list[Variant]:
     variants = []
     for name in kernels:
-        candidates = _candidate_configs(name)
+        candidates = candidate_configs(name)
         kernel_dtypes = list(dtypes) + [d for d in SPECS[name].extra_dtypes if d not in dtypes]
         for arch in archs:
             for head_dim, has_bias, table in _shape_axes(name, head_dims):
