@@ -1,4 +1,8 @@
-"""Install the `engine` and `kernels` packages.
+"""Install the `engine` package and the `kernels/` folder as `beit_kernels`.
+
+The kernels install under a name of our own: `kernels` is the top-level package of an unrelated, widely installed
+distribution (Hugging Face's, which `transformers[kernels]` depends on), and two distributions with one top-level
+name overwrite each other's files.
 
 The native data-path extensions (`engine.data._native_masking` and `engine.data._native_pixels`, built from
 `csrc/` by `CMakeLists.txt`) are optional: they are built when CMake and a C++ compiler are present; otherwise the
@@ -62,7 +66,8 @@ setup(
     long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*"]),
+    packages=find_packages(include=["engine", "engine.*"]) + ["beit_kernels"],
+    package_dir={"beit_kernels": "kernels"},
     package_data={"engine": ["data/assets/**/*"]},
     include_package_data=True,
     ext_modules=[CMakeExtension("engine.data._native_masking"), CMakeExtension("engine.data._native_pixels")],
@@ -70,7 +75,7 @@ setup(
     install_requires=[
         "torch>=2.10",  # Triton 3.6, the oldest we support, works with torch >= 2.10 only
         "triton>=3.6",  # tested: 3.6.0 (make aot-oldest; the GPU nodes' image) and 3.9.0 (everything)
-        "deepspeed",
+        "deepspeed>=0.16,<0.20",  # tested: 0.19.8; the export reads its checkpoint layout (engine/train/export.py)
         "numpy",
         "pillow",
         "simplejpeg>=1.8",  # the workers' JPEG decoder: PIL's pixels, ~2.5x faster (engine/data/pixels.py)
@@ -79,7 +84,9 @@ setup(
         "matplotlib",  # curves.png and the evidence plot (a plain PIL drawing is the fallback)
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "ruff"],
+        # transformers: the export's parity tests load our exports with it (it installs Hugging Face's `kernels`,
+        # next to which ours must import: tests/test_packaging.py); tensorboard: --report_to=tensorboard's test
+        "test": ["pytest", "pytest-benchmark", "ruff", "transformers>=4.40,<6", "tensorboard"],
         "flash": ["flash-attn"],
         "dali": ["nvidia-dali-cuda120>=2.4,<3"],  # --data_backend=dali (CUDA 12; nvidia-dali-cuda130 for CUDA 13)
     },

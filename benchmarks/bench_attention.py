@@ -7,7 +7,7 @@ Rows go to benchmarks/results/attention.jsonl (or DIR/attention.jsonl). FLOPs: 4
 backward, 3.5× fwd+bwd (flash-attn's convention; backward credits the recomputation). Every provider computes the
 bias gradient except the no-bias ceilings (sdpa_flash_nobias, flash_attn).
 
-Providers: ours (kernels.rel_pos_attention), eager (the PyTorch reference without upcasting), sdpa_bias (SDPA with
+Providers: ours (beit_kernels.rel_pos_attention), eager (the PyTorch reference without upcasting), sdpa_bias (SDPA with
 the gathered bias as an additive mask, backend left to PyTorch's dispatcher), sdpa_mem_efficient_bias (the same,
 pinned to the memory-efficient kernel: the fused SDPA kernel that takes and differentiates a bias), flex
 (FlexAttention with a table-reading score_mod, torch.compile'd on CUDA), sdpa_flash_nobias and flash_attn (no bias:
@@ -35,9 +35,9 @@ ON_CPU = use_interpreter_on_cpu()
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-import kernels  # noqa: E402
+import beit_kernels  # noqa: E402
+from beit_kernels.rel_pos_bias import table_grad_plan  # noqa: E402
 from engine.pos_embed import relative_position_index  # noqa: E402
-from kernels.rel_pos_bias import table_grad_plan  # noqa: E402
 
 GPU_SHAPES = [  # name, batch, heads, token grid side, head dim
     ("beit_base_224", 128, 12, 14, 64),
@@ -63,7 +63,8 @@ def flex_provider(device: str):
 
 
 def sdpa_bias(q, k, v, table, index):
-    bias = kernels.rel_pos_bias_ref(table, index).unsqueeze(0).to(q.dtype)  # [1, H, N, N], broadcast over the batch
+    # [1, H, N, N], broadcast over the batch
+    bias = beit_kernels.rel_pos_bias_ref(table, index).unsqueeze(0).to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
 
 
@@ -89,7 +90,7 @@ def flash_attn_nobias(q, k, v, table, index):
 
 def ours(q, k, v, table, index):
     """As the model calls it: an int32 index and the table-gradient plan built once per index, not per call."""
-    return kernels.rel_pos_attention(q, k, v, table, index, plan=_plan(index, table.shape[0]))
+    return beit_kernels.rel_pos_attention(q, k, v, table, index, plan=_plan(index, table.shape[0]))
 
 
 _PLANS: dict = {}
@@ -105,7 +106,7 @@ def _plan(index, num_rows: int):
 def providers(device: str) -> dict:
     found = {
         "ours": ours,
-        "eager": lambda q, k, v, t, i: kernels.rel_pos_attention_ref(q, k, v, t, i, upcast=False),
+        "eager": lambda q, k, v, t, i: beit_kernels.rel_pos_attention_ref(q, k, v, t, i, upcast=False),
         "sdpa_bias": sdpa_bias,
         "sdpa_mem_efficient_bias": sdpa_mem_efficient_bias,
         "flex": flex_provider(device),

@@ -26,15 +26,15 @@ ON_CPU = use_interpreter_on_cpu()
 
 import torch  # noqa: E402
 
-import kernels  # noqa: E402
+import beit_kernels  # noqa: E402
 
 GPU_SHAPES = [("beit_base_224", 256, 196, 768, 8192, 75), ("beit_large_224", 256, 196, 1024, 8192, 75)]
 CPU_SHAPES = [("tiny_cpu", 2, 16, 32, 64, 6)]  # name, batch, patches, channels, vocab, masked per image
 # Each provider takes (hidden, mask, weight, bias, labels, bound) with bound = batch × masked per image.
 PROVIDERS = {
-    "ours": lambda *args, bound: kernels.masked_lm_loss(*args),  # GEMMs over all B·N rows
-    "ours_bounded": lambda *args, bound: kernels.masked_lm_loss(*args, max_masked=bound),  # over B·masked rows
-    "torch": lambda *args, bound: kernels.masked_lm_loss_ref(*args),  # lm_head(x[mask]) + F.cross_entropy
+    "ours": lambda *args, bound: beit_kernels.masked_lm_loss(*args),  # GEMMs over all B·N rows
+    "ours_bounded": lambda *args, bound: beit_kernels.masked_lm_loss(*args, max_masked=bound),  # over B·masked rows
+    "torch": lambda *args, bound: beit_kernels.masked_lm_loss_ref(*args),  # lm_head(x[mask]) + F.cross_entropy
 }
 
 

@@ -24,13 +24,13 @@ ON_CPU = use_interpreter_on_cpu()
 
 import torch  # noqa: E402
 
-import kernels  # noqa: E402
+import beit_kernels  # noqa: E402
 from engine.pos_embed import relative_position_index  # noqa: E402
 
 GPU_SHAPES = [("beit_base_224", 12, 14), ("beit_large_224", 16, 14), ("beit_base_384", 12, 24),
               ("beit_large_384", 16, 24)]  # name, heads, token grid side
 CPU_SHAPES = [("tiny_cpu", 2, 4)]
-PROVIDERS = {"ours": kernels.rel_pos_bias, "torch": kernels.rel_pos_bias_ref}
+PROVIDERS = {"ours": beit_kernels.rel_pos_bias, "torch": beit_kernels.rel_pos_bias_ref}
 
 
 def call(provider, mode: str, shape, device: str):

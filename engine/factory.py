@@ -81,7 +81,7 @@ PYTORCH_BACKENDS = {"attn_impl": ("triton", "sdpa"), "mlm_loss": ("fused", "refe
 
 def runnable_config(config: dict) -> dict:
     """A saved model config with its Triton backends swapped for PyTorch ones where Triton cannot run here."""
-    from kernels._dispatch import triton_available
+    from beit_kernels._dispatch import triton_available
 
     if triton_available():
         return dict(config)

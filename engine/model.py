@@ -10,7 +10,7 @@ R relative-distance table rows, M masked patches in the batch, V visual-token vo
 Both share `BeitEncoder` (patch embedding, CLS, optional absolute position embedding, blocks).
 
 Attention backends (`attn_impl`, chosen at build): "eager" (softmax(q kᵀ·scale + bias) v in PyTorch), "sdpa"
-(`F.scaled_dot_product_attention` with the bias as additive mask), "triton" (`kernels.rel_pos_attention`, which
+(`F.scaled_dot_product_attention` with the bias as additive mask), "triton" (`beit_kernels.rel_pos_attention`, which
 takes the `[R, H]` table and returns its gradient). The masked-token loss is chosen separately (`mlm_loss`, see
 `MaskedLMHead`), so attention backends can be compared alone.
 
@@ -29,11 +29,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-import kernels
+import beit_kernels
+from beit_kernels._dispatch import require_triton_available
+from beit_kernels.rel_pos_bias import TableGradPlan, table_grad_plan
 from engine.pos_embed import num_relative_distance, relative_position_index
 from engine.sharded import full_numel, gathered
-from kernels._dispatch import require_triton_available
-from kernels.rel_pos_bias import TableGradPlan, table_grad_plan
 
 logger = logging.getLogger(__name__)
 
@@ -66,9 +66,9 @@ def _pair(value: int | Sequence[int], what: str) -> tuple[int, int]:
 def _resolve_kernel(name: str, choice: str, alternative: str) -> Callable:
     """`kernels.<name>`, resolved once at build: a missing kernel, or a machine where Triton cannot run, fails here
     with the fix (`alternative`), never mid-training and never by silently running the PyTorch reference."""
-    kernel = getattr(kernels, name, None)
+    kernel = getattr(beit_kernels, name, None)
     if kernel is None:
-        raise ValueError(f"{choice} needs kernels.{name}, which this installation does not provide; choose "
+        raise ValueError(f"{choice} needs beit_kernels.{name}, which this installation does not provide; choose "
                          f"{alternative}")
     require_triton_available(choice, alternative)
     return kernel
@@ -121,7 +121,7 @@ class PatchEmbed(nn.Module):
 
 def register_rel_pos_index(module: nn.Module, window_size: tuple[int, int]) -> None:
     """Buffers built once per model (not saved): the `[N, N]` int32 index (the kernels' index type, so no call
-    converts it) and the plan of the Triton table gradient (`kernels.rel_pos_bias.table_grad_plan`), so no forward
+    converts it) and the plan of the Triton table gradient (`beit_kernels.rel_pos_bias.table_grad_plan`), so no forward
     or backward recomputes them."""
     index = relative_position_index(window_size).to(torch.int32)
     order, offsets = table_grad_plan(index, num_relative_distance(window_size))
@@ -137,7 +137,7 @@ def rel_pos_plan(module: nn.Module) -> TableGradPlan:
 
 def gathered_bias(module: nn.Module) -> torch.Tensor:
     """`[H, N, N]` bias of a module holding `relative_position_bias_table` and the `register_rel_pos_index` buffers."""
-    return kernels.rel_pos_bias(module.relative_position_bias_table, module.relative_position_index,
+    return beit_kernels.rel_pos_bias(module.relative_position_bias_table, module.relative_position_index,
                                 rel_pos_plan(module))
 
 
@@ -380,8 +380,8 @@ class MaskedLMHead(nn.Linear):
     """The LM head `[V, C]` and the masked-token loss it feeds, in one module (parameter names `lm_head.weight/bias`
     as in the official checkpoints).
 
-    `loss_impl` is chosen at build: "fused" (`kernels.masked_lm_loss`: chunked GEMM + cross-entropy, the `[M, V]`
-    logits never materialised, no host sync) or "reference" (`kernels.masked_lm_loss_ref`: gathers the masked rows,
+    `loss_impl` is chosen at build: "fused" (`beit_kernels.masked_lm_loss`: chunked GEMM + cross-entropy, the `[M, V]`
+    logits never materialised, no host sync) or "reference" (`beit_kernels.masked_lm_loss_ref`: gathers the masked rows,
     which syncs with the host). `max_masked_per_image` is the masking budget the model is trained with (the masking
     generator never exceeds it): the fused loss then runs its GEMMs on B × that many rows instead of all B × L.
     """
@@ -393,7 +393,7 @@ class MaskedLMHead(nn.Linear):
         self.loss_impl = loss_impl
         self.max_masked_per_image = max_masked_per_image
         self.loss_fn = _resolve_kernel("masked_lm_loss", "mlm_loss='fused'", "mlm_loss='reference'") \
-            if loss_impl == "fused" else kernels.masked_lm_loss_ref
+            if loss_impl == "fused" else beit_kernels.masked_lm_loss_ref
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor | None = None):
         """hidden `[B, L, C]`, mask `[B, L]` bool → logits `[M, V]` of the masked patches (row-major) when `labels` is

@@ -2,11 +2,11 @@
 
 Triton kernels run on CUDA tensors, and on any tensor under Triton's CPU interpreter (`TRITON_INTERPRET=1`, set
 before triton is imported: how the CPU-only test suite exercises them). The user-chosen backends built on them
-(`attn_impl="triton"` → `kernels.rel_pos_attention`, `mlm_loss="fused"` → `kernels.masked_lm_loss`) are resolved
-once, when the model is built (`require_triton_available`), and called on a tensor where Triton cannot run they
+(`attn_impl="triton"` → `beit_kernels.rel_pos_attention`, `mlm_loss="fused"` → `beit_kernels.masked_lm_loss`) are
+resolved once, when the model is built (`require_triton_available`), and called on a tensor where Triton cannot run they
 raise (`require_triton_on`): never a silent switch to the PyTorch reference.
 
-`kernels.rel_pos_bias` is different: one op with two implementations (a Triton gather for CUDA tensors, the
+`beit_kernels.rel_pos_bias` is different: one op with two implementations (a Triton gather for CUDA tensors, the
 PyTorch gather for CPU tensors), like a torch op with CPU and CUDA kernels, used inside the eager and sdpa paths.
 It dispatches on its input's device (`use_triton`), and logs which implementation runs once per op and backend.
 """

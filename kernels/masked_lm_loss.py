@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels._dispatch import require_triton_on
+from beit_kernels._dispatch import require_triton_on
 
 
 def masked_lm_loss_ref(
@@ -115,7 +115,7 @@ def _chunk_rows(total_rows: int, vocab: int, channels: int) -> int:
 
 # The launcher is a torch.library custom op: opaque to torch.compile (the fake kernel gives shapes), differentiated by
 # MaskedLMLossFunction below.
-@torch.library.custom_op("kernels::masked_lm_loss_fwd", mutates_args=())
+@torch.library.custom_op("beit_kernels::masked_lm_loss_fwd", mutates_args=())
 def masked_lm_loss_forward(
     hidden: torch.Tensor,
     bool_masked_pos: torch.Tensor,

@@ -3,7 +3,7 @@
     out = softmax(q kᵀ·scale + bias) v,   bias = bias_table[rel_index].permute(2, 0, 1)   q, k, v, out: [B, H, N, D]
 
 The `[H, N, N]` bias (shared by every batch element; 1.2 MB in bf16 for BEiT-L) is gathered from the `[R, H]` table
-once per call by `kernels.rel_pos_bias`'s gather kernel, so each score tile costs the kernels one coalesced load
+once per call by `beit_kernels.rel_pos_bias`'s gather kernel, so each score tile costs the kernels one coalesced load
 instead of an index load plus a dependent strided gather.
 Forward: online softmax in the exp2 domain over key blocks; saves the log2-domain row logsumexp `[B*H, N]` (fp32).
 Backward: Δ = rowsum(O∘dO); a dK/dV kernel per key block and a dQ kernel per query block, both recomputing P from the
@@ -12,7 +12,7 @@ state leaves registers to spare, where the dK/dV kernel's `[BLOCK_N, D]` k, v, d
 (query block, head, batch group g) walks batches g, g+G, g+2G, ... and keeps their dS sum in a dense fp32 partial
 `[G, H, N, N]` it alone owns (the first batch stores, later ones add; G is chosen from the device's SM count for ~2
 waves: ≤ 20 MB for BEiT-L at 224 px, 43 MB at 384). The G partials are summed, then the table gradient is the
-fixed-order segment sum of `kernels.rel_pos_bias` (`table_grad_from_dense`). Every path is deterministic: bitwise
+fixed-order segment sum of `beit_kernels.rel_pos_bias` (`table_grad_from_dense`). Every path is deterministic: bitwise
 repeatable for a given autotuned config and G (the tuning cache on disk keeps the config from run to run).
 
 Layers: `_fwd_kernel`, `_bwd_preprocess_kernel`, `_bwd_dkdv_kernel`, `_bwd_dq_kernel` → launchers
@@ -26,7 +26,7 @@ the last dim; bias_table `[R, H]` of any float dtype (the bias keeps it; gradien
 IEEE fp32 dot products (no TF32). Offsets into q/k/v/out and the gradient buffers are 64-bit (batch × stride and
 (batch·H + head) × N × D pass 2³¹ at large batch × long sequences).
 Dispatch: Triton for CUDA tensors or under `TRITON_INTERPRET=1`; a CPU tensor otherwise is an error naming the fix,
-never a silent reference (`kernels._dispatch`). CUDA configs are autotuned over the configs that compile without
+never a silent reference (`beit_kernels._dispatch`). CUDA configs are autotuned over the configs that compile without
 register spills on the running arch (`python -m tools.aot` checks them); the interpreter uses one fixed small config.
 """
 
@@ -37,8 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._dispatch import require_triton_on, triton_interpreter_active
-from kernels.rel_pos_bias import (
+from beit_kernels._dispatch import require_triton_on, triton_interpreter_active
+from beit_kernels.rel_pos_bias import (
     TableGradPlan,
     rel_pos_bias_forward,
     rel_pos_bias_ref,
@@ -404,7 +404,7 @@ def _gathered_bias(bias_table: torch.Tensor | None, rel_index: torch.Tensor | No
 
 # The launchers are torch.library custom ops: opaque to torch.compile (the fake kernels give shapes), differentiated by
 # RelPosAttentionFunction below.
-@torch.library.custom_op("kernels::rel_pos_attention_fwd", mutates_args=())
+@torch.library.custom_op("beit_kernels::rel_pos_attention_fwd", mutates_args=())
 def rel_pos_attention_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -450,7 +450,7 @@ def batch_groups(batch: int, heads: int, tokens: int, sm_count: int) -> int:
     return max(1, min(batch, triton.cdiv(2 * sm_count, query_blocks * heads)))
 
 
-@torch.library.custom_op("kernels::rel_pos_attention_bwd", mutates_args=())
+@torch.library.custom_op("beit_kernels::rel_pos_attention_bwd", mutates_args=())
 def rel_pos_attention_backward(
     grad_out: torch.Tensor,
     q: torch.Tensor,
@@ -566,7 +566,8 @@ def rel_pos_attention(
     q, k, v `[B, H, N, D]` (fp32/fp16/bf16); bias_table `[R, H]` (learnable, any float dtype) or None for plain
     attention; rel_index `[N, N]` integer in `[0, R)` (int32 spares a conversion per call); scale defaults to
     `D ** -0.5`. Differentiable in q, k, v and the table; the table gradient is deterministic (no atomics).
-    `plan` (`kernels.rel_pos_bias.table_grad_plan(rel_index, R)`, built once per index) spares each backward a sort.
+    `plan` (`beit_kernels.rel_pos_bias.table_grad_plan(rel_index, R)`, built once per index) spares each backward a
+    sort.
     Triton kernels only: CPU tensors without `TRITON_INTERPRET=1` raise (the CPU path is `rel_pos_attention_ref`).
     """
     _check_inputs(q, k, v, bias_table, rel_index)

@@ -1,10 +1,10 @@
 """Relative position bias: gather a `[R, H]` table through an `[N, N]` index into an `[H, N, N]` additive bias.
 
-Used by the eager and sdpa attention paths, and inside `kernels.rel_pos_attention` (its gather kernel, launched
+Used by the eager and sdpa attention paths, and inside `beit_kernels.rel_pos_attention` (its gather kernel, launched
 directly, and the segment sum that turns the attention's dense bias gradient into the table's).
 
 Layers: `_rel_pos_bias_fwd_kernel` (gather) and `_table_grad_kernel` (fixed-order segment sum) → launchers
-`rel_pos_bias_forward` / `table_grad_from_dense` → `RelPosBiasFunction` → `rel_pos_bias` (exported from `kernels`).
+`rel_pos_bias_forward` / `table_grad_from_dense` → `RelPosBiasFunction` → `rel_pos_bias` (exported from `beit_kernels`).
 
 Limits: the table must be 2-D `[R, H]` with H ≤ 1024 (one register block of heads); indices must lie in `[0, R)`
 (not checked on device: an out-of-range index reads out of bounds, like an unchecked gather).
@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._dispatch import use_triton
+from beit_kernels._dispatch import use_triton
 
 
 def rel_pos_bias_ref(bias_table: torch.Tensor, rel_index: torch.Tensor) -> torch.Tensor:
@@ -154,7 +154,7 @@ def rel_pos_bias(bias_table: torch.Tensor, rel_index: torch.Tensor, plan: TableG
     """`bias_table[rel_index].permute(2, 0, 1)`: `[R, H]`, `[N, N]` → `[H, N, N]`, differentiable in the table.
 
     Triton kernels for CUDA tensors (or any tensor under `TRITON_INTERPRET=1`), the PyTorch reference for CPU
-    tensors otherwise (see `kernels._dispatch`). The Triton path's table gradient is deterministic (fp32 sums in a
+    tensors otherwise (see `beit_kernels._dispatch`). The Triton path's table gradient is deterministic (fp32 sums in a
     fixed order); the PyTorch path's is whatever autograd's index backward gives on that device. `plan`
     (`table_grad_plan(rel_index, R)`, built once per index) spares the Triton backward its sort.
     """

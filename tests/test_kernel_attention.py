@@ -13,12 +13,12 @@ import importlib
 import pytest
 import torch
 
-import kernels
+import beit_kernels
+from beit_kernels.rel_pos_attention import RelPosAttentionFunction, batch_groups, rel_pos_attention_ref
+from beit_kernels.rel_pos_bias import table_grad_plan
 from engine.pos_embed import relative_position_index
-from kernels.rel_pos_attention import RelPosAttentionFunction, batch_groups, rel_pos_attention_ref
-from kernels.rel_pos_bias import table_grad_plan
 
-rel_pos_attention_module = importlib.import_module("kernels.rel_pos_attention")  # the module, not the function
+rel_pos_attention_module = importlib.import_module("beit_kernels.rel_pos_attention")  # the module, not the function
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 
@@ -58,7 +58,7 @@ def max_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def check_against_reference(q, k, v, table, index):
     grad_out = torch.randn_like(q)
-    out, grads = attention_and_grads(kernels.rel_pos_attention, q, k, v, table, index, grad_out)
+    out, grads = attention_and_grads(beit_kernels.rel_pos_attention, q, k, v, table, index, grad_out)
     leaves64 = [t.detach().double().requires_grad_() if t is not None else None for t in (q, k, v, table)]
     out64, grads64 = attention_and_grads(rel_pos_attention_ref, *leaves64, index, grad_out.double())
     leaves_low = [t.detach().clone().requires_grad_() if t is not None else None for t in (q, k, v, table)]
@@ -115,7 +115,8 @@ def test_non_contiguous_qkv_from_packed_projection():
 def test_table_grad_is_bitwise_repeatable():
     q, k, v, table, index = make_case(3, 2, 17, 32, torch.float32)
     grad_out = torch.randn_like(q)
-    runs = [attention_and_grads(kernels.rel_pos_attention, q, k, v, table, index, grad_out)[1][3] for _ in range(2)]
+    runs = [attention_and_grads(beit_kernels.rel_pos_attention, q, k, v, table, index, grad_out)[1][3]
+            for _ in range(2)]
     assert torch.equal(runs[0], runs[1])
 
 
@@ -128,21 +129,21 @@ def test_every_output_element_is_written(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", poisoned_empty)
     q, k, v, table, index = make_case(2, 2, 17, 80, torch.float32)
-    out, grads = attention_and_grads(kernels.rel_pos_attention, q, k, v, table, index, torch.ones_like(q))
+    out, grads = attention_and_grads(beit_kernels.rel_pos_attention, q, k, v, table, index, torch.ones_like(q))
     for tensor in (out, *grads):
         assert not torch.isnan(tensor).any()
 
 
 def test_functional_matches_function_apply():
     q, k, v, table, index = make_case(1, 2, 17, 32, torch.float32)
-    functional = kernels.rel_pos_attention(q, k, v, table, index, scale=0.3)
+    functional = beit_kernels.rel_pos_attention(q, k, v, table, index, scale=0.3)
     applied = RelPosAttentionFunction.apply(q, k, v, table, index, *table_grad_plan(index, table.shape[0]), 0.3)
     assert torch.equal(functional, applied)
 
 
 def test_half_inputs_with_fp32_table_give_fp32_table_grad():
     q, k, v, table, index = make_case(1, 1, 17, 32, torch.float16)
-    out = kernels.rel_pos_attention(q, k, v, table, index)
+    out = beit_kernels.rel_pos_attention(q, k, v, table, index)
     (grad_table,) = torch.autograd.grad(out.float().sum(), [table])
     assert out.dtype == torch.float16 and grad_table.dtype == torch.float32
 
@@ -161,7 +162,7 @@ def test_bad_input_raises_clear_error(kwargs, message):
     table = torch.randn(kwargs.get("table_shape", (9, 2)))
     index = torch.zeros(kwargs.get("index_shape", (5, 5)), dtype=torch.long)
     with pytest.raises(ValueError, match=message):
-        kernels.rel_pos_attention(q, k, q, table, index)
+        beit_kernels.rel_pos_attention(q, k, q, table, index)
 
 
 def test_cpu_without_interpreter_is_an_error_naming_the_fix(monkeypatch):
@@ -169,15 +170,15 @@ def test_cpu_without_interpreter_is_an_error_naming_the_fix(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     q, k, v, table, index = (t.detach().cpu() for t in make_case(1, 2, 17, 32, torch.float32))
     with pytest.raises(RuntimeError, match="rel_pos_attention runs Triton kernels and got a cpu tensor.*_ref on CPU"):
-        kernels.rel_pos_attention(q, k, v, table, index)
+        beit_kernels.rel_pos_attention(q, k, v, table, index)
 
 
 def test_torch_compile_traces_custom_ops():
     """aot_eager exercises dynamo + fake kernels + autograd without needing a C++ compile."""
     q, k, v, table, index = make_case(1, 2, 17, 32, torch.float32)
-    compiled = torch.compile(kernels.rel_pos_attention, backend="aot_eager", fullgraph=True)
+    compiled = torch.compile(beit_kernels.rel_pos_attention, backend="aot_eager", fullgraph=True)
     out = compiled(q, k, v, table, index)
-    torch.testing.assert_close(out, kernels.rel_pos_attention(q, k, v, table, index))
+    torch.testing.assert_close(out, beit_kernels.rel_pos_attention(q, k, v, table, index))
     out.sum().backward()
     assert table.grad is not None and torch.isfinite(table.grad).all()
 
@@ -200,8 +201,8 @@ def test_beit_224_cuda(heads, dtype):
 
 
 OFFSETS_BEYOND_INT32 = """
-import torch, kernels
-from kernels.rel_pos_attention import rel_pos_attention_ref
+import torch, beit_kernels
+from beit_kernels.rel_pos_attention import rel_pos_attention_ref
 batch, heads, tokens, head_dim, stride_b = 3, 2, 17, 16, 2**30  # batch 2 starts at element 2**31
 storage = torch.empty(2 * stride_b + 3 * heads * tokens * head_dim, dtype=torch.float16)  # virtual; few pages touched
 q, k, v = (storage.as_strided((batch, heads, tokens, head_dim), (stride_b, tokens * head_dim, head_dim, 1),
@@ -209,7 +210,7 @@ q, k, v = (storage.as_strided((batch, heads, tokens, head_dim), (stride_b, token
 for t in (q, k, v):
     t.copy_(torch.randn(t.shape, dtype=torch.float16))
 table, index = torch.randn(40, heads), torch.randint(0, 40, (tokens, tokens))
-out = kernels.rel_pos_attention(q, k, v, table, index)
+out = beit_kernels.rel_pos_attention(q, k, v, table, index)
 expected = rel_pos_attention_ref(*(t.contiguous() for t in (q, k, v)), table, index)
 torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)
 print("ok")
@@ -234,7 +235,7 @@ def test_offsets_beyond_int32_address_the_right_elements():
 def test_tuned_configs_are_candidates_and_the_autotuner_keeps_only_its_arch(monkeypatch):
     """Each arch's list is a subset of the candidates the full AOT sweep compiles; the autotuner's early prune keeps
     the running arch's list (sm_86/89/100 take sm_80's)."""
-    from kernels.rel_pos_attention import TUNED_CONFIGS, _bwd_configs, _fwd_configs, _prune_to_arch
+    from beit_kernels.rel_pos_attention import TUNED_CONFIGS, _bwd_configs, _fwd_configs, _prune_to_arch
 
     def key(config):
         return config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-import kernels
-from kernels.masked_lm_loss import MaskedLMLossFunction
+import beit_kernels
+from beit_kernels.masked_lm_loss import MaskedLMLossFunction
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -40,12 +40,12 @@ def max_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def check_against_reference(hidden, mask, weight, bias, labels):
-    loss, accuracy, grads = loss_and_grads(kernels.masked_lm_loss, hidden, mask, weight, bias, labels)
+    loss, accuracy, grads = loss_and_grads(beit_kernels.masked_lm_loss, hidden, mask, weight, bias, labels)
     leaves64 = [t.detach().double().requires_grad_() if t is not None else None for t in (hidden, weight, bias)]
-    loss64, accuracy64, grads64 = loss_and_grads(kernels.masked_lm_loss_ref, leaves64[0], mask, leaves64[1],
+    loss64, accuracy64, grads64 = loss_and_grads(beit_kernels.masked_lm_loss_ref, leaves64[0], mask, leaves64[1],
                                                  leaves64[2], labels)
     leaves_low = [t.detach().clone().requires_grad_() if t is not None else None for t in (hidden, weight, bias)]
-    loss_low, _, grads_low = loss_and_grads(kernels.masked_lm_loss_ref, leaves_low[0], mask, leaves_low[1],
+    loss_low, _, grads_low = loss_and_grads(beit_kernels.masked_lm_loss_ref, leaves_low[0], mask, leaves_low[1],
                                             leaves_low[2], labels)
     floor = FLOOR[hidden.dtype]
     assert max_error(loss, loss64) <= 2 * max_error(loss_low, loss64) + floor
@@ -75,7 +75,7 @@ def test_several_chunks_and_large_vocab_blocks():
 
 def test_zero_masked_tokens_give_zero_loss_and_gradients():
     hidden, mask, weight, bias, labels = make_case(2, 17, 32, 50, torch.float32, 0.0)
-    loss, accuracy, grads = loss_and_grads(kernels.masked_lm_loss, hidden, mask, weight, bias, labels)
+    loss, accuracy, grads = loss_and_grads(beit_kernels.masked_lm_loss, hidden, mask, weight, bias, labels)
     assert loss.item() == 0.0 and accuracy.item() == 0.0
     for grad in grads:
         assert torch.count_nonzero(grad) == 0
@@ -85,14 +85,14 @@ def test_accuracy_counts_argmax_hits():
     hidden, mask, weight, bias, labels = make_case(2, 17, 32, 50, torch.float32, 0.5)
     logits = hidden @ weight.t() + bias
     labels = torch.where(mask, logits.argmax(-1), labels)  # every masked token predicted right
-    _, accuracy = kernels.masked_lm_loss(hidden, mask, weight, bias, labels)
+    _, accuracy = beit_kernels.masked_lm_loss(hidden, mask, weight, bias, labels)
     assert accuracy.item() == 1.0
 
 
 def test_out_of_range_label_at_masked_position_gives_nan_loss():
     hidden, mask, weight, bias, labels = make_case(1, 8, 16, 10, torch.float32, 1.0)
     labels[0, 3] = 10
-    loss, _ = kernels.masked_lm_loss(hidden, mask, weight, bias, labels)
+    loss, _ = beit_kernels.masked_lm_loss(hidden, mask, weight, bias, labels)
     assert torch.isnan(loss)
 
 
@@ -101,29 +101,29 @@ def test_every_gradient_element_is_written(monkeypatch):
     monkeypatch.setattr(torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(float("nan")))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: real_empty_like(*a, **k).fill_(float("nan")))
     hidden, mask, weight, bias, labels = make_case(2, 17, 32, 50, torch.float32, 0.4)
-    loss, accuracy, grads = loss_and_grads(kernels.masked_lm_loss, hidden, mask, weight, bias, labels)
+    loss, accuracy, grads = loss_and_grads(beit_kernels.masked_lm_loss, hidden, mask, weight, bias, labels)
     for tensor in (loss, accuracy, *grads):
         assert not torch.isnan(tensor).any()
 
 
 def test_functional_matches_function_apply():
     case = make_case(2, 17, 32, 50, torch.float32, 0.4)
-    assert torch.equal(kernels.masked_lm_loss(*case)[0], MaskedLMLossFunction.apply(*case)[0])
+    assert torch.equal(beit_kernels.masked_lm_loss(*case)[0], MaskedLMLossFunction.apply(*case)[0])
 
 
 def test_cpu_without_interpreter_is_an_error_naming_the_fix(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     hidden, mask, weight, bias, labels = (t.detach().cpu() for t in make_case(2, 17, 32, 50, torch.float32, 0.4))
     with pytest.raises(RuntimeError, match="masked_lm_loss runs Triton kernels and got a cpu tensor.*_ref on CPU"):
-        kernels.masked_lm_loss(hidden, mask, weight, bias, labels)
+        beit_kernels.masked_lm_loss(hidden, mask, weight, bias, labels)
 
 
 def test_bad_shapes_raise_clear_error():
     hidden, mask, weight, bias, labels = make_case(2, 17, 32, 50, torch.float32, 0.4)
     with pytest.raises(ValueError, match="weight must be"):
-        kernels.masked_lm_loss(hidden, mask, weight[:, :16], bias, labels)
+        beit_kernels.masked_lm_loss(hidden, mask, weight[:, :16], bias, labels)
     with pytest.raises(ValueError, match="bool_masked_pos and labels"):
-        kernels.masked_lm_loss(hidden, mask[:, :5], weight, bias, labels)
+        beit_kernels.masked_lm_loss(hidden, mask[:, :5], weight, bias, labels)
 
 
 @cuda_only
@@ -140,9 +140,9 @@ def test_beit_shapes_with_the_trainers_bound_cuda(dtype):
     """The trainer passes max_masked = B × 75 (GEMMs over the masked rows only): same loss and gradients."""
     hidden, mask, weight, bias, labels = make_case(16, 196, 768, 8192, dtype, 1.0)
     mask = torch.rand(16, 196, device=DEVICE).argsort(dim=1) < 75  # exactly 75 per image, as the masking generator
-    bounded = lambda *args: kernels.masked_lm_loss(*args, max_masked=16 * 75)  # noqa: E731
+    bounded = lambda *args: beit_kernels.masked_lm_loss(*args, max_masked=16 * 75)  # noqa: E731
     loss, accuracy, grads = loss_and_grads(bounded, hidden, mask, weight, bias, labels)
-    loss_ref, accuracy_ref, grads_ref = loss_and_grads(kernels.masked_lm_loss, hidden, mask, weight, bias, labels)
+    loss_ref, accuracy_ref, grads_ref = loss_and_grads(beit_kernels.masked_lm_loss, hidden, mask, weight, bias, labels)
     torch.testing.assert_close(loss, loss_ref)
     assert accuracy.item() == accuracy_ref.item()
     for grad, grad_ref in zip(grads, grads_ref):
@@ -152,9 +152,9 @@ def test_beit_shapes_with_the_trainers_bound_cuda(dtype):
 def test_max_masked_bound_limits_rows_and_matches_reference():
     hidden, mask, weight, bias, labels = make_case(3, 17, 32, 50, torch.float32, 0.4)
     bound = int(mask.sum()) + 2  # a static bound the count never exceeds, like B × num_masking_patches
-    bounded = lambda *args: kernels.masked_lm_loss(*args, max_masked=bound)  # noqa: E731
+    bounded = lambda *args: beit_kernels.masked_lm_loss(*args, max_masked=bound)  # noqa: E731
     loss, accuracy, grads = loss_and_grads(bounded, hidden, mask, weight, bias, labels)
-    loss_ref, accuracy_ref, grads_ref = loss_and_grads(kernels.masked_lm_loss, hidden, mask, weight, bias, labels)
+    loss_ref, accuracy_ref, grads_ref = loss_and_grads(beit_kernels.masked_lm_loss, hidden, mask, weight, bias, labels)
     torch.testing.assert_close(loss, loss_ref)
     assert accuracy.item() == accuracy_ref.item()
     for grad, grad_ref in zip(grads, grads_ref):
@@ -164,7 +164,7 @@ def test_max_masked_bound_limits_rows_and_matches_reference():
 def test_max_masked_below_the_count_fails_instead_of_a_wrong_loss():
     hidden, mask, weight, bias, labels = make_case(2, 17, 32, 50, torch.float32, 1.0)
     with pytest.raises(RuntimeError, match="more masked tokens than max_masked"):
-        loss, _ = kernels.masked_lm_loss(hidden, mask, weight, bias, labels, max_masked=5)
+        loss, _ = beit_kernels.masked_lm_loss(hidden, mask, weight, bias, labels, max_masked=5)
         loss.item()
 
 
@@ -172,7 +172,7 @@ def test_max_masked_below_the_count_fails_instead_of_a_wrong_loss():
 def test_grad_weight_products_are_not_rounded_to_bf16_cuda():
     """Each chunk's dlogitsᵀ @ x comes out of the GEMM in fp32: as close to the fp32 product of the same bf16 inputs
     as fp32 accumulation order allows, far closer than a bf16-rounded product."""
-    from kernels.masked_lm_loss import _matmul_fp32
+    from beit_kernels.masked_lm_loss import _matmul_fp32
 
     a, b = (torch.randn(512, 1024, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
     exact = a.t().double() @ b.double()

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-import kernels
+import beit_kernels
+from beit_kernels.rel_pos_bias import RelPosBiasFunction, table_grad_plan
 from engine.pos_embed import relative_position_index
-from kernels.rel_pos_bias import RelPosBiasFunction, table_grad_plan
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -34,12 +34,12 @@ def test_beit_224_cuda(heads, dtype):
 def check_against_reference(index: torch.Tensor, heads: int, dtype: torch.dtype) -> None:
     """The gather is exact; the table gradient matches the float64 one (half precision: to 2% of its largest entry)."""
     table = torch.randn(int(index.max()) + 1, heads, device=DEVICE, dtype=dtype, requires_grad=True)
-    bias = kernels.rel_pos_bias(table, index)
-    reference = kernels.rel_pos_bias_ref(table, index)
+    bias = beit_kernels.rel_pos_bias(table, index)
+    reference = beit_kernels.rel_pos_bias_ref(table, index)
     assert torch.equal(bias, reference)  # a gather is exact
     grad = torch.randn_like(bias)
     (dtable,) = torch.autograd.grad(bias, table, grad)
-    (dtable64,) = torch.autograd.grad(kernels.rel_pos_bias_ref(table.double(), index), table, grad.double())
+    (dtable64,) = torch.autograd.grad(beit_kernels.rel_pos_bias_ref(table.double(), index), table, grad.double())
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2 * dtable64.abs().max().item()
     torch.testing.assert_close(dtable.double(), dtable64.double(), atol=tolerance, rtol=1e-3)
 
@@ -48,7 +48,7 @@ def test_table_grad_is_bitwise_repeatable_and_fills_unused_rows():
     index = torch.randint(0, 20, (17, 17), device=DEVICE)
     table = torch.randn(30, 4, device=DEVICE, requires_grad=True)  # rows 20..29 never indexed
     grad = torch.randn(4, 17, 17, device=DEVICE)
-    runs = [torch.autograd.grad(kernels.rel_pos_bias(table, index), table, grad)[0] for _ in range(2)]
+    runs = [torch.autograd.grad(beit_kernels.rel_pos_bias(table, index), table, grad)[0] for _ in range(2)]
     assert torch.equal(runs[0], runs[1])
     assert torch.count_nonzero(runs[0][20:]) == 0
 
@@ -57,7 +57,7 @@ def test_functional_matches_function_apply():
     index = relative_position_index((4, 4)).to(DEVICE)
     table = torch.randn(int(index.max()) + 1, 2, device=DEVICE)
     plan = table_grad_plan(index, table.shape[0])
-    assert torch.equal(kernels.rel_pos_bias(table, index), RelPosBiasFunction.apply(table, index, *plan))
+    assert torch.equal(beit_kernels.rel_pos_bias(table, index), RelPosBiasFunction.apply(table, index, *plan))
 
 
 def test_a_precomputed_plan_gives_the_same_bias_and_gradient():
@@ -66,14 +66,14 @@ def test_a_precomputed_plan_gives_the_same_bias_and_gradient():
     table = torch.randn(int(index.max()) + 1, 3, device=DEVICE, requires_grad=True)
     grad = torch.randn(3, *index.shape, device=DEVICE)
     plan = table_grad_plan(index, table.shape[0])
-    for with_plan in (kernels.rel_pos_bias(table, index, plan), kernels.rel_pos_bias(table, index)):
-        torch.testing.assert_close(with_plan, kernels.rel_pos_bias(table, index), rtol=0, atol=0)
-    grads = [torch.autograd.grad(kernels.rel_pos_bias(table, index, p), table, grad)[0] for p in (plan, None)]
+    for with_plan in (beit_kernels.rel_pos_bias(table, index, plan), beit_kernels.rel_pos_bias(table, index)):
+        torch.testing.assert_close(with_plan, beit_kernels.rel_pos_bias(table, index), rtol=0, atol=0)
+    grads = [torch.autograd.grad(beit_kernels.rel_pos_bias(table, index, p), table, grad)[0] for p in (plan, None)]
     assert torch.equal(grads[0], grads[1])
 
 
 def test_bad_input_raises_clear_error():
     with pytest.raises(ValueError, match="bias_table must be"):
-        kernels.rel_pos_bias(torch.randn(5), torch.zeros(3, 3, dtype=torch.long))
+        beit_kernels.rel_pos_bias(torch.randn(5), torch.zeros(3, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="rel_index must be"):
-        kernels.rel_pos_bias(torch.randn(5, 2), torch.zeros(3, 3))
+        beit_kernels.rel_pos_bias(torch.randn(5, 2), torch.zeros(3, 3))

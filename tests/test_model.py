@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import beit_kernels
 import engine.model
-import kernels
 from engine.factory import create_model, list_models
 from engine.model import BeitForImageClassification, BeitForMaskedImageModeling
 from engine.pos_embed import num_relative_distance, relative_position_index
@@ -270,8 +270,8 @@ def test_eager_and_sdpa_agree_in_fp32(name):
 
 def test_triton_path_passes_summed_tables_to_the_kernel(monkeypatch):
     # the kernel's PyTorch reference stands in for it (interpreter off, fixture): checks the model's wiring only
-    monkeypatch.setattr(kernels, "rel_pos_attention", lambda q, k, v, table, index, scale, plan:
-                        kernels.rel_pos_attention_ref(q, k, v, table, index, scale))
+    monkeypatch.setattr(beit_kernels, "rel_pos_attention", lambda q, k, v, table, index, scale, plan:
+                        beit_kernels.rel_pos_attention_ref(q, k, v, table, index, scale))
     monkeypatch.setattr(engine.model, "require_triton_available", lambda choice, alternative: None)
     model = create_model(MIM, depth=2, attn_impl="sdpa", use_rel_pos_bias=True)
     _randomise_tables(model)
@@ -291,8 +291,8 @@ def test_triton_backend_where_triton_cannot_run_is_an_error_at_build(choice):
 
 
 def test_triton_without_the_kernel_is_a_clear_error(monkeypatch):
-    monkeypatch.delattr(kernels, "rel_pos_attention", raising=False)
-    with pytest.raises(ValueError, match="needs kernels.rel_pos_attention.*'sdpa' or 'eager'"):
+    monkeypatch.delattr(beit_kernels, "rel_pos_attention", raising=False)
+    with pytest.raises(ValueError, match="needs beit_kernels.rel_pos_attention.*'sdpa' or 'eager'"):
         create_model(CLS, depth=1, attn_impl="triton")
 
 
@@ -331,11 +331,11 @@ def test_mlm_loss_is_chosen_explicitly_and_gives_the_same_loss(monkeypatch):
 
 
 def test_shared_relative_position_bias_is_gathered_once_per_forward(monkeypatch):
-    import kernels
+    import beit_kernels
 
     calls = []
-    original = kernels.rel_pos_bias
-    monkeypatch.setattr(kernels, "rel_pos_bias", lambda *args: calls.append(1) or original(*args))
+    original = beit_kernels.rel_pos_bias
+    monkeypatch.setattr(beit_kernels, "rel_pos_bias", lambda *args: calls.append(1) or original(*args))
     model = create_model(MIM, depth=3, attn_impl="sdpa")
     model(_images(), _mask())
     assert len(calls) == 1  # not once per block

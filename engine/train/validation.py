@@ -74,7 +74,7 @@ def check_dataset_size(data_path: str, run) -> None:
 
 
 def _triton_runs_on(device: str) -> bool:
-    from kernels._dispatch import triton_runs_on
+    from beit_kernels._dispatch import triton_runs_on
 
     return triton_runs_on(torch.device(device))
 

@@ -64,9 +64,9 @@ def _recorded_launches():
 def _launch_beit_shapes() -> None:
     import torch
 
-    attention = importlib.import_module("kernels.rel_pos_attention")
-    bias = importlib.import_module("kernels.rel_pos_bias")
-    mlm = importlib.import_module("kernels.masked_lm_loss")
+    attention = importlib.import_module("beit_kernels.rel_pos_attention")
+    bias = importlib.import_module("beit_kernels.rel_pos_bias")
+    mlm = importlib.import_module("beit_kernels.masked_lm_loss")
     batch, heads, tokens, head_dim, rows, vocab, channels = 2, 12, 197, 64, 732, 8192, 768
     qkv = torch.randn(batch, tokens, 3, heads, head_dim, dtype=torch.bfloat16).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)

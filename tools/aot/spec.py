@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from kernels.rel_pos_attention import block_d, dot_precision
+from beit_kernels.rel_pos_attention import block_d, dot_precision
 
 # ---------------------------------------------------------------------------------------------------------------
 # The spec: one row per kernel. Adjust it here when a kernel's signature, launcher meta-parameters or configs change.
@@ -49,42 +49,42 @@ class KernelSpec:
 
 SPECS: dict[str, KernelSpec] = {
     "_fwd_kernel": KernelSpec(
-        "kernels.rel_pos_attention",
+        "beit_kernels.rel_pos_attention",
         f"Q:*x K:*x V:*x BIAS:*t OUT:*x LSE:*fp32 {_STRIDES} H:i32 N:i32 qk_scale:fp32",
         _ATTENTION_CONSTEXPRS, configs="_fwd_configs", axes=frozenset({"head_dim", "bias"}),
     ),
     "_bwd_preprocess_kernel": KernelSpec(
-        "kernels.rel_pos_attention", "OUT:*x DO:*x DELTA:*fp32 N:i32",
+        "beit_kernels.rel_pos_attention", "OUT:*x DO:*x DELTA:*fp32 N:i32",
         {"HEAD_DIM": lambda v: v.head_dim, "BLOCK_D": lambda v: block_d(v.head_dim)},
         fixed={"BLOCK_M": 32}, axes=frozenset({"head_dim"}),
     ),
     "_bwd_dkdv_kernel": KernelSpec(
-        "kernels.rel_pos_attention",
+        "beit_kernels.rel_pos_attention",
         f"Q:*x K:*x V:*x BIAS:*t DO:*x LSE:*fp32 DELTA:*fp32 DK:*x DV:*x {_STRIDES} H:i32 N:i32 "
         "sm_scale:fp32 qk_scale:fp32",
         _ATTENTION_CONSTEXPRS, configs="_bwd_configs", axes=frozenset({"head_dim", "bias"}),
     ),
     "_bwd_dq_kernel": KernelSpec(
-        "kernels.rel_pos_attention",
+        "beit_kernels.rel_pos_attention",
         "Q:*x K:*x V:*x BIAS:*t DO:*x LSE:*fp32 DELTA:*fp32 DQ:*x DBIAS:*fp32 "
         f"{_STRIDES} B:i32 H:i32 N:i32 GROUPS:i32 sm_scale:fp32 qk_scale:fp32",
         _ATTENTION_CONSTEXPRS, configs="_fwd_configs", axes=frozenset({"head_dim", "bias"}),
     ),
     # The table's own dtype: bf16/fp16 under pure half precision, fp32 for an fp32 parameter under autocast.
     "_rel_pos_bias_fwd_kernel": KernelSpec(
-        "kernels.rel_pos_bias", "TABLE:*x INDEX:*i32 OUT:*x H:i32 P:i32", {}, fixed={"BLOCK_P": 1024},
+        "beit_kernels.rel_pos_bias", "TABLE:*x INDEX:*i32 OUT:*x H:i32 P:i32", {}, fixed={"BLOCK_P": 1024},
         extra_dtypes=("fp32",),
     ),
     # DENSE is the bias gradient: the table's dtype from rel_pos_bias, fp32 from the attention backward.
     # BLOCK_H = next power of two ≥ H: 16 for BEiT-B (12 heads) and BEiT-L (16 heads).
     "_table_grad_kernel": KernelSpec(
-        "kernels.rel_pos_bias", "DENSE:*x ORDER:*i32 OFFSETS:*i32 DTABLE:*fp32 H:i32 P:i32", {},
+        "beit_kernels.rel_pos_bias", "DENSE:*x ORDER:*i32 OFFSETS:*i32 DTABLE:*fp32 H:i32 P:i32", {},
         fixed={"BLOCK_J": 64, "BLOCK_H": 16}, extra_dtypes=("fp32",),
     ),
     # LOGITS in the compute dtype; V = 8192 (the DALL-E tokenizer) makes stride_row, V and row_start multiples of 16
     # and BLOCK_V = min(4096, next_pow2(V)) = 4096.
     "_cross_entropy_kernel": KernelSpec(
-        "kernels.masked_lm_loss",
+        "beit_kernels.masked_lm_loss",
         "LOGITS:*x stride_row:i32/16 LABELS:*i64 COUNT:*i64 LOSS:*fp32 CORRECT:*fp32 row_start:i32/16 V:i32/16",
         {}, fixed={"BLOCK_V": 4096},
     ),
