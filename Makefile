@@ -84,8 +84,6 @@ gpu-check:
 	then echo "installing $(GPU_WHEELS)/ into $(GPU_SITE)"; \
 		$(GPU_PYTHON) -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
 			--target $(GPU_SITE) $(GPU_WHEELS)/*.whl || exit 1; fi
-	@# the kernels/ folder's installed name, for a node that runs the tree uninstalled (setup.py maps the same)
-	@mkdir -p $(GPU_SITE) && ln -sfn $(CURDIR)/kernels $(GPU_SITE)/beit_kernels
 	$(GPU_CHECK_PATH) $(GPU_PYTHON) benchmarks/gpu_check.py $(if $(OUT),--out $(OUT)) $(if $(filter 1 yes true,$(DRY_RUN)),--dry-run)
 
 # pytest-benchmark over the kernels (benchmarks/test_bench_kernels.py): BEiT shapes on a GPU, tiny shapes through

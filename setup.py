@@ -1,8 +1,8 @@
-"""Install the `engine` package and the `kernels/` folder as `beit_kernels`.
+"""Install the `engine` and `beit_kernels` packages.
 
-The kernels install under a name of our own: `kernels` is the top-level package of an unrelated, widely installed
-distribution (Hugging Face's, which `transformers[kernels]` depends on), and two distributions with one top-level
-name overwrite each other's files.
+The kernels' package is not called `kernels`: that is the top-level package of an unrelated, widely installed
+distribution (Hugging Face's, which transformers depends on); two distributions with one top-level name overwrite
+each other's files, and a `kernels/` folder in the working directory shadows the installed one.
 
 The native data-path extensions (`engine.data._native_masking` and `engine.data._native_pixels`, built from
 `csrc/` by `CMakeLists.txt`) are optional: they are built when CMake and a C++ compiler are present; otherwise the
@@ -66,8 +66,7 @@ setup(
     long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["engine", "engine.*"]) + ["beit_kernels"],
-    package_dir={"beit_kernels": "kernels"},
+    packages=find_packages(include=["engine", "engine.*", "beit_kernels"]),
     package_data={"engine": ["data/assets/**/*"]},
     include_package_data=True,
     ext_modules=[CMakeExtension("engine.data._native_masking"), CMakeExtension("engine.data._native_pixels")],

@@ -45,7 +45,7 @@ from engine.train.pretrain import run_pretraining
 cfg = apply_overrides(config(), [f"--tokenizer={{tokenizer}}", f"--output_dir={{out}}", f"--max_steps={{steps}}",
                                  "--log_every={log_every}", "--save_every=0", "--progress=false",
                                  f"--heldout_every={{10 ** 9}}"])
-roots = tuple(str(Path(tree) / p) for p in ("engine/train", "engine/model.py", "engine/tokenizer", "kernels"))
+roots = tuple(str(Path(tree) / p) for p in ("engine/train", "engine/model.py", "engine/tokenizer", "beit_kernels"))
 with host_syncs.HostSyncCounter(roots) as counter:
     run_pretraining(cfg)
 Path(result).write_text(json.dumps({{"per_interval": dict(counter.per_interval), "steps": counter.steps}}))

@@ -20,7 +20,7 @@ import torch
 
 SYNC_METHODS = ("item", "tolist", "__float__", "__int__", "__bool__", "cpu", "numpy")
 ROOT = Path(__file__).resolve().parents[1]
-HOT_PATH = tuple(str(ROOT / part) for part in ("engine/train", "engine/model.py", "engine/tokenizer", "kernels"))
+HOT_PATH = tuple(str(ROOT / part) for part in ("engine/train", "engine/model.py", "engine/tokenizer", "beit_kernels"))
 
 
 class HostSyncCounter:
