@@ -80,6 +80,7 @@ setup(
         "simplejpeg>=1.8",  # the workers' JPEG decoder: PIL's pixels, ~2.5x faster (engine/data/pixels.py)
         "safetensors",
         "tqdm",
+        "tomli>=1.1; python_version < '3.11'",  # --config=FILE.toml (tomllib from 3.11)
         "matplotlib",  # curves.png and the evidence plot (a plain PIL drawing is the fallback)
     ],
     extras_require={

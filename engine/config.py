@@ -1,8 +1,11 @@
 """Dataclass configs with `--key=value` command-line overrides (torchtitan-style recipes, nanoGPT-style overrides).
 
 A recipe builds a (possibly nested) dataclass and calls `apply_overrides(cfg, sys.argv[1:])`. A key is either the
-full dotted path (`--optim.lr=1e-3`) or, when unambiguous, the bare field name (`--lr=1e-3`). Unknown keys, ambiguous
-keys and values of the wrong type are errors that list what is valid. A config class may define `validate()` (ranges,
+full dotted path (`--optim.lr=1e-3`) or, when unambiguous, the bare field name (`--lr=1e-3`); `--key value` is read
+as `--key=value`, and a bare `--flag` of a boolean field as `--flag=true`. `--config=FILE` (TOML with tables or
+dotted keys, or a run's own `config.json`) is applied before the other overrides, which win over it; its keys are
+checked like the command line's. Unknown keys, ambiguous keys and values of the wrong type are errors that list what
+is valid. A config class may define `validate()` (ranges,
 paths, device/dtype combinations): `parse_overrides` calls it, so a bad value stops the run before any work starts,
 with one line on stderr and exit status 2. `--help` lists every key by section with its type, default and the comment
 written next to the field in the dataclass source.
@@ -39,8 +42,22 @@ def exit_with_error(message: str, status: int = 2) -> typing.NoReturn:
     raise SystemExit(status)
 
 
+def join_values(argv: list[str]) -> list[str]:
+    """`--key value` → `--key=value` (a value never starts with `--`); `--key=value` and a bare `--flag` unchanged."""
+    joined, args = [], iter(range(len(argv)))
+    for i in args:
+        arg = argv[i]
+        if arg.startswith("--") and "=" not in arg and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            joined.append(f"{arg}={argv[i + 1]}")
+            next(args)
+        else:
+            joined.append(arg)
+    return joined
+
+
 def take_preset(argv: list[str], presets, default: str | None = None) -> tuple[str | None, list[str]]:
     """A recipe's `--preset=NAME` (the last one wins) and the other arguments; an unknown name exits with one line."""
+    argv = join_values(argv)
     names = [arg.split("=", 1)[1] for arg in argv if arg.startswith("--preset=")]
     if names and names[-1] not in presets:
         exit_with_error(f"--preset={names[-1]}: expected one of {', '.join(presets) or 'none (this recipe has none)'}")
@@ -135,23 +152,92 @@ def _resolve_key(key: str, leaves: dict) -> str:
 
 
 def apply_overrides(cfg: Any, argv: list[str]) -> Any:
-    """Applies `--key=value` arguments to the dataclass `cfg` in place and returns it.
+    """Applies `--config=FILE` and then the `--key=value` (or `--key value`) arguments to the dataclass `cfg` in place
+    and returns it.
 
     `--help`/`-h` prints every key with its type, current value and description, and exits.
     """
     leaves = _leaves(cfg)
+    argv = join_values(argv)
+    if any(arg in ("-h", "--help") for arg in argv):
+        print(format_help(cfg))
+        raise SystemExit(0)
     for arg in argv:
-        if arg in ("-h", "--help"):
-            print(format_help(cfg))
-            raise SystemExit(0)
-        if arg.startswith("--local_rank") or arg.startswith("--local-rank"):
-            continue  # injected by the deepspeed launcher; the rank is read from the environment
-        if not arg.startswith("--") or "=" not in arg:
-            raise ConfigError(f"bad argument {arg!r}: overrides are written --key=value (see --help for the keys)")
-        key, text = arg[2:].split("=", 1)
+        if arg.startswith("--config="):
+            apply_config_file(cfg, arg.split("=", 1)[1], leaves)
+    for arg in argv:
+        if arg.startswith("--local_rank") or arg.startswith("--local-rank") or arg.startswith("--config="):
+            continue  # the deepspeed launcher's (the rank is read from the environment); files went first
+        if not arg.startswith("--"):
+            raise ConfigError(f"bad argument {arg!r}: overrides are written --key=value or --key value (see --help)")
+        key, has_value, text = arg[2:].partition("=")
         path = _resolve_key(key, leaves)
         owner, field = leaves[path]
-        setattr(owner, field.name, _convert(text, field.type, key))
+        if not has_value and field.type is not bool:
+            raise ConfigError(f"--{key} needs a value: --{key}=VALUE or --{key} VALUE")
+        setattr(owner, field.name, _convert(text if has_value else "true", field.type, key))
+    return cfg
+
+
+def _flatten(table: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested tables → dotted keys: {"optim": {"lr": 1e-3}} → {"optim.lr": 1e-3}."""
+    flat = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _as_text(value: Any) -> str:
+    """A TOML/JSON value in the command line's spelling, so that it is checked and converted as one."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return ",".join(_as_text(item) for item in value)
+    return str(value)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A TOML file or a JSON object (a run's `config.json`) → {dotted key: value}; unreadable → ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config={path}: no such file (a TOML file, or the config.json of a run's output dir)")
+    try:
+        if path.suffix == ".json":
+            table = json.loads(path.read_text())
+        else:
+            table = _toml_loads(path.read_text())
+    except ValueError as error:  # json.JSONDecodeError and tomllib.TOMLDecodeError both are
+        raise ConfigError(f"--config={path}: not valid {'JSON' if path.suffix == '.json' else 'TOML'} ({error})"
+                          ) from None
+    if not isinstance(table, dict):
+        raise ConfigError(f"--config={path}: expected a table of keys, found {type(table).__name__}")
+    return _flatten(table)
+
+
+def _toml_loads(text: str) -> dict:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: the same parser, as a package (setup.py installs it there)
+        import tomli as tomllib
+    return tomllib.loads(text)
+
+
+def apply_config_file(cfg: Any, path: str | Path, leaves: dict | None = None) -> Any:
+    """Sets every key of the file on `cfg`, checked and converted like a command-line override; an unknown key is an
+    error naming the file."""
+    leaves = _leaves(cfg) if leaves is None else leaves
+    for key, value in read_config_file(path).items():
+        try:
+            owner, field = leaves[_resolve_key(key, leaves)]
+            setattr(owner, field.name, _convert(_as_text(value), field.type, key))
+        except ConfigError as error:
+            first, _, rest = str(error).partition("\n")
+            raise ConfigError(f"--config={path}: {first}" + (f"\n{rest}" if rest else "")) from None
     return cfg
 
 
@@ -220,7 +306,8 @@ def format_help(cfg: Any) -> str:
     bare_counts: dict[str, int] = {}
     for path in leaves:
         bare_counts[path.rsplit(".", 1)[-1]] = bare_counts.get(path.rsplit(".", 1)[-1], 0) + 1
-    lines = [f"{type(cfg).__name__}: override any key as --key=value (short form, or the dotted one).", ""]
+    lines = [f"{type(cfg).__name__}: override any key as --key=value or --key value (short form, or the dotted one);",
+             "--config=FILE (TOML, or a run's config.json) is applied first and the other overrides on top.", ""]
     section = None
     for path, (owner, field) in leaves.items():
         head = path.rsplit(".", 1)[0] if "." in path else ""

@@ -94,6 +94,17 @@ def test_exported_weights_load(reference_run):
     assert model.config["depth"] == 2 and model.config["vocab_size"] == 64
 
 
+def test_a_runs_config_json_given_back_reproduces_its_settings(reference_run):
+    """`--config=OUTPUT_DIR/config.json` (the resolved settings the run wrote) on the same recipe gives them back."""
+    from pretrain_demo import config
+
+    from engine.config import config_to_dict
+
+    saved = json.loads((reference_run / "config.json").read_text())
+    again = apply_overrides(config(), [f"--config={reference_run / 'config.json'}"])
+    assert json.loads(json.dumps(config_to_dict(again), default=str)) == saved
+
+
 def test_resume_is_exact(tokenizer_dir, reference_run, tmp_path):
     run_in_process(tokenizer_dir, tmp_path, "--max_steps=3")
     assert latest_checkpoint(tmp_path).name == "ckpt-3"
