@@ -85,8 +85,11 @@ setup(
     ],
     extras_require={
         # transformers: the export's parity tests load our exports with it (it installs Hugging Face's `kernels`,
-        # next to which ours must import: tests/test_packaging.py); tensorboard: --report_to=tensorboard's test
-        "test": ["pytest", "pytest-benchmark", "ruff", "transformers>=4.40,<6", "tensorboard"],
+        # next to which ours must import: tests/test_packaging.py); tensorboard, wandb: --report_to's tests
+        "test": ["pytest", "pytest-benchmark", "ruff", "transformers>=4.40,<6", "tensorboard", "wandb"],
+        "tensorboard": ["tensorboard"],  # --report_to=tensorboard
+        "wandb": ["wandb"],  # --report_to=wandb
+        "hub": ["huggingface_hub"],  # recipes/export_hf.py --push_to_hub
         "flash": ["flash-attn"],
         "dali": ["nvidia-dali-cuda120>=2.4,<3"],  # --data_backend=dali (CUDA 12; nvidia-dali-cuda130 for CUDA 13)
     },

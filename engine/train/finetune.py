@@ -197,7 +197,7 @@ class ImageClassification(EvaluatedTask):
         return self.eval_loader is not None and plan.ends_epoch(step) and (
             (step // plan.steps_per_epoch) % every == 0 or step == plan.last_step)
 
-    def evaluate(self, engine, step: int, plan, stop) -> None:
+    def evaluate(self, engine, step: int, plan, stop) -> dict:
         """Top-1/top-5 (and the EMA's); when top-1 improves, rank 0 writes `best/` (safetensors + config)."""
         if self.dist_info.is_main:
             logger.info("evaluating after step %d: %d batches per rank", step, len(self.eval_loader))
@@ -209,7 +209,7 @@ class ImageClassification(EvaluatedTask):
         if self.dist_info.is_main:
             logger.info("eval at step %d (epoch %d): top-1 %.2f%% top-5 %.2f%% loss %.4f", step, epoch,
                         result["acc1"], result["acc5"], result["eval_loss"])
-        self.record(engine, result)
+        return self.record(engine, result)
 
 
 class LinearProbe(ImageClassification):

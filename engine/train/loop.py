@@ -21,7 +21,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from engine.config import ConfigError, RunFailed, save_config
+from engine.config import ConfigError, RunFailed, config_to_dict, save_config
 from engine.stop_signal import EvaluationStopped, StopSignal
 from engine.train import checkpointing
 from engine.train.deepspeed_config import bucket_elements, build_deepspeed_config
@@ -29,6 +29,7 @@ from engine.train.flops import device_peak_flops
 from engine.train.guards import StepHealth, loss_scale
 from engine.train.metrics import METRICS_FILE, MetricsLogger, plot_curves, read_metrics
 from engine.train.optim import build_optimizer
+from engine.train.reporters import open_reporters
 from engine.train.resolve import resolve_config
 from engine.train.run_lock import RunLock
 from engine.train.runtime import DistInfo, init_distributed, seed_everything, unmap_large_frees
@@ -342,7 +343,8 @@ def _loop(cfg, task, engine, schedules: Schedules, plan: Plan, saved_state: dict
     output_dir, device, last_step = Path(run.output_dir), dist_info.device, plan.last_step
     peak = device_peak_flops(device, run.precision)
     keep_norm = run.precision == "fp32" and run.zero_stage == 0  # DeepSpeed clips there without keeping the norm
-    metrics = MetricsLogger(output_dir, dist_info.is_main, last_step, start_step, run.progress)
+    reporters = open_reporters(run.report_to, output_dir, config_to_dict(cfg), start_step) if dist_info.is_main else []
+    metrics = MetricsLogger(output_dir, dist_info.is_main, last_step, start_step, run.progress, reporters)
     health = StepHealth(engine, run.precision, run.max_bad_steps, device)
     evaluation_pending = False  # a stop interrupted the evaluation of the saved step: it is redone when resumed
 
@@ -361,10 +363,12 @@ def _loop(cfg, task, engine, schedules: Schedules, plan: Plan, saved_state: dict
         nonlocal evaluation_pending
         beat(f"the evaluation after step {step}")
         try:
-            task.evaluate(engine, step, plan, stop)
+            row = task.evaluate(engine, step, plan, stop)
         except EvaluationStopped:
             evaluation_pending = True
             return False
+        if row is not None:
+            metrics.log_eval(row)
         return True
 
     step, stopped_by, ckpt_dir = start_step, None, None

@@ -1,4 +1,5 @@
-"""Training metrics: metrics.jsonl, TensorBoard (when importable), a tqdm bar on rank 0, and a PNG of the curves."""
+"""Training metrics: metrics.jsonl, the `--report_to` targets (engine/train/reporters.py), a tqdm bar on rank 0, and a
+PNG of the curves."""
 
 import json
 import logging
@@ -30,11 +31,12 @@ def truncate_after(path: str | Path, step: int) -> None:
 class MetricsLogger:
     """Rank-0 sink for per-step metrics. On other ranks every method is a no-op."""
 
-    def __init__(self, output_dir: str | Path, enabled: bool, total_steps: int, start_step: int, progress: bool):
+    def __init__(self, output_dir: str | Path, enabled: bool, total_steps: int, start_step: int, progress: bool,
+                 reporters: list | None = None):
         self.enabled = enabled
         self.path = Path(output_dir) / METRICS_FILE
         self.bar = None
-        self.tb = None
+        self.reporters = reporters or []  # rank 0's --report_to targets (engine/train/reporters.py)
         if not enabled:
             return
         truncate_after(self.path, start_step)
@@ -46,12 +48,6 @@ class MetricsLogger:
             # log records (checkpoints saved, evaluations, warnings) print above the bar instead of through it
             self._redirect = logging_redirect_tqdm()
             self._redirect.__enter__()
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(Path(output_dir) / "tensorboard"), purge_step=start_step + 1)
-        except ImportError:
-            logger.info("tensorboard is not installed; metrics go to %s only", self.path)
 
     def advance(self, steps: int = 1) -> None:
         if self.bar is not None:
@@ -63,22 +59,25 @@ class MetricsLogger:
         row = {k: _finite_or_none(v) for k, v in row.items()}
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
-        if self.tb is not None:
-            for key, value in row.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.tb.add_scalar(f"train/{key}", value, row["step"])
+        for reporter in self.reporters:
+            reporter.log(row, "train")
         if self.bar is not None:
             shown = {k: row[k] for k in ("loss", "mlm_acc", "acc1", "lr", "img_per_s") if row.get(k) is not None}
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
         else:
             logger.info("step %d %s", row["step"], {k: v for k, v in row.items() if k != "step"})
 
+    def log_eval(self, row: dict) -> None:
+        """An evaluation's row (the task writes it to eval.jsonl) to the --report_to targets."""
+        for reporter in self.reporters if self.enabled else ():
+            reporter.log({k: _finite_or_none(v) for k, v in row.items()}, "eval")
+
     def close(self) -> None:
         if self.bar is not None:
             self._redirect.__exit__(None, None, None)
             self.bar.close()
-        if self.tb is not None:
-            self.tb.close()
+        for reporter in self.reporters:
+            reporter.close()
 
 
 def read_metrics(path: str | Path) -> list[dict]:

@@ -116,14 +116,14 @@ class SemanticSegmentation(EvaluatedTask):
     def evaluation_due(self, step: int, plan) -> bool:
         return step % self.cfg.head.eval_every == 0 or step == plan.last_step
 
-    def evaluate(self, engine, step: int, plan, stop) -> None:
+    def evaluate(self, engine, step: int, plan, stop) -> dict:
         if self.dist_info.is_main:
             logger.info("evaluating after step %d: %d validation images", step, self.eval_count)
         metrics = self.score(stop)
         if self.dist_info.is_main:
             logger.info("eval at step %d: mIoU %.2f%%, mAcc %.2f%%, pixel accuracy %.2f%%", step, metrics["mIoU"],
                         metrics["mAcc"], metrics["aAcc"])
-        self.record(engine, {"step": step, "epoch": plan.epoch_of(step), **metrics})
+        return self.record(engine, {"step": step, "epoch": plan.epoch_of(step), **metrics})
 
 
 def run_segmentation(cfg: SegmentationConfig) -> dict:

@@ -87,6 +87,8 @@ class RunSettings:
     # silent ranks, so the whole job ends (engine/train/watchdog.py); collectives time out 60 s later
     dist_timeout_s: int = 600
     progress: bool = True  # tqdm bar on rank 0
+    # besides metrics.jsonl: comma-separated tensorboard, wandb, csv, or none (engine/train/reporters.py)
+    report_to: str = "none"
 
 
 @dataclass

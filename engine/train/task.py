@@ -92,10 +92,12 @@ class Task(ABC):
         evaluation that a stop interrupted without asking again)."""
         return False
 
-    def evaluate(self, engine, step: int, plan, stop) -> None:
-        """The evaluation after step `step` (collective on every rank). Its batches go through
-        `stop.iterate(loader, count)` (engine/stop_signal.py), so a stop signal ends it within a batch or two on
-        every rank (EvaluationStopped); the loop then saves and the evaluation is redone on resume."""
+    def evaluate(self, engine, step: int, plan, stop) -> dict | None:
+        """The evaluation after step `step` (collective on every rank) → its row for the --report_to targets (None:
+        nothing to report). Its batches go through `stop.iterate(loader, count)` (engine/stop_signal.py), so a stop
+        signal ends it within a batch or two on every rank (EvaluationStopped); the loop then saves and the
+        evaluation is redone on resume."""
+        return None
 
     def finish(self, engine, ckpt_dir: Path) -> dict:
         """After the final checkpoint of a run that was not stopped (every rank): exports and summary values."""
@@ -121,8 +123,8 @@ class EvaluatedTask(Task):
         if self.dist_info.is_main:
             truncate_after(self.output_dir / EVAL_FILE, client["step"])
 
-    def record(self, engine, row: dict) -> None:
-        """Every rank, after an evaluation: `row` (step, epoch, scores) to eval.jsonl, best/ if it improved."""
+    def record(self, engine, row: dict) -> dict:
+        """Every rank, after an evaluation: `row` (step, epoch, scores) to eval.jsonl, best/ if it improved → row."""
         score = self.best_keys[0]
         improved = row[score] > self.best[score]
         state = model_state_dict(engine, self.dist_info.rank) if improved else None  # collective under ZeRO-3
@@ -133,6 +135,7 @@ class EvaluatedTask(Task):
                 f.write(json.dumps(row) + "\n")
             if state is not None:
                 save_model(self.model, state, self.output_dir / BEST_DIR)
+        return row
 
     def finish(self, engine, ckpt_dir: Path) -> dict:
         state = model_state_dict(engine, self.dist_info.rank)  # collective under ZeRO-3

@@ -17,6 +17,7 @@ import torch
 
 from engine.config import ConfigError
 from engine.device import resolve_device
+from engine.train.reporters import parse_report_to
 from engine.train.resolve import cpu_has_native_bf16
 from engine.train.runtime import detect_launch
 
@@ -138,6 +139,7 @@ def check_run(run) -> None:
         at_least(key, getattr(run, key), low)
     require(run.max_steps == -1 or run.max_steps > 0, "max_steps", run.max_steps, "must be > 0 (or -1: no limit)")
     require(run.steps == -1 or run.steps > 0, "steps", run.steps, "must be > 0 (or -1: the schedule spans epochs)")
+    parse_report_to(run.report_to)  # names known, libraries installed
     require(run.zero_stage in (0, 1, 2, 3), "zero_stage", run.zero_stage, "expected 0, 1, 2 or 3")
     require(not run.offload or run.zero_stage >= 1, "offload", run.offload, "needs --zero_stage=1, 2 or 3")
     require(bool(run.output_dir) and not Path(run.output_dir).is_file(), "output_dir", run.output_dir,
