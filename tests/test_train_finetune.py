@@ -67,6 +67,10 @@ def test_linear_probe_trains_only_the_head(pretrained_dir, tmp_path):
     assert torch.equal(final["blocks.0.mlp.fc1.weight"], pretrained["blocks.0.mlp.fc1.weight"])
     assert torch.equal(final["patch_embed.proj.weight"], pretrained["patch_embed.proj.weight"])
     assert "head.weight" in final
+    from engine.checkpoint import read_preprocessing
+
+    record = read_preprocessing(tmp_path / "final")  # travels with the weights: the demo's 0.5/0.5, crop, classes
+    assert record["mean"] == [0.5] * 3 and record["crop_pct"] == 1.0 and len(record["class_names"]) == 10
 
 
 @pytest.mark.slow

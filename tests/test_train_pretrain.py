@@ -105,6 +105,20 @@ def test_a_runs_config_json_given_back_reproduces_its_settings(reference_run):
     assert json.loads(json.dumps(config_to_dict(again), default=str)) == saved
 
 
+def test_the_run_directory_exports_to_transformers_with_its_preprocessing(reference_run, tmp_path):
+    """The DeepSpeed checkpoint of a run (its output dir → latest) → BeitForMaskedImageModeling, every key used."""
+    transformers = pytest.importorskip("transformers")
+    from engine.checkpoint import read_preprocessing
+    from engine.train.export import export_hf
+
+    assert read_preprocessing(reference_run / "pretrained")["mean"] == [0.5] * 3  # the demo's normalisation
+    export_hf(reference_run, tmp_path / "hf")
+    _, info = transformers.BeitForMaskedImageModeling.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert not any(info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    processor = json.loads((tmp_path / "hf" / "preprocessor_config.json").read_text())
+    assert processor["image_mean"] == [0.5] * 3 and processor["size"] == {"height": 28, "width": 28}
+
+
 def test_resume_is_exact(tokenizer_dir, reference_run, tmp_path):
     run_in_process(tokenizer_dir, tmp_path, "--max_steps=3")
     assert latest_checkpoint(tmp_path).name == "ckpt-3"

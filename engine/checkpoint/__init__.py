@@ -31,16 +31,20 @@ from engine.checkpoint.formats import (
     CONFIG_NAME,
     FORMAT_NAME,
     FORMAT_VERSION,
+    HF_PREPROCESSOR_NAME,
     WEIGHTS_NAME,
     LoadReport,
     SourceCheckpoint,
+    preprocessing_record,
 )
 from engine.checkpoint.hf import hf_to_official
-from engine.checkpoint.read import read_checkpoint, source_from_state_dict
+from engine.checkpoint.read import read_checkpoint, read_preprocessing, source_from_state_dict
 from engine.checkpoint.write import create_model_from_checkpoint, export_safetensors, read_model_config, save_pretrained
 
 __all__ = [
-    "CONFIG_NAME", "FORMAT_NAME", "FORMAT_VERSION", "WEIGHTS_NAME", "LoadReport", "SourceCheckpoint",
+    "CONFIG_NAME", "FORMAT_NAME", "FORMAT_VERSION", "HF_PREPROCESSOR_NAME", "WEIGHTS_NAME", "LoadReport",
+    "SourceCheckpoint",
     "adapt_state_dict", "create_model_from_checkpoint", "export_safetensors", "hf_to_official", "load_checkpoint",
-    "load_state_dict_into", "read_checkpoint", "read_model_config", "save_pretrained", "source_from_state_dict",
+    "load_state_dict_into", "preprocessing_record", "read_checkpoint", "read_model_config", "read_preprocessing",
+    "save_pretrained", "source_from_state_dict",
 ]

@@ -16,6 +16,7 @@ FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 HF_BIN_NAME = "pytorch_model.bin"
+HF_PREPROCESSOR_NAME = "preprocessor_config.json"  # a Hugging Face image processor's settings
 INDEX_SUFFIX = ".index.json"  # sharded weights: {"weight_map": {tensor name: shard file}}
 SUPPORTED_LAYOUTS = (
     "supported layouts: (1) an official BEiT .pth file (state dict under 'model' or 'module', or bare); "
@@ -24,6 +25,17 @@ SUPPORTED_LAYOUTS = (
     f"format '{FORMAT_NAME}')"
 )
 SHARED_TABLE = "rel_pos_bias.relative_position_bias_table"
+PREPROCESSING_KEY = "preprocessing"  # in config.json next to "model": how the model's inputs were made
+
+
+def preprocessing_record(mean, std, input_size: int, interpolation: str, crop_pct: float | None = None,
+                         class_names: list[str] | None = None) -> dict:
+    """What travels with the weights so that whoever loads them feeds the same inputs: normalisation, input side,
+    the evaluation crop (resize to input_size / crop_pct, centre-crop input_size; None: no crop), the resampling
+    filter, and the classes' names (index order) when the model classifies."""
+    return {"mean": [float(v) for v in mean], "std": [float(v) for v in std], "input_size": int(input_size),
+            "crop_pct": crop_pct, "interpolation": interpolation,
+            "class_names": list(class_names) if class_names is not None else None}
 HEAD_LIKE = ("head", "lm_head", "fc_norm", "norm")  # task-specific tensors a shape mismatch may drop
 
 

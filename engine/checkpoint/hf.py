@@ -7,32 +7,44 @@ import torch
 
 from engine.checkpoint.formats import SHARED_TABLE
 
-_LAYER = r"^beit\.encoder\.layer\.(\d+)\."
-_HF_RENAMES = [(re.compile(pattern), replacement) for pattern, replacement in [
-    (r"^beit\.embeddings\.cls_token$", "cls_token"),
-    (r"^beit\.embeddings\.mask_token$", "mask_token"),
-    (r"^beit\.embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
-    (r"^beit\.embeddings\.position_embeddings$", "pos_embed"),
-    (r"^beit\.encoder\.relative_position_bias\.relative_position_bias_table$", SHARED_TABLE),
-    (_LAYER + r"attention\.attention\.relative_position_bias\.relative_position_bias_table$",
-     r"blocks.\1.attn.relative_position_bias_table"),
-    (_LAYER + r"attention\.attention\.query\.bias$", r"blocks.\1.attn.q_bias"),
-    (_LAYER + r"attention\.attention\.value\.bias$", r"blocks.\1.attn.v_bias"),
-    (_LAYER + r"attention\.output\.dense\.", r"blocks.\1.attn.proj."),
-    (_LAYER + r"layernorm_before\.", r"blocks.\1.norm1."),
-    (_LAYER + r"layernorm_after\.", r"blocks.\1.norm2."),
-    (_LAYER + r"intermediate\.dense\.", r"blocks.\1.mlp.fc1."),
-    (_LAYER + r"output\.dense\.", r"blocks.\1.mlp.fc2."),
-    (_LAYER + r"lambda_1$", r"blocks.\1.gamma_1"),
-    (_LAYER + r"lambda_2$", r"blocks.\1.gamma_2"),
-    (r"^beit\.pooler\.layernorm\.", "fc_norm."),  # mean pooling (classification)
-    (r"^beit\.layernorm\.", "norm."),  # CLS pooling (classification)
-    (r"^layernorm\.", "norm."),  # BeitForMaskedImageModeling's final norm
-    (r"^classifier\.", "head."),
-    (r"^lm_head\.", "lm_head."),
-]]
+_LAYER = "beit.encoder.layer.{i}."
+# (Hugging Face name, official name, the kind of model it belongs to when one official name has two HF names):
+# "{i}" is a block index; a name ending in "." is a prefix (weight and bias follow). Read both ways: HF → official
+# when loading, official → HF when exporting (engine/checkpoint/hf_export.py).
+NAME_PAIRS = [
+    ("beit.embeddings.cls_token", "cls_token", None),
+    ("beit.embeddings.mask_token", "mask_token", None),
+    ("beit.embeddings.patch_embeddings.projection.", "patch_embed.proj.", None),
+    ("beit.embeddings.position_embeddings", "pos_embed", None),
+    ("beit.encoder.relative_position_bias.relative_position_bias_table", SHARED_TABLE, None),
+    (_LAYER + "attention.attention.relative_position_bias.relative_position_bias_table",
+     "blocks.{i}.attn.relative_position_bias_table", None),
+    (_LAYER + "attention.attention.query.bias", "blocks.{i}.attn.q_bias", None),
+    (_LAYER + "attention.attention.value.bias", "blocks.{i}.attn.v_bias", None),
+    (_LAYER + "attention.output.dense.", "blocks.{i}.attn.proj.", None),
+    (_LAYER + "layernorm_before.", "blocks.{i}.norm1.", None),
+    (_LAYER + "layernorm_after.", "blocks.{i}.norm2.", None),
+    (_LAYER + "intermediate.dense.", "blocks.{i}.mlp.fc1.", None),
+    (_LAYER + "output.dense.", "blocks.{i}.mlp.fc2.", None),
+    (_LAYER + "lambda_1", "blocks.{i}.gamma_1", None),
+    (_LAYER + "lambda_2", "blocks.{i}.gamma_2", None),
+    ("beit.pooler.layernorm.", "fc_norm.", None),  # mean pooling (classification)
+    ("beit.layernorm.", "norm.", "classification"),  # CLS pooling (classification)
+    ("layernorm.", "norm.", "masked_image_modeling"),  # BeitForMaskedImageModeling's final norm
+    ("classifier.", "head.", None),
+    ("lm_head.", "lm_head.", None),
+]
+
+
+def name_rule(source: str, target: str) -> tuple[re.Pattern, str]:
+    """A template pair → (pattern matching `source` names, replacement giving `target`'s)."""
+    pattern = "^" + re.escape(source).replace(r"\{i\}", r"(\d+)") + ("" if source.endswith(".") else "$")
+    return re.compile(pattern), target.replace("{i}", r"\1")
+
+
+_HF_RENAMES = [name_rule(hf, official) for hf, official, _ in NAME_PAIRS]
 _QKV_ORDER = ("query", "key", "value")  # the official fused weight stacks q, k, v rows in this order
-_HF_QKV = re.compile(_LAYER + r"attention\.attention\.(query|key|value)\.weight$")
+_HF_QKV = re.compile(r"^beit\.encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.weight$")
 
 
 

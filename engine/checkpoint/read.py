@@ -16,10 +16,13 @@ from engine.checkpoint.formats import (
     FORMAT_NAME,
     FORMAT_VERSION,
     HF_BIN_NAME,
+    HF_PREPROCESSOR_NAME,
     INDEX_SUFFIX,
+    PREPROCESSING_KEY,
     SUPPORTED_LAYOUTS,
     WEIGHTS_NAME,
     SourceCheckpoint,
+    preprocessing_record,
 )
 from engine.checkpoint.hf import hf_to_official
 
@@ -128,6 +131,30 @@ def _read_shards(index: Path, trust_pickle: bool) -> dict[str, torch.Tensor]:
     if missing:
         raise ValueError(f"{index} lists {len(missing)} tensor(s) that no shard holds (first: {missing[0]})")
     return state
+
+
+def read_preprocessing(path: str | Path) -> dict | None:
+    """The preprocessing saved with a checkpoint: this project's config.json record, or a Hugging Face
+    preprocessor_config.json (its mean/std, crop and resampling); None when the checkpoint has neither (an official
+    `.pth`)."""
+    path = Path(path)
+    directory = path if path.is_dir() else path.parent
+    if (directory / CONFIG_NAME).is_file():
+        config = read_json(directory / CONFIG_NAME)
+        if config.get("format") == FORMAT_NAME and config.get(PREPROCESSING_KEY):
+            return config[PREPROCESSING_KEY]
+    hf = directory / HF_PREPROCESSOR_NAME
+    if not hf.is_file():
+        return None
+    processor = read_json(hf)
+    crop = (processor.get("crop_size") or {}).get("height") if processor.get("do_center_crop") else None
+    size = processor.get("size") or {}
+    side = size.get("height", size.get("shortest_edge")) if isinstance(size, dict) else size
+    filters = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}
+    return preprocessing_record(processor.get("image_mean", (0.5,) * 3), processor.get("image_std", (0.5,) * 3),
+                                crop or side, filters.get(processor.get("resample"), "bicubic"),
+                                crop_pct=crop / side if crop and side else None,
+                                class_names=None)
 
 
 def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> SourceCheckpoint:

@@ -14,7 +14,14 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from engine.checkpoint.adapt import load_checkpoint, load_state_dict_into
-from engine.checkpoint.formats import CONFIG_NAME, FORMAT_NAME, FORMAT_VERSION, WEIGHTS_NAME, LoadReport
+from engine.checkpoint.formats import (
+    CONFIG_NAME,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    PREPROCESSING_KEY,
+    WEIGHTS_NAME,
+    LoadReport,
+)
 from engine.checkpoint.read import own_model_config, read_checkpoint, read_json, source_from_state_dict
 from engine.factory import create_model, runnable_config
 
@@ -26,12 +33,15 @@ def _fsync(path: Path) -> None:
         os.fsync(handle.fileno())
 
 
-def _json_config(model: nn.Module) -> str:
+def _json_config(model: nn.Module, preprocessing: dict | None) -> str:
     config = getattr(model, "config", None)
     if not isinstance(config, dict) or "name" not in config:
         raise ValueError("save_pretrained needs a model built by engine.create_model (it has no `config` dict)")
+    record = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "model": config}
+    if preprocessing is not None:
+        record[PREPROCESSING_KEY] = preprocessing
     try:
-        return json.dumps({"format": FORMAT_NAME, "version": FORMAT_VERSION, "model": config}, indent=2)
+        return json.dumps(record, indent=2)
     except TypeError as error:
         raise ValueError(f"model.config is not JSON-serialisable ({error})") from None
 
@@ -53,28 +63,35 @@ def _replace_directory(staging: Path, target: Path) -> None:
     shutil.rmtree(previous)
 
 
-def save_pretrained(model: nn.Module, directory: str | Path) -> Path:
-    """Write `model` as `directory/{model.safetensors, config.json}` (this project's format), atomically.
-
-    Files are written into a temporary sibling directory, synced, then renamed into place, so a crash or error never
-    leaves a half-written checkpoint at `directory` (an existing one is replaced only once the new one is complete).
-    """
-    target = Path(directory)
-    config_text = _json_config(model)
+def write_directory(target: str | Path, tensors: dict[str, torch.Tensor], texts: dict[str, str]) -> Path:
+    """`target/model.safetensors` from `tensors` and `target/<name>` from each of `texts`, atomically: written into a
+    temporary sibling directory, synced, then renamed into place, so a crash or error never leaves a half-written
+    checkpoint at `target` (an existing one is replaced only once the new one is complete)."""
+    target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         os.chmod(staging, 0o755)  # mkdtemp makes it private; the final checkpoint directory should not be
-        tensors = {key: value.detach().to("cpu").contiguous() for key, value in model.state_dict().items()}
         save_file(tensors, staging / WEIGHTS_NAME, metadata={"format": "pt"})
-        (staging / CONFIG_NAME).write_text(config_text)
-        for name in (WEIGHTS_NAME, CONFIG_NAME):
+        for name, text in texts.items():
+            (staging / name).write_text(text)
+        for name in (WEIGHTS_NAME, *texts):
             os.chmod(staging / name, 0o644)
             _fsync(staging / name)
         _replace_directory(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    return target
+
+
+def save_pretrained(model: nn.Module, directory: str | Path, preprocessing: dict | None = None) -> Path:
+    """Write `model` as `directory/{model.safetensors, config.json}` (this project's format), atomically
+    (`write_directory`); `preprocessing` (`engine.checkpoint.formats.preprocessing_record`) goes into config.json
+    with the model."""
+    config_text = _json_config(model, preprocessing)
+    tensors = {key: value.detach().to("cpu").contiguous() for key, value in model.state_dict().items()}
+    target = write_directory(directory, tensors, {CONFIG_NAME: config_text})
     logger.info("saved %s (%d tensors) to %s", model.config["name"], len(tensors), target)
     return target
 
@@ -94,12 +111,21 @@ def read_model_config(path: str | Path) -> dict:
 
 
 def create_model_from_checkpoint(path: str | Path, **overrides) -> nn.Module:
-    """Build the model described by a `save_pretrained` directory (with `overrides` to `create_model`) and load it.
+    """Build the model described by a `save_pretrained` directory (with `overrides` to `create_model`) and load it:
+    an encoder (classifier, pretraining model) or a segmenter (engine.segmentation.create_segmenter).
 
     Saved Triton backends become PyTorch ones where Triton cannot run (`engine.factory.runnable_config`). Without
     overrides the load is strict; with them (e.g. `num_classes=10`) mismatches are dropped and reported.
     """
-    model = create_model(**{**read_model_config(path), **overrides})
+    config = {**read_model_config(path), **overrides}
+    if "pool_scales" in config:  # a segmenter: its heads are no encoder checkpoint's, so its own weights, strictly
+        from engine.segmentation.model import create_segmenter
+
+        model = create_segmenter(config.pop("name"), **config)
+        weights = Path(path) / WEIGHTS_NAME if Path(path).is_dir() else Path(path)
+        model.load_state_dict(read_checkpoint(weights).state, strict=not overrides)
+        return model
+    model = create_model(**config)
     load_checkpoint(model, path, strict=not overrides)
     return model
 

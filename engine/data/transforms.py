@@ -34,7 +34,8 @@ IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
 
 
 def mean_std(imagenet_mean_std: bool) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Normalisation constants: ImageNet's (the official fine-tuning default) or BEiT's 0.5/0.5 (pretraining)."""
+    """Normalisation constants: ImageNet's (the official IN-1k pretraining's) or BEiT's 0.5/0.5 (the official code's
+    default: IN-22k pretraining, every official fine-tuning command and the released fine-tuned weights)."""
     if imagenet_mean_std:
         return IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
     return BEIT_DEFAULT_MEAN, BEIT_DEFAULT_STD

@@ -1,10 +1,14 @@
-"""Consolidated fp32 weights from a DeepSpeed checkpoint → this project's safetensors + config.json format.
+"""Exports of a trained model: consolidated fp32 weights from a DeepSpeed checkpoint → this project's safetensors +
+config.json format (`export_checkpoint`), and any checkpoint this engine writes → a Hugging Face transformers folder
+(`export_hf`, engine/checkpoint/hf_export.py; `recipes/export_hf.py` is its command).
 
 CLI: `python -m engine.train.export OUTPUT_DIR/ckpt-<step> EXPORT_DIR` (or OUTPUT_DIR, which uses `latest`).
 """
 
 import argparse
+import importlib.util
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -72,19 +76,118 @@ def stage0_master_weights(optimizer_state: dict | None, names_by_group: list[lis
     return masters
 
 
+def _model_from_config(config: dict) -> torch.nn.Module:
+    """An empty model (meta tensors: no init, no memory) of a saved `model.config`: an encoder or a segmenter."""
+    from engine.factory import create_model, runnable_config
+
+    config = runnable_config(config)  # runs where the kernels cannot
+    with torch.device("meta"):
+        if "pool_scales" in config:
+            from engine.segmentation.model import create_segmenter
+
+            return create_segmenter(config.pop("name"), **config)
+        return create_model(**config)
+
+
+def load_trained(path: str | Path) -> tuple[torch.nn.Module, dict | None]:
+    """(model, its preprocessing record or None) from any checkpoint this engine writes: a `save_pretrained`
+    folder (a pretraining export, a fine-tuned best/ or final/), a DeepSpeed `ckpt-<step>` or a run's output dir."""
+    from engine.checkpoint import FORMAT_NAME, create_model_from_checkpoint, read_preprocessing
+    from engine.checkpoint.read import read_json
+
+    path = Path(path)
+    config = path / "config.json"
+    if config.is_file() and read_json(config).get("format") == FORMAT_NAME:
+        return create_model_from_checkpoint(path), read_preprocessing(path)
+    ckpt_dir = resolve_checkpoint_dir(path)
+    state, client = consolidated_state_dict(ckpt_dir)
+    if "model_config" not in client:
+        raise ValueError(f"{ckpt_dir} has no model_config in its client state: it was not written by engine.train")
+    model = _model_from_config(client["model_config"])
+    model.load_state_dict(state, strict=True, assign=True)
+    return model, client.get("preprocessing")
+
+
+def export_hf(source: str | Path, out_dir: str | Path) -> Path:
+    """`source` (see `load_trained`) → `out_dir/{config.json, model.safetensors, preprocessor_config.json}` for
+    transformers' BeitForMaskedImageModeling or BeitForImageClassification, atomically. A segmenter is refused with
+    the reason (engine/checkpoint/hf_export.py)."""
+    from engine.checkpoint import CONFIG_NAME, HF_PREPROCESSOR_NAME, preprocessing_record
+    from engine.checkpoint import hf_export as hf
+    from engine.checkpoint.write import write_directory
+
+    model, preprocessing = load_trained(source)
+    kind = hf.model_kind(model.config)
+    if kind == hf.SEGMENTATION:
+        raise ValueError(f"{source} is a segmenter: {hf.SEGMENTATION_REFUSAL}")
+    if preprocessing is None:
+        size = model.config["img_size"]
+        side = size if isinstance(size, int) else size[0]
+        preprocessing = preprocessing_record((0.5,) * 3, (0.5,) * 3, side, "bicubic")
+        logger.warning("%s records no preprocessing: preprocessor_config.json assumes 0.5/0.5 at %d px, no crop",
+                       source, side)
+    config = hf.hf_config(model.config, kind, preprocessing.get("class_names"))
+    tensors = hf.official_to_hf(model.state_dict(), kind)
+    texts = {CONFIG_NAME: hf.dump(config), HF_PREPROCESSOR_NAME: hf.dump(hf.preprocessor_config(preprocessing))}
+    write_directory(out_dir, tensors, texts)
+    logger.info("exported %s → %s (%s, %d tensors)", source, out_dir, hf.ARCHITECTURES[kind], len(tensors))
+    return Path(out_dir)
+
+
+@dataclass
+class ExportHFConfig:
+    checkpoint: str = ""  # a save_pretrained folder (pretrained/, best/, final/), a ckpt-<step> or a run's output dir
+    output_dir: str = ""  # where config.json, model.safetensors and preprocessor_config.json go
+    push_to_hub: str = ""  # a hub repo id (user/name): upload the folder once written ("" : no upload)
+    private: bool = False  # create the hub repo private
+
+    def validate(self) -> None:
+        from engine.config import ConfigError
+
+        if not self.checkpoint or not Path(self.checkpoint).exists():
+            raise ConfigError(f"--checkpoint={self.checkpoint!r}: give an existing checkpoint (an export folder, a "
+                              "fine-tuned best/ or final/, a ckpt-<step> or a run's output dir)")
+        if not self.output_dir:
+            raise ConfigError("--output_dir is required: the folder transformers' from_pretrained will read")
+        if self.push_to_hub and importlib.util.find_spec("huggingface_hub") is None:
+            raise ConfigError(f"--push_to_hub={self.push_to_hub}: huggingface_hub is not installed; "
+                              "pip install '.[hub]'")
+
+
+def run_export_hf(cfg: ExportHFConfig) -> dict:
+    """The export, then the upload when asked → {"output_dir", "url"}; a checkpoint that cannot be exported is a
+    one-line ConfigError."""
+    from engine.config import ConfigError
+
+    try:
+        out = export_hf(cfg.checkpoint, cfg.output_dir)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    url = push_to_hub(out, cfg.push_to_hub, cfg.private) if cfg.push_to_hub else None
+    return {"output_dir": out, "url": url}
+
+
+def push_to_hub(folder: str | Path, repo_id: str, private: bool = False) -> str:
+    """Uploads an exported folder to the Hugging Face hub (needs `huggingface_hub` and a login) → the repo's URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="Upload BEiT exported by beit-engine")
+    return f"https://huggingface.co/{repo_id}"
+
+
 def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path) -> Path:
     """Writes `out_dir/{model.safetensors, config.json}` from a DeepSpeed checkpoint written by our trainer."""
     from engine.checkpoint import save_pretrained
-    from engine.factory import create_model, runnable_config
 
     ckpt_dir = resolve_checkpoint_dir(ckpt_dir)
     state, client = consolidated_state_dict(ckpt_dir)
     if "model_config" not in client:
         raise ValueError(f"{ckpt_dir} has no model_config in its client state: it was not written by engine.train")
-    with torch.device("meta"):  # no random init and no second copy: the loaded tensors are assigned to the model
-        model = create_model(**runnable_config(client["model_config"]))  # runs where the kernels cannot
+    model = _model_from_config(client["model_config"])  # meta: the loaded tensors are assigned, no second copy
     model.load_state_dict(state, strict=True, assign=True)
-    save_pretrained(model, out_dir)
+    save_pretrained(model, out_dir, client.get("preprocessing"))
     logger.info("exported %s → %s", ckpt_dir, out_dir)
     return Path(out_dir)
 

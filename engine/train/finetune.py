@@ -95,7 +95,7 @@ class ImageClassification(EvaluatedTask):
 
     def __init__(self, cfg: FinetuneConfig, dist_info):
         super().__init__(cfg, dist_info)
-        from engine.checkpoint import load_checkpoint
+        from engine.checkpoint import load_checkpoint, preprocessing_record
         from engine.data import (
             ClassificationDataset,
             EvalTransform,
@@ -135,6 +135,9 @@ class ImageClassification(EvaluatedTask):
         train_tf = FinetuneTransform(m.input_size, scale=(data.min_crop_scale, 1.0), color_jitter=data.color_jitter,
                                      auto_augment=data.auto_augment or None, re_prob=data.reprob, mean=mean, std=std)
         eval_tf = EvalTransform(m.input_size, data.crop_pct, mean=mean, std=std)
+        names = list(train_base.classes) if len(train_base.classes) == self.num_classes else None
+        self.preprocessing = preprocessing_record(mean, std, m.input_size, eval_tf.interpolation, eval_tf.crop_pct,
+                                                  names)
         self.transform = train_tf
         self.loader = build_loader(ClassificationDataset(train_base, train_tf, seed=run.seed), run.batch_size,
                                    dist_info.rank, dist_info.world_size, run.seed, num_workers=run.num_workers)

@@ -318,6 +318,7 @@ def _train(cfg, task_class, dist_info: DistInfo, stop: StopSignal) -> dict:
     # parameter names of the optimizer groups (the export reads ZeRO-0's fp32 masters by them)
     saved_state = {"steps_per_epoch": plan.steps_per_epoch, "global_batch": plan.global_batch,
                    "world_size": dist_info.world_size, "model_config": dict(task.model.config),
+                   "preprocessing": task.preprocessing,
                    "master_param_names": [group["param_names"] for group in groups]}
     # a run resumed on another number of ranks that ends where it resumed rewrites that checkpoint in its own layout
     summary = _loop(cfg, task, engine, schedules, plan, saved_state, start_step, stop, redo_evaluation,

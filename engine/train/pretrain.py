@@ -48,6 +48,7 @@ class MaskedImageModeling(Task):
 
     def __init__(self, cfg: PretrainConfig, dist_info):
         super().__init__(cfg, dist_info)
+        from engine.checkpoint import preprocessing_record
         from engine.data.datasets import build_dataset
         from engine.data.loader import MIMPretrainDataset, build_loader
         from engine.data.masking import MaskingGenerator
@@ -65,6 +66,7 @@ class MaskedImageModeling(Task):
         grid = self.model.patch_embed.patch_shape
         check_tokenizer_compatible(self.tokenizer, self.model.config["vocab_size"], grid, data.second_input_size)
         mean, std = mean_std(data.imagenet_mean_std)
+        self.preprocessing = preprocessing_record(mean, std, m.input_size, "bicubic")
         self.transform = transform = PretrainTransform(m.input_size, data.second_input_size,
                                                        scale=(data.min_crop_scale, 1.0), mean=mean, std=std)
         masking = MaskingGenerator(grid, data.num_mask_patches, data.min_mask_patches, data.max_mask_patches)

@@ -50,7 +50,7 @@ def pretrain(size: str = "base", dataset: str = "in1k") -> PretrainConfig:
                                     layer_scale_init_value=0.1 if size == "base" else 1e-5,
                                     use_shared_rel_pos_bias=True, attn_impl=_attention(), mlm_loss="auto"),
         data=PretrainData(data_path="", tokenizer="", second_input_size=112, num_mask_patches=75,
-                          min_mask_patches=16, imagenet_mean_std=True),
+                          min_mask_patches=16, imagenet_mean_std=dataset == "in1k"),  # IN-22k: 0.5/0.5
         optim=OptimSettings(lr=1.5e-3, min_lr=1e-5, warmup_epochs=10, weight_decay=0.05, clip_grad=3.0),
         run=RunSettings(output_dir=f"runs/pretrain_{size}", epochs=800, batch_size=128, global_batch=2048,
                         precision="auto", zero_stage=1, num_workers=10, save_every=5000, log_every=50),
@@ -85,7 +85,7 @@ def finetune(size: str = "base", dataset: str = "in1k") -> FinetuneConfig:
         model=ModelSettings(model=f"beit_{size}_patch16_224", input_size=224, drop_path=0.2 if large else 0.1,
                             attn_impl=_attention()),
         data=FinetuneData(data_path="", finetune="", mixup=0.8, cutmix=1.0, smoothing=0.1, reprob=0.25,
-                          auto_augment="rand-m9-mstd0.5-inc1", imagenet_mean_std=True),
+                          auto_augment="rand-m9-mstd0.5-inc1", imagenet_mean_std=None),  # as the weights were
         optim=OptimSettings(lr=1e-3 if large else 4e-3, min_lr=1e-6, warmup_epochs=5 if large else 20,
                             weight_decay=0.05, clip_grad=0.0, layer_decay=0.75 if large else 0.65),
         run=RunSettings(output_dir=f"runs/finetune_{size}", epochs=50 if large else 100,

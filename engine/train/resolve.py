@@ -8,7 +8,9 @@ records the values it wrote:
 - `model.mlm_loss` (pretraining): auto → the fused kernel on CUDA, else the PyTorch reference (Triton's interpreter
   is for debugging the kernels, not a reason to pick them);
 - `run.grad_accum`: global_batch / (batch_size × ranks) when `run.global_batch` is set (validation checked that it
-  divides).
+  divides);
+- `data.imagenet_mean_std` (fine-tuning, segmentation): None → the normalisation the `--finetune` checkpoint records
+  (engine.checkpoint.read_preprocessing), else 0.5/0.5 (the official default).
 
 A config class may define `prepare()`, run first: inputs that a recipe finds or makes before its run (the demo's
 cached tokenizer, engine/train/demos.py).
@@ -54,3 +56,19 @@ def resolve_config(cfg, world_size: int) -> None:
         logger.info("mlm_loss=auto → %s (device %s)", cfg.model.mlm_loss, run.device)
     if run.global_batch is not None:
         run.grad_accum = run.global_batch // (run.batch_size * world_size)
+    if getattr(cfg.data, "imagenet_mean_std", False) is None:
+        cfg.data.imagenet_mean_std = checkpoint_uses_imagenet_mean_std(cfg.data.finetune)
+
+
+def checkpoint_uses_imagenet_mean_std(checkpoint: str) -> bool:
+    """Whether `checkpoint` (a --finetune path, or "") was trained on ImageNet-normalised inputs, by the
+    preprocessing saved with it; False (0.5/0.5, the official default) when it records none."""
+    from engine.checkpoint import read_preprocessing
+    from engine.data.transforms import IMAGENET_DEFAULT_MEAN
+
+    record = read_preprocessing(checkpoint) if checkpoint and Path(checkpoint).exists() else None
+    imagenet = record is not None and all(abs(a - b) < 1e-3 for a, b in zip(record["mean"], IMAGENET_DEFAULT_MEAN))
+    logger.info("imagenet_mean_std=None → %s (%s)", imagenet,
+                f"the preprocessing saved with {checkpoint}" if record else "no preprocessing saved with the weights: "
+                "0.5/0.5, the official default")
+    return imagenet

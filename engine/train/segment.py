@@ -31,9 +31,10 @@ class SemanticSegmentation(EvaluatedTask):
 
     def __init__(self, cfg: SegmentationConfig, dist_info):
         super().__init__(cfg, dist_info)
-        from engine.checkpoint import load_checkpoint
+        from engine.checkpoint import load_checkpoint, preprocessing_record
         from engine.data.loader import SegmentationSamples, build_loader, worker_context, worker_init
         from engine.data.segmentation import ADE20KDataset, SegEvalTransform, SegTrainTransform
+        from engine.data.transforms import mean_std
         from engine.segmentation.model import STAT_NAMES, SegmentationLoss, create_segmenter
         from engine.sharded import gathered
 
@@ -58,6 +59,7 @@ class SemanticSegmentation(EvaluatedTask):
         self.loader = build_loader(SegmentationSamples(train_set, self.transform, seed=run.seed), run.batch_size,
                                    dist_info.rank, dist_info.world_size, run.seed, num_workers=run.num_workers)
         self.eval_transform = SegEvalTransform(data.img_scale, imagenet_mean_std=data.imagenet_mean_std)
+        self.preprocessing = preprocessing_record(*mean_std(data.imagenet_mean_std), m.input_size, "bilinear")
         eval_set = ADE20KDataset(data.data_path, "validation", num_classes=data.num_classes)
         count = min(len(eval_set), data.max_eval_images) if data.max_eval_images > 0 else len(eval_set)
         self.eval_count = count

@@ -144,7 +144,9 @@ class FinetuneData:
     mixup: float = 0.8  # mixup alpha (0 disables)
     cutmix: float = 1.0  # cutmix alpha (0 disables)
     smoothing: float = 0.1  # label smoothing
-    imagenet_mean_std: bool = True  # normalise with ImageNet mean/std (else 0.5/0.5)
+    # normalise with ImageNet mean/std (true) or 0.5/0.5 (false); None: as the --finetune checkpoint records it
+    # (its preprocessing), else 0.5/0.5 (the official fine-tuning default, the pt22k weights' normalisation)
+    imagenet_mean_std: bool | None = None
 
 
 @dataclass
@@ -186,7 +188,9 @@ class SegmentationData:
     eval_scales: tuple[float, ...] = (1.0,)  # multi-scale evaluation: img_scale multiplied by each
     eval_flip: bool = False  # also evaluate the horizontally flipped image (averaged probabilities)
     max_eval_images: int = 0  # > 0: evaluate on the first this many validation images only (quick runs)
-    imagenet_mean_std: bool = True  # normalise with ImageNet mean/std (else 0.5/0.5)
+    # normalise with ImageNet mean/std (true) or 0.5/0.5 (false); None: as the --finetune checkpoint records it,
+    # else 0.5/0.5 (what the released ADE20K weights take: the image processor published with them)
+    imagenet_mean_std: bool | None = None
 
 
 @dataclass

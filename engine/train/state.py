@@ -35,10 +35,12 @@ def model_state_dict(engine, rank: int) -> dict[str, torch.Tensor] | None:
     return {model_name(k): v.detach().float().cpu() for k, v in state.items()}
 
 
-def save_model(model: nn.Module, state: dict[str, torch.Tensor], out_dir: Path) -> Path:
-    """Writes `state` into a CPU fp32 copy of `model` and saves it (safetensors + config.json)."""
+def save_model(model: nn.Module, state: dict[str, torch.Tensor], out_dir: Path, preprocessing: dict | None = None
+               ) -> Path:
+    """Writes `state` into a CPU fp32 copy of `model` and saves it (safetensors + config.json, with the
+    preprocessing record when given)."""
     from engine.checkpoint import save_pretrained
 
     clone = copy.deepcopy(model).float().cpu()
     clone.load_state_dict(state)
-    return save_pretrained(clone, out_dir)
+    return save_pretrained(clone, out_dir, preprocessing)

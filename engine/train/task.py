@@ -31,6 +31,8 @@ class Task(ABC):
 
     stat_names: tuple[str, ...]  # names of stats[:-1], then the name of the weight stats[-1]
     curve_panels: tuple = ("loss",)  # panels of curves.png (see engine.train.metrics.plot_curves)
+    # how the model's inputs are made (engine.checkpoint.preprocessing_record), saved with every export of it
+    preprocessing: dict | None = None
     model: nn.Module  # the BEiT model: parameter groups, config, the weights that are saved
     module: nn.Module  # what DeepSpeed wraps: module(*inputs) → (loss, stats)
     loader: torch.utils.data.DataLoader
@@ -134,7 +136,7 @@ class EvaluatedTask(Task):
             with open(self.output_dir / EVAL_FILE, "a") as f:
                 f.write(json.dumps(row) + "\n")
             if state is not None:
-                save_model(self.model, state, self.output_dir / BEST_DIR)
+                save_model(self.model, state, self.output_dir / BEST_DIR, self.preprocessing)
         return row
 
     def finish(self, engine, ckpt_dir: Path) -> dict:
@@ -142,7 +144,7 @@ class EvaluatedTask(Task):
         evaluated = "step" in self.best  # False: no evaluation ran (e.g. evaluation switched off)
         summary = {"best": self.best if evaluated else None}
         if self.dist_info.is_main:
-            save_model(self.model, state, self.output_dir / FINAL_DIR)
+            save_model(self.model, state, self.output_dir / FINAL_DIR, self.preprocessing)
             summary.update(evals=read_metrics(self.output_dir / EVAL_FILE), final_dir=self.output_dir / FINAL_DIR,
                            best_dir=self.output_dir / BEST_DIR if evaluated else None)
         return summary
