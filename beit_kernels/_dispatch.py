@@ -44,10 +44,10 @@ def require_triton_available(choice: str, alternative: str) -> None:
 
 
 def require_triton_on(op_name: str, tensor: torch.Tensor) -> None:
-    """At call: `kernels.<op_name>` runs only Triton kernels; a tensor where they cannot run is an error."""
+    """At call: `beit_kernels.<op_name>` runs only Triton kernels; a tensor where they cannot run is an error."""
     if not triton_runs_on(tensor.device):
-        raise RuntimeError(f"kernels.{op_name} runs Triton kernels and got a {tensor.device.type} tensor; move the "
-                           f"inputs to a CUDA device, call kernels.{op_name}_ref on CPU, {_INTERPRETER_HINT}")
+        raise RuntimeError(f"beit_kernels.{op_name} runs Triton kernels and got a {tensor.device.type} tensor; move "
+                           f"the inputs to a CUDA device, call beit_kernels.{op_name}_ref on CPU, {_INTERPRETER_HINT}")
 
 
 def use_triton(op_name: str, tensor: torch.Tensor) -> bool:
@@ -56,5 +56,5 @@ def use_triton(op_name: str, tensor: torch.Tensor) -> bool:
     backend = "triton" if triton_path else "pytorch (cpu tensor, no TRITON_INTERPRET=1)"
     if (op_name, backend) not in _logged:
         _logged.add((op_name, backend))
-        logger.info("kernels.%s runs on %s", op_name, backend)
+        logger.info("beit_kernels.%s runs on %s", op_name, backend)
     return triton_path

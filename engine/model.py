@@ -64,7 +64,7 @@ def _pair(value: int | Sequence[int], what: str) -> tuple[int, int]:
 
 
 def _resolve_kernel(name: str, choice: str, alternative: str) -> Callable:
-    """`kernels.<name>`, resolved once at build: a missing kernel, or a machine where Triton cannot run, fails here
+    """`beit_kernels.<name>`, resolved once at build: a missing kernel, or a machine where Triton cannot run, fails here
     with the fix (`alternative`), never mid-training and never by silently running the PyTorch reference."""
     kernel = getattr(beit_kernels, name, None)
     if kernel is None:

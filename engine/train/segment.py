@@ -91,29 +91,14 @@ class SemanticSegmentation(EvaluatedTask):
     def flops_per_image(self, weight_per_image: float) -> float:
         return self.flops
 
-    @torch.no_grad()
     def score(self, stop) -> dict:
         """mIoU, mAcc, aAcc (%) and per-class IoU over the validation images, all ranks together. A stop raises
         EvaluationStopped on every rank at the same image index (engine/stop_signal.py, `StopSignal.iterate`)."""
-        from engine.segmentation.metrics import confusion_matrix, reduce_confusion, segmentation_metrics
-        from engine.segmentation.model import aug_inference
-
-        data, device = self.cfg.data, self.dist_info.device
-        crop, num_classes = self.cfg.model.input_size, data.num_classes
-        was_training = self.model.training
-        self.model.eval()
-        confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+        data = self.cfg.data
         most_per_rank = -(-self.eval_count // self.dist_info.world_size)  # ranks hold n or n - 1 images
-        # one image a batch: uint8 [1, 3, h, w], its label at the original size
-        for images, labels in stop.iterate(self.eval_loader, most_per_rank):
-            images = self.eval_transform.model_inputs(images.to(device), self.dtype)
-            labels = labels.to(device).long()
-            probs = aug_inference(self.model, images, scales=data.eval_scales, flip=data.eval_flip, crop_size=crop,
-                                  stride=data.eval_stride, mode="slide", out_size=tuple(labels.shape[-2:]),
-                                  num_classes=num_classes)  # [1, K, H0, W0]
-            confusion += confusion_matrix(probs.argmax(dim=1), labels, num_classes)
-        self.model.train(was_training)
-        return segmentation_metrics(reduce_confusion(confusion))
+        return score_segmenter(self.model, stop.iterate(self.eval_loader, most_per_rank), self.eval_transform,
+                               self.cfg.model.input_size, data.eval_stride, data.eval_scales, data.eval_flip,
+                               data.num_classes, self.dist_info.device, self.dtype)
 
     def evaluation_due(self, step: int, plan) -> bool:
         return step % self.cfg.head.eval_every == 0 or step == plan.last_step
@@ -126,6 +111,28 @@ class SemanticSegmentation(EvaluatedTask):
             logger.info("eval at step %d: mIoU %.2f%%, mAcc %.2f%%, pixel accuracy %.2f%%", step, metrics["mIoU"],
                         metrics["mAcc"], metrics["aAcc"])
         return self.record(engine, {"step": step, "epoch": plan.epoch_of(step), **metrics})
+
+
+@torch.no_grad()
+def score_segmenter(model, batches, eval_transform, crop: int, stride: int, scales, flip: bool, num_classes: int,
+                    device: torch.device, dtype: torch.dtype) -> dict:
+    """mIoU, mAcc, aAcc (%) and per-class IoU of `model` over `batches` (one image each: uint8 [1, 3, h, w] and its
+    label at the original size), sliding windows of `crop` at `stride`, at each of `scales` (and flipped), summed
+    over ranks when a process group is up."""
+    from engine.segmentation.metrics import confusion_matrix, reduce_confusion, segmentation_metrics
+    from engine.segmentation.model import aug_inference
+
+    was_training = model.training
+    model.eval()
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+    for images, labels in batches:
+        images = eval_transform.model_inputs(images.to(device), dtype)
+        labels = labels.to(device).long()
+        probs = aug_inference(model, images, scales=scales, flip=flip, crop_size=crop, stride=stride, mode="slide",
+                              out_size=tuple(labels.shape[-2:]), num_classes=num_classes)  # [1, K, H0, W0]
+        confusion += confusion_matrix(probs.argmax(dim=1), labels, num_classes)
+    model.train(was_training)
+    return segmentation_metrics(reduce_confusion(confusion))
 
 
 def run_segmentation(cfg: SegmentationConfig) -> dict:
