@@ -73,7 +73,7 @@ setup(
     cmdclass={"build_ext": OptionalCMakeBuild},
     install_requires=[
         "torch>=2.10",  # Triton 3.6, the oldest we support, works with torch >= 2.10 only
-        "triton>=3.6",  # tested: 3.6.0 (make aot-oldest; the GPU nodes' image) and 3.9.0 (everything)
+        "triton>=3.6,<3.10",  # tested: 3.6.0 (make aot-oldest, the GPU nodes' image) and 3.9.0; tools/aot reads it
         "deepspeed>=0.16,<0.20",  # tested: 0.19.8; the export reads its checkpoint layout (engine/train/export.py)
         "numpy",
         "pillow",

@@ -45,6 +45,36 @@ def tokenizer_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def pretrained_dir(tmp_path_factory):
+    """A random tiny MIM model (2 blocks, vocab 64) saved in our format: stands in for the pretraining demo's export."""
+    from engine.checkpoint import save_pretrained
+    from engine.factory import create_model
+
+    torch.manual_seed(0)
+    model = create_model("beit_mini_patch4_28_256_vocab", depth=2, vocab_size=64)
+    return save_pretrained(model, tmp_path_factory.mktemp("pretrained") / "weights")
+
+
+def finetune_demo_config():
+    """recipes/finetune_demo.py's config, as the recipe builds it."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
+    from finetune_demo import config
+
+    return config()
+
+
+def run_finetune_demo(output_dir, *overrides: str) -> dict:
+    """recipes/finetune_demo.py's config with `overrides`, fine-tuned in this process → the run's summary."""
+    from engine.config import apply_overrides
+    from engine.train.finetune import run_finetuning
+
+    return run_finetuning(apply_overrides(finetune_demo_config(), [*overrides, f"--output_dir={output_dir}"]))
+
+
+@pytest.fixture(scope="module")
 def quadrant_data(tmp_path_factory):
     """A labelled IDX set of 28 px images whose class is the quadrant holding a bright square (120 train / 60 test):
     real labels that a linear probe can read, in a few KB."""

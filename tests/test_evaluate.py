@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_finetune_demo
 
 from engine.checkpoint import preprocessing_record, save_pretrained
-from engine.config import ConfigError, apply_overrides
+from engine.config import ConfigError
 from engine.factory import create_model
 from engine.train.evaluate import EvaluateConfig, run_evaluation, summary_line
 from engine.train.metrics import read_metrics
@@ -20,20 +21,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def finetuned(tmp_path_factory) -> Path:
+def finetuned(tmp_path_factory, pretrained_dir) -> Path:
     """A 4-step fine-tuning of a random tiny MIM model: its best/ and the evaluation its run recorded."""
-    sys.path.insert(0, str(ROOT / "recipes"))
-    from finetune_demo import config
-
-    from engine.train.finetune import run_finetuning
-
-    root = tmp_path_factory.mktemp("finetuned")
-    torch.manual_seed(0)
-    save_pretrained(create_model("beit_mini_patch4_28_256_vocab", depth=2, vocab_size=64), root / "pretrained")
-    run_finetuning(apply_overrides(config(), [
-        "--depth=2", "--batch_size=16", "--epochs=1", "--max_steps=4", "--num_workers=0", "--progress=false",
-        "--eval_batch_size=500", "--log_every=2", f"--finetune={root / 'pretrained'}", f"--output_dir={root / 'run'}"]))
-    return root / "run"
+    out = tmp_path_factory.mktemp("finetuned")
+    run_finetune_demo(out, "--depth=2", "--batch_size=16", "--epochs=1", "--max_steps=4", "--num_workers=0",
+                      "--progress=false", "--eval_batch_size=500", "--log_every=2", f"--finetune={pretrained_dir}")
+    return out
 
 
 def evaluate(tmp_path, **fields) -> dict:

@@ -3,12 +3,12 @@ rows at the logging steps, evaluation rows, the config as hyperparameters); bad 
 
 import csv
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import finetune_demo_config, run_finetune_demo
 
-from engine.config import ConfigError, apply_overrides
+from engine.config import ConfigError
 from engine.train import reporters
 from engine.train.metrics import EVAL_FILE, METRICS_FILE, read_metrics
 
@@ -17,26 +17,8 @@ TINY = ["--depth=2", "--batch_size=16", "--epochs=1", "--max_steps=2", "--log_ev
         "--progress=false", "--eval_batch_size=500", "--seed=1", "--linear_probe=true", "--layer_decay=none"]
 
 
-@pytest.fixture(scope="module")
-def pretrained_dir(tmp_path_factory) -> Path:
-    import torch
-
-    from engine.checkpoint import save_pretrained
-    from engine.factory import create_model
-
-    torch.manual_seed(0)
-    model = create_model("beit_mini_patch4_28_256_vocab", depth=2, vocab_size=64)
-    return save_pretrained(model, tmp_path_factory.mktemp("pretrained") / "weights")
-
-
 def finetune(output_dir: Path, pretrained: Path, report_to: str) -> dict:
-    sys.path.insert(0, str(ROOT / "recipes"))
-    from finetune_demo import config
-
-    from engine.train.finetune import run_finetuning
-
-    return run_finetuning(apply_overrides(config(), [*TINY, f"--finetune={pretrained}", f"--output_dir={output_dir}",
-                                                     f"--report_to={report_to}"]))
+    return run_finetune_demo(output_dir, *TINY, f"--finetune={pretrained}", f"--report_to={report_to}")
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -111,14 +93,12 @@ def test_unknown_targets_are_one_line_errors(report_to, message):
         reporters.parse_report_to(report_to)
 
 
-def test_a_target_whose_library_is_missing_fails_at_parse_time(monkeypatch, capsys):
-    from finetune_demo import config
-
+def test_a_target_whose_library_is_missing_fails_at_parse_time(monkeypatch, capsys, pretrained_dir):
     from engine.config import parse_overrides
 
     monkeypatch.setattr(reporters, "_importable", lambda module: module != "wandb")
     with pytest.raises(SystemExit) as stop:
-        parse_overrides(config(), ["--report_to=csv,wandb"])
+        parse_overrides(finetune_demo_config(), [f"--finetune={pretrained_dir}", "--report_to=csv,wandb"])
     assert stop.value.code == 2
     assert "wandb is not installed; pip install '.[wandb]'" in capsys.readouterr().err
     assert reporters.parse_report_to("csv, tensorboard ,csv") == ["csv", "tensorboard"]

@@ -6,11 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_finetune_demo
 from safetensors.torch import load_file
 
-from engine.checkpoint import save_pretrained
-from engine.config import apply_overrides
-from engine.factory import create_model
 from engine.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,21 +16,8 @@ TINY = ["--depth=2", "--batch_size=16", "--epochs=1", "--max_steps=4", "--log_ev
         "--progress=false", "--eval_batch_size=500", "--mixup=0.8", "--cutmix=1.0", "--seed=1"]
 
 
-@pytest.fixture(scope="module")
-def pretrained_dir(tmp_path_factory) -> Path:
-    """A random MIM model saved in our format: stands in for the pretraining demo's export."""
-    torch.manual_seed(0)
-    model = create_model("beit_mini_patch4_28_256_vocab", depth=2, vocab_size=64)
-    return save_pretrained(model, tmp_path_factory.mktemp("pretrained") / "weights")
-
-
 def run(output_dir: Path, *extra: str) -> dict:
-    sys.path.insert(0, str(ROOT / "recipes"))
-    from finetune_demo import config
-
-    from engine.train.finetune import run_finetuning
-
-    return run_finetuning(apply_overrides(config(), [*TINY, f"--output_dir={output_dir}", *extra]))
+    return run_finetune_demo(output_dir, *TINY, *extra)
 
 
 @pytest.mark.slow
