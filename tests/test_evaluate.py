@@ -55,6 +55,17 @@ def test_an_official_layout_pth_with_its_model_name_scores_the_same(finetuned, t
     assert (result["acc1"], result["acc5"]) == (own["acc1"], own["acc5"])
 
 
+def test_its_hugging_face_export_with_the_model_name_scores_the_same(finetuned, tmp_path):
+    """The transformers folder carries the preprocessing (preprocessor_config.json) and the weights (hub names)."""
+    from engine.train.export import export_hf
+
+    export_hf(finetuned / "best", tmp_path / "hf")
+    result = evaluate(tmp_path, checkpoint=str(tmp_path / "hf"), model="beit_mini_patch4_28",
+                      data_path="embedded:fashion_mnist")
+    own = evaluate(tmp_path, checkpoint=str(finetuned / "best"), data_path="embedded:fashion_mnist")
+    assert (result["acc1"], result["acc5"]) == (own["acc1"], own["acc5"])
+
+
 def test_class_names_that_disagree_with_the_data_are_refused(tmp_path):
     model = create_model("beit_mini_patch4_28", depth=1, num_classes=10)
     names = [f"class {i}" for i in range(10)]

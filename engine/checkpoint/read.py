@@ -153,7 +153,7 @@ def read_preprocessing(path: str | Path) -> dict | None:
     filters = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}
     return preprocessing_record(processor.get("image_mean", (0.5,) * 3), processor.get("image_std", (0.5,) * 3),
                                 crop or side, filters.get(processor.get("resample"), "bicubic"),
-                                crop_pct=crop / side if crop and side else None,
+                                crop_pct=crop / side if crop and side else 1.0,  # no centre crop: the whole image
                                 class_names=None)
 
 
