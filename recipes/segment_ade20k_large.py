@@ -1,6 +1,7 @@
 """BEiT-Large semantic segmentation on ADE20K with UperNet at 640 px, the official Large settings: the Base recipe
 (recipes/segment_ade20k_base.py) with BEiT-L (blocks 7/11/15/23, UPerHead 1024 channels), layer scale 1e-6, drop
-path 0.2, layer decay 0.95 at lr 2e-5, 3000 warm-up iterations, crop 640 with stride 426 and img_scale 2560 × 640.
+path 0.2, layer decay 0.95 at lr 2e-5, crop 640 with stride 426 and img_scale 2560 × 640, 1500 warm-up steps (the
+official 3000 warm-up iterations with 2 accumulation steps each: steps here are optimizer updates).
 
     deepspeed --num_gpus 8 recipes/segment_ade20k_large.py --data_path=/data/ADEChallengeData2016 \\
         --finetune=/weights/beit_large_finetuned

@@ -16,6 +16,7 @@ from engine.data.segmentation import (
     PhotoMetricDistortion,
     SegEvalTransform,
     SegTrainTransform,
+    multi_scale_sizes,
     reduce_zero_label,
     rescale_size,
 )
@@ -235,6 +236,24 @@ def test_eval_transform_keeps_the_original_label():
     assert transform.model_inputs(pixels[None], torch.bfloat16).dtype == torch.bfloat16
     with pytest.raises(ValueError, match="label map"):
         transform(image, Image.new("L", (31, 20)))
+
+
+def test_the_multi_scale_test_sizes_are_the_official_setr_resize():
+    # BEiT's ADE20K multi-scale test at 512 (img_scale (2048, 512)): the ORIGINAL image's short side becomes
+    # max(512, int(512 · r)), so 0.5 and 0.75 run at 512 too, and the long side is not bounded
+    ratios = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+    sizes = multi_scale_sizes(683, 512, (2048, 512), 512, ratios)
+    assert sizes == [(683, 512)] * 3 + [(854, 640), (1025, 768), (1195, 896)]
+    assert multi_scale_sizes(300, 1200, (2048, 512), 512, (1.0, 1.75)) == [(512, 2048), (896, 3584)]
+    assert multi_scale_sizes(1000, 600, (2560, 640), 640, (0.5, 1.25)) == [(1067, 640), (1333, 800)]  # L at 640
+    image, label = _encoded_pair(width=30, height=20)
+    transform = SegEvalTransform(img_scale=(64, 16), scales=ratios, crop_size=16)
+    pixels, labels = transform(image, label)
+    assert pixels.shape == (3, 20, 30) and labels.shape == (20, 30)  # the original: each size is taken from it
+    assert transform.sizes(20, 30) == [(16, 24)] * 3 + [(20, 30), (24, 36), (28, 42)]
+    assert SegEvalTransform(img_scale=(64, 16)).sizes(16, 24) == [(16, 24)]  # single scale: as resized
+    with pytest.raises(ValueError, match="crop size"):
+        SegEvalTransform(scales=ratios)
 
 
 def test_train_transform_is_deterministic_per_rng():

@@ -1,5 +1,6 @@
 """Segmentation model side: BEiT backbone + neck, UPerHead / FCNHead, loss, layer-decay groups, inference, metrics."""
 
+import copy
 import json
 import math
 
@@ -12,6 +13,7 @@ import engine
 from engine.checkpoint import load_checkpoint, save_pretrained
 from engine.factory import create_model
 from engine.segmentation.backbone import BeitBackbone, create_backbone, default_out_indices, layer_id_for_segmentation
+from engine.segmentation.batchnorm import BatchNorm2d, SyncBatchNorm, convert_sync_batchnorm
 from engine.segmentation.heads import FCNHead, UPerHead
 from engine.segmentation.metrics import confusion_matrix, reduce_confusion, segmentation_metrics
 from engine.segmentation.model import (
@@ -283,20 +285,21 @@ def test_aug_inference_averages_probabilities_over_scales_and_flips():
     pixel = PixelModel().eval()
     x = images(height=40, width=36)
     with torch.no_grad():
-        probs = aug_inference(pixel, x, scales=[1.0], flip=True, crop_size=32, stride=20)
+        probs = aug_inference(pixel, x, flip=True, crop_size=32, stride=20)
         torch.testing.assert_close(probs, pixel(x).softmax(dim=1))  # a 1x1 conv commutes with the flip
-        multi = aug_inference(pixel, x, scales=[0.5, 1.0, 1.5], flip=True, crop_size=32, stride=20, out_size=(30, 27))
+        sizes = ((20, 18), (40, 36), (60, 54))
+        multi = aug_inference(pixel, x, sizes=sizes, flip=True, crop_size=32, stride=20, out_size=(30, 27))
         assert multi.shape == (2, 4, 30, 27)
         torch.testing.assert_close(multi.sum(dim=1), torch.ones(2, 30, 27))
         expected = sum(F.interpolate(pixel(F.interpolate(x, size=size, mode="bilinear", align_corners=False)),
                                      size=(30, 27), mode="bilinear", align_corners=False).softmax(dim=1)
-                       for size in ((20, 18), (40, 36), (60, 54))) / 3
+                       for size in sizes) / 3
         torch.testing.assert_close(multi, expected, atol=1e-5, rtol=1e-5)
     model = tiny_segmenter().eval()
-    whole = aug_inference(model, images(), scales=[1.0], mode="whole")
+    whole = aug_inference(model, images(), mode="whole")
     torch.testing.assert_close(whole, whole_inference(model, images()).softmax(dim=1))
     with pytest.raises(ValueError, match="whole inference"):
-        aug_inference(model, images(), scales=[1.5], mode="whole")
+        aug_inference(model, images(), sizes=[(42, 42)], mode="whole")
 
 
 # ---------------------------------------------------------------------------------------------------- metrics
@@ -327,6 +330,32 @@ def test_metrics_match_a_hand_computed_confusion_matrix():
     assert metrics["class_names"] == ["a", "b", "c", "d"]
 
 
+def test_batch_norm_computes_in_fp32_under_parameters_cast_as_deepspeed_casts_them():
+    # DeepSpeed's bf16 casts the parameters and keeps the buffers: torch's BatchNorm2d then fails on a CPU
+    # ("expected scalar type BFloat16 but found Float") and no precision the recipes allow may break a segmenter
+    model, reference = tiny_segmenter().train(), tiny_segmenter().train()
+    reference.load_state_dict(model.state_dict())
+    for parameter in model.parameters():
+        parameter.data = parameter.data.to(torch.bfloat16)  # deepspeed/runtime/engine.py's cast, buffers untouched
+    labels = torch.randint(0, 5, (2, 32, 32), generator=torch.Generator().manual_seed(3))
+    loss, _ = SegmentationLoss(model)(images().bfloat16(), labels)
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters())
+    assert {b.dtype for name, b in model.named_buffers() if "running" in name} == {torch.float32}
+    SegmentationLoss(reference)(images(), labels)
+    torch.testing.assert_close(model.backbone.fpn1[1].running_var, reference.backbone.fpn1[1].running_var,
+                               rtol=0.05, atol=1e-3)  # bf16 activations, fp32 statistics
+    # fp32 throughout: exactly torch's BatchNorm2d; bf16 statistics (older DeepSpeed cast buffers too) stay bf16
+    norm, plain = BatchNorm2d(3), torch.nn.BatchNorm2d(3)
+    x = torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(norm(x), plain(x), rtol=0, atol=0)
+    torch.testing.assert_close(norm.running_var, plain.running_var, rtol=0, atol=0)
+    norm.bfloat16()
+    assert norm(x.bfloat16()).dtype == torch.bfloat16 and norm.running_mean.dtype == torch.bfloat16
+    torch.testing.assert_close(norm.running_mean.float(), plain.running_mean * 0.9 + x.mean((0, 2, 3)) * 0.1,
+                               rtol=0.02, atol=1e-2)
+
+
 def test_confusion_matrix_on_images_and_sync_bn_option():
     gen = torch.Generator().manual_seed(5)
     labels = torch.randint(0, 3, (2, 6, 7), generator=gen)
@@ -336,9 +365,13 @@ def test_confusion_matrix_on_images_and_sync_bn_option():
     valid = labels != 255
     expected = torch.bincount(labels[valid] * 3 + preds[valid], minlength=9).view(3, 3)
     assert torch.equal(conf, expected) and conf.sum().item() == 2 * 6 * 7 - 7
-    synced = tiny_segmenter(sync_bn=True)
-    kinds = {type(m).__name__ for m in synced.modules()}
-    assert "SyncBatchNorm" in kinds and "BatchNorm2d" not in kinds
+    plain = tiny_segmenter()
+    synced = convert_sync_batchnorm(copy.deepcopy(plain))
+    kinds = {type(m) for m in synced.modules()}
+    assert SyncBatchNorm in kinds and BatchNorm2d not in kinds and torch.nn.SyncBatchNorm not in kinds
+    assert {type(m) for m in tiny_segmenter(sync_bn=True).modules()} == kinds
+    for (name, tensor), (_, before) in zip(synced.state_dict().items(), plain.state_dict().items(), strict=True):
+        assert torch.equal(tensor, before), name
     assert isinstance(synced.backbone, BeitBackbone)
 
 

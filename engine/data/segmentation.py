@@ -9,8 +9,10 @@ k → k - 1, so a model predicts classes 0..149 and the loss and metrics skip 25
 The pipelines follow the mmsegmentation 0.x configs of BEiT on ADE20K (upernet_beit, 512/640 crops):
 train: Resize(img_scale × U(ratio_range), keep ratio) → RandomCrop(crop, cat_max_ratio 0.75) → RandomFlip(0.5)
 → PhotoMetricDistortion → Normalize → Pad(crop; image 0, label 255); test: Resize(img_scale, keep ratio) →
-Normalize, with the logits upsampled to the ORIGINAL label size before scoring. Evaluation therefore runs one image
-per batch (sizes differ from image to image), so no collate for variable sizes exists here.
+Normalize, with the logits upsampled to the ORIGINAL label size before scoring; multi-scale test: BEiT's
+SETR_Resize under MultiScaleFlipAug, each ratio's size taken from the original image (`multi_scale_sizes`).
+Evaluation therefore runs one image per batch (sizes differ from image to image), so no collate for variable
+sizes exists here.
 
 As in engine/data/transforms.py, workers ship uint8 tensors and `model_inputs` normalises a batch on its device;
 every random draw comes from the `rng` (a random.Random) the caller passes, so (seed, epoch, index) fixes a sample.
@@ -168,6 +170,20 @@ def rescale_size(width: int, height: int, scale: Sequence[int]) -> tuple[int, in
     return max(1, int(width * factor + 0.5)), max(1, int(height * factor + 0.5))
 
 
+def multi_scale_sizes(width: int, height: int, img_scale: Sequence[int], crop_size: int,
+                      ratios: Sequence[float]) -> list[tuple[int, int]]:
+    """The official multi-scale test's sizes `[(new_width, new_height)]`, one per ratio r: BEiT's
+    `SETR_Resize(setr_multi_scale=True)` under `MultiScaleFlipAug(img_ratios)` resizes the ORIGINAL image, aspect
+    kept, to the short side max(crop_size, int(min(img_scale) · r)): ratios below 1 run at the crop size, not
+    smaller (at 512: 0.5, 0.75, 1.0 → 512; 1.25 → 640; 1.5 → 768; 1.75 → 896), and no long-side bound applies."""
+    sizes = []
+    for ratio in ratios:
+        short = max(crop_size, int(min(img_scale) * ratio))
+        long = short * max(width, height) / min(width, height)  # SETR_Resize's (new_h, new_w), then imrescale
+        sizes.append(rescale_size(width, height, (long, short)))
+    return sizes
+
+
 def _as_pair(img: Image.Image, label: Image.Image | np.ndarray) -> tuple[Image.Image, Image.Image]:
     """→ (RGB image, mode "L" label map of class indices: a "P" map gives its indices, an array must be uint8
     [H, W]), checked to have the same size."""
@@ -320,19 +336,34 @@ class SegTrainTransform(_SegTransform):
 
 
 class SegEvalTransform(_SegTransform):
-    """mmseg's single-scale test pipeline: Resize(img_scale, keep ratio, no random ratio) → uint8 tensor.
+    """mmseg's test pipelines → uint8 tensors: single-scale (`scales` (1.0,)) Resize(img_scale, keep ratio);
+    multi-scale the original image, which `sizes` then gives the official sizes to infer at.
 
-    `transform(img, label)` → (image uint8 [3, h, w] resized, label uint8 [H0, W0] at the ORIGINAL size): the
-    official evaluation upsamples the logits (bilinear) to the original label size before the argmax. Sizes vary,
-    so evaluate one image per batch. Deterministic; takes (and ignores) an rng for a uniform interface.
+    `transform(img, label)` → (image uint8 [3, h, w], label uint8 [H0, W0] at the ORIGINAL size): the official
+    evaluation upsamples the logits (bilinear) to the original label size before the argmax. Sizes vary, so evaluate
+    one image per batch. Deterministic; takes (and ignores) an rng for a uniform interface.
     """
 
-    def __init__(self, img_scale: Sequence[int] = (2048, 512), imagenet_mean_std: bool = True):
+    def __init__(self, img_scale: Sequence[int] = (2048, 512), imagenet_mean_std: bool = True,
+                 scales: Sequence[float] = (1.0,), crop_size: int | None = None):
         super().__init__(img_scale, imagenet_mean_std)
+        self.scales = tuple(float(s) for s in scales)
+        self.multi_scale = self.scales != (1.0,)
+        if self.multi_scale and crop_size is None:
+            raise ValueError("a multi-scale test needs the crop size (no ratio's short side falls below it)")
+        self.crop_size = crop_size
 
     def __call__(self, img: Image.Image, label: Image.Image | np.ndarray, rng: random.Random | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         img, label = _as_pair(img, label)
-        resized = img.resize(rescale_size(img.width, img.height, self.img_scale), Image.Resampling.BILINEAR)
-        pixels = torch.from_numpy(np.array(resized, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+        if not self.multi_scale:
+            img = img.resize(rescale_size(img.width, img.height, self.img_scale), Image.Resampling.BILINEAR)
+        pixels = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()
         return pixels, torch.from_numpy(np.array(label, dtype=np.uint8))
+
+    def sizes(self, height: int, width: int) -> list[tuple[int, int]]:
+        """The `(h, w)` sizes to infer an image of this transform's output at: its own single-scale, else one per
+        scale (`multi_scale_sizes` of the original image)."""
+        if not self.multi_scale:
+            return [(height, width)]
+        return [(h, w) for w, h in multi_scale_sizes(width, height, self.img_scale, self.crop_size, self.scales)]

@@ -2,7 +2,8 @@
 
 - `backbone`: `create_backbone` / `BeitBackbone` (encoder tokens after 4 blocks → 4-level pyramid, strides p/4 … 2p),
   `default_out_indices`, `layer_id_for_segmentation` (layer-wise LR decay ids).
-- `heads`: `UPerHead`, `FCNHead`, `ConvModule`, `convert_sync_batchnorm`.
+- `heads`: `UPerHead`, `FCNHead`, `ConvModule`.
+- `batchnorm`: `BatchNorm2d` / `SyncBatchNorm` computing in fp32, `convert_sync_batchnorm`.
 - `model`: `create_segmenter` / `SegmentationModel`, `segmentation_loss` / `SegmentationLoss`,
   `segmentation_param_groups`, `whole_inference`, `slide_inference`, `aug_inference`.
 - `metrics`: `confusion_matrix`, `reduce_confusion`, `segmentation_metrics` (mIoU / mAcc / aAcc as mmseg).
@@ -20,7 +21,7 @@ _EXPORTS = {
     "ConvModule": "engine.segmentation.heads",
     "FCNHead": "engine.segmentation.heads",
     "UPerHead": "engine.segmentation.heads",
-    "convert_sync_batchnorm": "engine.segmentation.heads",
+    "convert_sync_batchnorm": "engine.segmentation.batchnorm",
     "SegmentationLoss": "engine.segmentation.model",
     "SegmentationModel": "engine.segmentation.model",
     "aug_inference": "engine.segmentation.model",

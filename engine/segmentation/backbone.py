@@ -37,6 +37,7 @@ import torch.nn as nn
 from engine.factory import create_model
 from engine.model import BeitForImageClassification
 from engine.param_groups import layer_id_for_vit
+from engine.segmentation.batchnorm import BatchNorm2d
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ class BeitBackbone(nn.Module):
         self.strides = [patch // 4, patch // 2, patch, patch * 2]
         self.fpn1 = nn.Sequential(
             nn.ConvTranspose2d(dim, dim, kernel_size=2, stride=2),
-            nn.BatchNorm2d(dim),
+            BatchNorm2d(dim),  # fp32 arithmetic under bf16 parameters (engine/segmentation/batchnorm.py)
             nn.GELU(),
             nn.ConvTranspose2d(dim, dim, kernel_size=2, stride=2),
         )

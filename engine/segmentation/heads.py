@@ -6,8 +6,9 @@ Legend: B batch, C_i channels of input level i, C head channels, K classes, (h_i
 Initialisation as mmcv: the convolution of a `ConvModule` is Kaiming-normal (fan_out, ReLU) with zero bias, its
 BatchNorm (1, 0); the classifier `conv_seg` is normal(std 0.01) with zero bias.
 
-BatchNorm: every BN here is `nn.BatchNorm2d` (statistics of the local batch). With several ranks, convert the whole
-model to `nn.SyncBatchNorm` before wrapping it (what the official runs use, and what `create_segmenter(...,
+BatchNorm: every BN here is engine/segmentation/batchnorm.py's `BatchNorm2d` (statistics of the local batch, fp32
+arithmetic under bf16/fp16 parameters). With several ranks, convert the whole model to its `SyncBatchNorm` before
+wrapping it (what the official runs use, and what `create_segmenter(...,
 sync_bn=True)` does through `convert_sync_batchnorm`): the pooling pyramid's 1×1 level has one value per image and
 channel, so BatchNorm in training needs more than one image per BN group (a per-rank batch of 1 without SyncBN raises
 "Expected more than 1 value per channel when training").
@@ -19,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from engine.segmentation.batchnorm import BatchNorm2d
 from engine.sharded import gathered
 
 CONV_SEG_STD = 0.01  # mmseg BaseDecodeHead.init_weights: normal_init(conv_seg, mean=0, std=0.01)
@@ -29,12 +31,6 @@ def resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
 
 
-def convert_sync_batchnorm(model: nn.Module) -> nn.Module:
-    """Every BatchNorm of `model` (neck and heads) → `nn.SyncBatchNorm`, returned (the model may be a new object).
-    Call it when world_size > 1, before DDP / DeepSpeed wrap the model (`create_segmenter(sync_bn=True)` does)."""
-    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
-
-
 class ConvModule(nn.Sequential):
     """mmcv's ConvModule with `norm_cfg=BN, act_cfg=ReLU`: Conv2d (no bias: BN follows) → BatchNorm2d → ReLU.
     Parameter names `conv.weight`, `bn.weight`/`bn.bias` (mmcv names the norm `bn` too)."""
@@ -43,7 +39,7 @@ class ConvModule(nn.Sequential):
                  dilation: int = 1) -> None:
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, dilation=dilation, bias=False)
-        self.bn = nn.BatchNorm2d(out_channels)
+        self.bn = BatchNorm2d(out_channels)
         self.activate = nn.ReLU(inplace=True)
         with gathered([self.conv.weight]):  # ZeRO-3's zero.Init partitioned it when the Conv2d was built
             nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 from engine.param_groups import param_groups
 from engine.segmentation.backbone import BeitBackbone, create_backbone, layer_id_for_segmentation
-from engine.segmentation.heads import FCNHead, UPerHead, convert_sync_batchnorm, resize
+from engine.segmentation.batchnorm import convert_sync_batchnorm
+from engine.segmentation.heads import FCNHead, UPerHead, resize
 
 IGNORE_INDEX = 255
 AUX_WEIGHT = 0.4
@@ -250,30 +251,30 @@ def slide_inference(model: nn.Module, images: torch.Tensor, num_classes: int | N
 
 
 @torch.no_grad()
-def aug_inference(model: nn.Module, images: torch.Tensor, scales: Sequence[float] = (1.0,), flip: bool = False,
-                  crop_size: int | Sequence[int] | None = None, stride: int | Sequence[int] | None = None,
-                  mode: str = "slide", out_size: Sequence[int] | None = None, num_classes: int | None = None
-                  ) -> torch.Tensor:
-    """mmseg's `aug_test`: class probabilities `[B, K, *out_size]` (fp32) averaged over scales × (flips).
+def aug_inference(model: nn.Module, images: torch.Tensor, sizes: Sequence[Sequence[int]] | None = None,
+                  flip: bool = False, crop_size: int | Sequence[int] | None = None,
+                  stride: int | Sequence[int] | None = None, mode: str = "slide",
+                  out_size: Sequence[int] | None = None, num_classes: int | None = None) -> torch.Tensor:
+    """mmseg's `aug_test`: class probabilities `[B, K, *out_size]` (fp32) averaged over sizes × (flips).
 
-    Per scale s the images `[B, 3, H, W]` are resized (bilinear, align_corners=False) to `(int(H·s + 0.5),
-    int(W·s + 0.5))`; with `flip` the horizontally flipped images are inferred too (their logits flipped back).
-    Each inference (`mode` "slide": `slide_inference(crop_size, stride)`; "whole": `whole_inference`, which needs
-    the resized size to be the build size) is resized to `out_size` (default (H, W), e.g. the label size),
-    softmaxed, and the probabilities are averaged. The official multi-scale test: scales (0.5, 0.75, 1.0, 1.25,
-    1.5, 1.75), flip=True, of images whose short side was first resized to the crop size.
+    For each `(h, w)` of `sizes` (default: the images' own) the images `[B, 3, H, W]` are resized (bilinear,
+    align_corners=False) to it; with `flip` the horizontally flipped images are inferred too (their logits flipped
+    back). Each inference (`mode` "slide": `slide_inference(crop_size, stride)`; "whole": `whole_inference`, which
+    needs the build size) is resized to `out_size` (default (H, W), e.g. the label size), softmaxed, and the
+    probabilities are averaged. The official multi-scale test: the sizes of `engine.data.segmentation.
+    multi_scale_sizes` (ratios 0.5 … 1.75 of the original image), flip=True.
     """
     if mode not in ("slide", "whole"):
         raise ValueError(f"mode must be 'slide' or 'whole', got {mode!r}")
     if mode == "slide" and (crop_size is None or stride is None):
         raise ValueError("mode='slide' needs crop_size and stride")
-    if not scales:
-        raise ValueError("scales must name at least one scale (1.0 = the given size)")
     height, width = images.shape[2:]
+    sizes = [(height, width)] if sizes is None else [tuple(size) for size in sizes]
+    if not sizes:
+        raise ValueError("sizes must name at least one (h, w) to infer at")
     out_size = (height, width) if out_size is None else tuple(out_size)
     total, runs = None, 0
-    for scale in scales:
-        size = (int(height * scale + 0.5), int(width * scale + 0.5))
+    for size in sizes:
         scaled = images if size == (height, width) else resize(images, size)
         for flipped in ((False, True) if flip else (False,)):
             inputs = scaled.flip(-1) if flipped else scaled

@@ -35,7 +35,7 @@ class EvaluateConfig:
     num_workers: int = 4  # DataLoader workers
     device: str = "auto"  # auto: cuda when a GPU is visible, else cpu
     precision: str = "fp32"  # fp32 or bf16 (inputs and autocast on a GPU)
-    eval_scales: tuple[float, ...] = (1.0,)  # segmentation: scales of the image (multi-scale: 0.5,0.75,1,1.25,...)
+    eval_scales: tuple[float, ...] = (1.0,)  # segmentation: multi-scale ratios (0.5,0.75,1,1.25,1.5,1.75; SETR_Resize)
     eval_flip: bool = False  # segmentation: also the flipped image, probabilities averaged
     eval_stride: int | None = None  # segmentation sliding-window stride (None: 2/3 of the crop: 341 at 512)
     img_scale: tuple[int, int] | None = None  # segmentation resize (long, short side); None: (4, 1) × the crop
@@ -148,7 +148,8 @@ def evaluate_segmenter(cfg: EvaluateConfig, model, device: torch.device, dtype: 
     crop = _img_side(model)
     imagenet = cfg.imagenet_mean_std if cfg.imagenet_mean_std is not None else \
         checkpoint_uses_imagenet_mean_std(cfg.checkpoint)
-    transform = SegEvalTransform(cfg.img_scale or (4 * crop, crop), imagenet_mean_std=imagenet)  # (2048, 512) at 512
+    transform = SegEvalTransform(cfg.img_scale or (4 * crop, crop), imagenet_mean_std=imagenet,  # (2048, 512) at 512
+                                 scales=cfg.eval_scales, crop_size=crop)
     num_classes = model.config["num_classes"]
     try:
         dataset = ADE20KDataset(cfg.data_path, "validation", num_classes=num_classes)
@@ -158,8 +159,7 @@ def evaluate_segmenter(cfg: EvaluateConfig, model, device: torch.device, dtype: 
     loader = torch.utils.data.DataLoader(SegmentationSamples(dataset, transform), batch_size=1,
                                          sampler=list(range(count)), num_workers=cfg.num_workers)
     stride = cfg.eval_stride or (2 * crop) // 3  # the official 341 at 512, 426 at 640
-    scores = score_segmenter(model, loader, transform, crop, stride, cfg.eval_scales, cfg.eval_flip, num_classes,
-                             device, dtype)
+    scores = score_segmenter(model, loader, transform, crop, stride, cfg.eval_flip, num_classes, device, dtype)
     return {"task": "segmentation", "images": count, "scales": list(cfg.eval_scales), "flip": cfg.eval_flip,
             "stride": stride, **scores}
 

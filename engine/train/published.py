@@ -113,7 +113,10 @@ def segment(size: str = "base", start: str = "pretrained") -> SegmentationConfig
     (`start="in1k_finetuned"`, from weights fine-tuned on ImageNet-1k: 0.9 at 3e-5), poly schedule (power 1) after
     1500 linear warm-up iterations, 160k iterations of 16 images (2 per GPU on 8 GPUs), evaluation every 16k
     iterations by sliding window (crop 512, stride 341). Large: 640 crop (img_scale 2560×640, stride 426), layer
-    scale 1e-6, drop path 0.2, layer decay 0.95 at lr 2e-5, 3000 warm-up steps."""
+    scale 1e-6, drop path 0.2, layer decay 0.95 at lr 2e-5, 1500 warm-up steps. The official L-640 config runs
+    1 image per GPU with update_interval 2 over schedule_320k with warmup_iters 3000: mmcv counts forward
+    iterations, our steps are optimizer updates, so 320k iterations are 160k updates of 16 images and its 3000
+    warm-up iterations 1500 updates (evaluation every 32k iterations: 16k updates)."""
     _check(size)
     if start not in ("pretrained", "in1k_finetuned") or (size == "large" and start != "pretrained"):
         raise ValueError(f"start={start!r}: expected pretrained (or in1k_finetuned for base)")
@@ -135,6 +138,6 @@ def segment(size: str = "base", start: str = "pretrained") -> SegmentationConfig
         cfg.model.model, cfg.model.input_size = "beit_large_patch16_224", 640
         cfg.model.layer_scale_init_value, cfg.model.drop_path = 1e-6, 0.2
         cfg.data.img_scale, cfg.data.eval_stride = (2560, 640), 426
-        cfg.optim.lr, cfg.optim.layer_decay, cfg.optim.warmup_steps = 2e-5, 0.95, 3000
+        cfg.optim.lr, cfg.optim.layer_decay, cfg.optim.warmup_steps = 2e-5, 0.95, 1500  # 3000 iterations / 2
         cfg.run.output_dir = "runs/segment_ade20k_large"
     return cfg

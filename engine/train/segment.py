@@ -58,7 +58,8 @@ class SemanticSegmentation(EvaluatedTask):
         train_set = ADE20KDataset(data.data_path, "training", num_classes=data.num_classes)
         self.loader = build_loader(SegmentationSamples(train_set, self.transform, seed=run.seed), run.batch_size,
                                    dist_info.rank, dist_info.world_size, run.seed, num_workers=run.num_workers)
-        self.eval_transform = SegEvalTransform(data.img_scale, imagenet_mean_std=data.imagenet_mean_std)
+        self.eval_transform = SegEvalTransform(data.img_scale, imagenet_mean_std=data.imagenet_mean_std,
+                                               scales=data.eval_scales, crop_size=m.input_size)
         self.preprocessing = preprocessing_record(*mean_std(data.imagenet_mean_std), m.input_size, "bilinear")
         eval_set = ADE20KDataset(data.data_path, "validation", num_classes=data.num_classes)
         count = min(len(eval_set), data.max_eval_images) if data.max_eval_images > 0 else len(eval_set)
@@ -94,11 +95,14 @@ class SemanticSegmentation(EvaluatedTask):
     def score(self, stop) -> dict:
         """mIoU, mAcc, aAcc (%) and per-class IoU over the validation images, all ranks together. A stop raises
         EvaluationStopped on every rank at the same image index (engine/stop_signal.py, `StopSignal.iterate`)."""
+        from engine.segmentation.batchnorm import average_running_statistics
+
         data = self.cfg.data
+        average_running_statistics(self.model)  # CPU ranks' BatchNorms (no SyncBN there): one model on every rank
         most_per_rank = -(-self.eval_count // self.dist_info.world_size)  # ranks hold n or n - 1 images
         return score_segmenter(self.model, stop.iterate(self.eval_loader, most_per_rank), self.eval_transform,
-                               self.cfg.model.input_size, data.eval_stride, data.eval_scales, data.eval_flip,
-                               data.num_classes, self.dist_info.device, self.dtype)
+                               self.cfg.model.input_size, data.eval_stride, data.eval_flip, data.num_classes,
+                               self.dist_info.device, self.dtype)
 
     def evaluation_due(self, step: int, plan) -> bool:
         return step % self.cfg.head.eval_every == 0 or step == plan.last_step
@@ -114,11 +118,12 @@ class SemanticSegmentation(EvaluatedTask):
 
 
 @torch.no_grad()
-def score_segmenter(model, batches, eval_transform, crop: int, stride: int, scales, flip: bool, num_classes: int,
+def score_segmenter(model, batches, eval_transform, crop: int, stride: int, flip: bool, num_classes: int,
                     device: torch.device, dtype: torch.dtype) -> dict:
     """mIoU, mAcc, aAcc (%) and per-class IoU of `model` over `batches` (one image each: uint8 [1, 3, h, w] and its
-    label at the original size), sliding windows of `crop` at `stride`, at each of `scales` (and flipped), summed
-    over ranks when a process group is up."""
+    label at the original size), sliding windows of `crop` at `stride`, at each of the transform's sizes for the
+    image (one, or the official multi-scale set) and flipped on request, summed over ranks when a process group is
+    up."""
     from engine.segmentation.metrics import confusion_matrix, reduce_confusion, segmentation_metrics
     from engine.segmentation.model import aug_inference
 
@@ -128,7 +133,8 @@ def score_segmenter(model, batches, eval_transform, crop: int, stride: int, scal
     for images, labels in batches:
         images = eval_transform.model_inputs(images.to(device), dtype)
         labels = labels.to(device).long()
-        probs = aug_inference(model, images, scales=scales, flip=flip, crop_size=crop, stride=stride, mode="slide",
+        sizes = eval_transform.sizes(*images.shape[-2:])
+        probs = aug_inference(model, images, sizes=sizes, flip=flip, crop_size=crop, stride=stride, mode="slide",
                               out_size=tuple(labels.shape[-2:]), num_classes=num_classes)  # [1, K, H0, W0]
         confusion += confusion_matrix(probs.argmax(dim=1), labels, num_classes)
     model.train(was_training)

@@ -185,7 +185,9 @@ class SegmentationData:
     ratio_range: tuple[float, float] = (0.5, 2.0)  # random rescale of img_scale in training
     cat_max_ratio: float = 0.75  # re-draw a crop (up to 10 times) where one class covers more of its labelled pixels
     eval_stride: int = 341  # sliding-window stride at evaluation (341 for 512 crops, 426 for 640)
-    eval_scales: tuple[float, ...] = (1.0,)  # multi-scale evaluation: img_scale multiplied by each
+    # multi-scale evaluation ratios (official: 0.5,0.75,1.0,1.25,1.5,1.75): each resizes the original image to the
+    # short side max(crop, int(min(img_scale) · ratio)), as BEiT's SETR_Resize
+    eval_scales: tuple[float, ...] = (1.0,)
     eval_flip: bool = False  # also evaluate the horizontally flipped image (averaged probabilities)
     max_eval_images: int = 0  # > 0: evaluate on the first this many validation images only (quick runs)
     # normalise with ImageNet mean/std (true) or 0.5/0.5 (false); None: as the --finetune checkpoint records it,
