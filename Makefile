@@ -3,8 +3,13 @@ PYTHON ?= python
 # torch is pinned to the version every test ran with; on the project's machines the package index serves its CPU
 # build for this pin (elsewhere, add the CPU wheel index, e.g. TORCH="torch==2.13.0 --index-url .../whl/cpu").
 TORCH ?= torch==2.13.0
+# Detection (make test, make install-detection) needs torchvision, whose wheels on the index are built against the
+# CUDA build of torch: next to the CPU build its ops do not load. `===` asks for the exact version string, i.e. the
+# CUDA build (it also runs on a CPU) even where the index serves 2.13.0+cpu for ==2.13.0: a 2.6 GB download with its
+# CUDA libraries (62 s to install here), against 190 MB for the CPU build that `make demo` keeps.
+DETECTION_TORCH ?= torch===2.13.0 torchvision==0.28.0
 
-.PHONY: install demo test test-all lint bench aot aot-oldest gpu-wheels gpu-check bench-pytest
+.PHONY: install install-detection demo test test-all lint bench aot aot-oldest gpu-wheels gpu-check bench-pytest
 
 # The install runs again only when what it depends on changed (or for another Python): a stamp per interpreter.
 INSTALL_STAMP = build/.installed-$(shell $(PYTHON) -c "import sys, hashlib; print(hashlib.md5(sys.prefix.encode()).hexdigest()[:8])")
@@ -15,14 +20,22 @@ $(INSTALL_STAMP): setup.py pyproject.toml CMakeLists.txt $(wildcard csrc/*)
 
 install: $(INSTALL_STAMP)
 
+DETECTION_STAMP = $(INSTALL_STAMP)-detection
+$(DETECTION_STAMP): $(INSTALL_STAMP)
+	$(PYTHON) -m pip install $(DETECTION_TORCH)
+	$(PYTHON) -m pip install -e ".[test,detection]"
+	touch $@
+
+install-detection: $(DETECTION_STAMP)
+
 demo: install
 	$(PYTHON) recipes/pretrain_demo.py
 
 # The default suite (~2 min of pytest on 2 cores): every module, long-running tests left out (`slow`); test-all runs them too.
-test: install
+test: install-detection
 	$(PYTHON) -m pytest -q -m "not slow" tests
 
-test-all: install
+test-all: install-detection
 	$(PYTHON) -m pytest -q tests
 
 lint:

@@ -86,7 +86,11 @@ setup(
     extras_require={
         # transformers: the export's parity tests load our exports with it (it installs Hugging Face's `kernels`,
         # next to which ours must import: tests/test_packaging.py); tensorboard, wandb: --report_to's tests
-        "test": ["pytest", "pytest-benchmark", "ruff", "transformers>=4.40,<6", "tensorboard", "wandb"],
+        "test": ["pytest", "pytest-benchmark", "ruff", "transformers>=4.40,<6", "tensorboard", "wandb",
+                 "pycocotools>=2.0.7"],
+        # detection (engine/detection/, recipes/detect_*.py): torchvision's detection models and ops and the COCO
+        # metric; install the torchvision release made for your torch (the Makefile pins the tested pair)
+        "detection": ["torchvision", "pycocotools>=2.0.7"],
         "tensorboard": ["tensorboard"],  # --report_to=tensorboard
         "wandb": ["wandb"],  # --report_to=wandb
         "hub": ["huggingface_hub"],  # recipes/export_hf.py --push_to_hub

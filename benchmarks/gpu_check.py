@@ -135,6 +135,10 @@ def plan(out: Path, dry_run: bool) -> list[Step]:
                    out_flag, *(DRY_TRAIN_OVERRIDES if dry_run else [])]
         env = {"TRITON_INTERPRET": "0"} if dry_run else {}  # whatever the caller exported (pytest's conftest does)
         steps.append(Step(name, f"MIM training benchmark, {model}", command, 70, 120, env=env, results="train"))
+    # informational: the node's image may lack torchvision (detection), which writes an error row, not a failure
+    steps.append(Step("bench_dense", "Dense tasks: one bf16 training step of UperNet (512²) and Mask R-CNN (1024²)",
+                      [python, "benchmarks/bench_dense.py", out_flag], 90, 150, informational=True,
+                      results="dense"))
     data = [python, "benchmarks/bench_data.py", out_flag, f"--workers={DATA_WORKERS}",
             *(["--seconds=1", "--images=64"] if dry_run else ["--seconds=3"])]
     steps.append(Step("bench_data", "Input pipelines per worker core (PIL backend)",

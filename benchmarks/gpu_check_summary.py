@@ -103,6 +103,13 @@ def block_section(rows: list[dict]) -> str:
     return "### Block stack fwd+bwd (bench_block)\n\n" + table(["shape", "attn_impl", "ms", "img/s", "peak MB"], lines)
 
 
+def dense_section(rows: list[dict]) -> str:
+    lines = [[row["shape"], row.get("batch"), number(row.get("ms")), number(row.get("images_per_s")),
+              number(row.get("peak_mb"))] for row in rows if "error" not in row]
+    return ("### Dense tasks: one training step, bf16 parameters (bench_dense)\n\n"
+            + table(["shape", "batch", "ms", "img/s", "peak MB"], lines))
+
+
 def _model_label(row: dict) -> str:
     requested = row.get("requested_model")
     return f"{row.get('model')} (for {requested})" if requested and requested != row.get("model") else row.get("model")
@@ -161,7 +168,7 @@ def step_section(outcomes: list[dict]) -> str:
 
 def render(out: Path, run_id: str, outcomes: list[dict], dry_run: bool, total_s: float) -> str:
     named_rows = {name: read_rows(out, name, run_id)
-                  for name in ("attention", "rel_pos_bias", "masked_lm_loss", "block", "train")}
+                  for name in ("attention", "rel_pos_bias", "masked_lm_loss", "block", "train", "dense")}
     parts = [f"# GPU check {run_id}" + (" (dry run)" if dry_run else ""), ""]
     if dry_run:
         parts += [DRY_RUN_BANNER, ""]
@@ -177,6 +184,8 @@ def render(out: Path, run_id: str, outcomes: list[dict], dry_run: bool, total_s:
         parts += ["", block_section(named_rows["block"])]
     if named_rows["train"]:
         parts += ["", train_section(named_rows["train"])]
+    if named_rows["dense"]:
+        parts += ["", dense_section(named_rows["dense"])]
     parts += ["", errors_section(named_rows), ""]
     return "\n".join(parts)
 

@@ -2,7 +2,7 @@
 
 `create_backbone(name, out_indices=None, **overrides)` wraps the classification encoder as a dense-prediction
 backbone (a 4-level feature pyramid, strides 4/8/16/32 for 16 px patches); the segmentation model, loss, inference and
-metrics built on it live in `engine.segmentation`.
+metrics built on it live in `engine.segmentation`, torchvision's Mask R-CNN on it in `engine.detection`.
 
 Imported lazily (PEP 562) so that light submodules such as `engine.data` or `engine.config` do not pull in the
 model and kernel stack, e.g. in DataLoader worker processes.

@@ -108,3 +108,52 @@ def assert_same_batches(a: list, b: list) -> None:
     assert len(a) == len(b)
     for batch_a, batch_b in zip(a, b):
         assert all(torch.equal(x, y) for x, y in zip(batch_a, batch_b))
+
+
+def write_tiny_coco(root, size: int = 40) -> dict:
+    """A COCO-format folder of three training and two validation images: category ids 3, 17 and 90 (not
+    contiguous), polygon and RLE masks, a crowd annotation and an image with no annotation → the written dicts."""
+    import json
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+    from pycocotools import mask as mask_utils
+
+    root = Path(root)
+    categories = [{"id": 3, "name": "cat"}, {"id": 17, "name": "dog"}, {"id": 90, "name": "toaster"}]
+    rng = np.random.default_rng(0)
+
+    def rle(mask):
+        encoded = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+        return {"size": encoded["size"], "counts": encoded["counts"].decode("ascii")}
+
+    written = {}
+    for split, count in (("train", 3), ("val", 2)):
+        (root / f"{split}2017").mkdir(parents=True)
+        images, annotations = [], []
+        for index in range(count):
+            image_id = 10 * index + 1  # not contiguous either
+            Image.fromarray(rng.integers(0, 256, (size, size + 8, 3), dtype=np.uint8)).save(
+                root / f"{split}2017" / f"{image_id:012d}.jpg")
+            images.append({"id": image_id, "file_name": f"{image_id:012d}.jpg", "height": size, "width": size + 8})
+            if split == "train" and index == 2:
+                continue  # no annotation: skipped in training
+            square = np.zeros((size, size + 8), dtype=bool)
+            square[5:20, 8:30] = True
+            polygon = [[2.0, 22.0, 14.0, 22.0, 14.0, 36.0, 2.0, 36.0]]
+            annotations += [
+                {"id": len(annotations) + 1, "image_id": image_id, "category_id": 17, "iscrowd": 0,
+                 "segmentation": rle(square), "bbox": [8.0, 5.0, 22.0, 15.0], "area": float(square.sum())},
+                {"id": len(annotations) + 2, "image_id": image_id, "category_id": 90 if index else 3, "iscrowd": 0,
+                 "segmentation": polygon, "bbox": [2.0, 22.0, 12.0, 14.0], "area": 168.0}]
+            if index == 0:
+                crowd = np.zeros_like(square)
+                crowd[25:38, 30:46] = True
+                annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": 3,
+                                    "iscrowd": 1, "segmentation": rle(crowd), "bbox": [30.0, 25.0, 16.0, 13.0],
+                                    "area": float(crowd.sum())})
+        (root / "annotations").mkdir(exist_ok=True)
+        written[split] = {"images": images, "annotations": annotations, "categories": categories}
+        (root / "annotations" / f"instances_{split}2017.json").write_text(json.dumps(written[split]))
+    return written

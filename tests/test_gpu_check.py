@@ -53,7 +53,7 @@ def test_dry_run_writes_the_summary(dry_run):
     summary = (out / "summary.md").read_text()
     assert "Dry run on CPU" in summary and "not a GPU measurement" in summary
     for section in ("### Steps", "### Attention", "### Relative position bias", "### Masked LM loss", "### Block",
-                    "### MIM training", "### Provider errors"):
+                    "### MIM training", "### Dense tasks", "### Provider errors"):
         assert section in summary
     for step in gpu_check.plan(out, dry_run=True):
         assert f"| {step.name} | passed" in summary

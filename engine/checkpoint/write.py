@@ -112,16 +112,20 @@ def read_model_config(path: str | Path) -> dict:
 
 def create_model_from_checkpoint(path: str | Path, **overrides) -> nn.Module:
     """Build the model described by a `save_pretrained` directory (with `overrides` to `create_model`) and load it:
-    an encoder (classifier, pretraining model) or a segmenter (engine.segmentation.create_segmenter).
+    an encoder (classifier, pretraining model), a segmenter (engine.segmentation.create_segmenter) or a detector
+    (engine.detection.create_detector).
 
     Saved Triton backends become PyTorch ones where Triton cannot run (`engine.factory.runnable_config`). Without
     overrides the load is strict; with them (e.g. `num_classes=10`) mismatches are dropped and reported.
     """
     config = {**read_model_config(path), **overrides}
-    if "pool_scales" in config:  # a segmenter: its heads are no encoder checkpoint's, so its own weights, strictly
-        from engine.segmentation.model import create_segmenter
+    if "pool_scales" in config or "fpn_channels" in config:  # heads no encoder checkpoint has: own weights, strictly
+        if "pool_scales" in config:
+            from engine.segmentation.model import create_segmenter as create_dense
+        else:
+            from engine.detection.model import create_detector as create_dense
 
-        model = create_segmenter(config.pop("name"), **config)
+        model = create_dense(config.pop("name"), **config)
         weights = Path(path) / WEIGHTS_NAME if Path(path).is_dir() else Path(path)
         model.load_state_dict(read_checkpoint(weights).state, strict=not overrides)
         return model

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -20,11 +21,13 @@ DEMO_CLASSES = ("background",) + FASHION_MNIST_CLASSES  # label after reduce_zer
 _DEMO_VERSION = 1  # bump when the demo generator changes, so stale sets on disk are rebuilt
 
 
-def _demo_sample(photos: list[Image.Image], garments_images: np.ndarray, garments_labels: np.ndarray, size: int,
-                 rng: np.random.Generator, garment_scale: tuple[float, float], max_garments: int,
-                 grey: bool) -> tuple[np.ndarray, np.ndarray]:
-    """One demo pair: a random square crop of a photo, then 1..max_garments tinted garments pasted over it →
-    (image uint8 [size, size, 3], raw label uint8 [size, size]: 0 ignore, 1 background, 2 + garment class)."""
+def demo_sample(photos: list[Image.Image], garments_images: np.ndarray, garments_labels: np.ndarray, size: int,
+                rng: np.random.Generator, garment_scale: tuple[float, float], max_garments: int,
+                grey: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]:
+    """One demo sample: a random square crop of a photo, then 1..max_garments tinted garments pasted over it →
+    (image uint8 [size, size, 3], raw label uint8 [size, size]: 0 ignore, 1 background, 2 + garment class,
+    instances uint8 [size, size]: k where the k-th pasted garment is visible, else 0, the pasted garments'
+    classes in order)."""
     photo = photos[rng.integers(len(photos))]
     short = min(photo.size)
     side = int(rng.integers(short // 3, short + 1))
@@ -34,9 +37,12 @@ def _demo_sample(photos: list[Image.Image], garments_images: np.ndarray, garment
     if grey:  # Fashion-MNIST-like: white garments over a darkened grey photo
         image = np.repeat(image.mean(axis=2, keepdims=True), 3, axis=2) * 0.4
     label = np.ones((size, size), dtype=np.uint8)
-    for _ in range(int(rng.integers(1, max_garments + 1))):
+    instances = np.zeros((size, size), dtype=np.uint8)
+    classes = []
+    for number in range(1, int(rng.integers(1, max_garments + 1)) + 1):
         index = int(rng.integers(len(garments_labels)))
         side = min(size, max(4, round(size * rng.uniform(*garment_scale))))
+        classes.append(int(garments_labels[index]))
         garment = Image.fromarray(garments_images[index]).resize((side, side), Image.Resampling.BILINEAR)
         alpha = np.asarray(garment, dtype=np.float32)[..., None]  # [side, side, 1]
         alpha /= max(float(alpha.max()), 1.0)  # intensity stretched per garment: dark garments stay visible
@@ -49,7 +55,8 @@ def _demo_sample(photos: list[Image.Image], garments_images: np.ndarray, garment
         alpha = alpha[..., 0]
         label[region] = np.where(alpha >= 0.5, garments_labels[index] + 2,
                                  np.where(alpha > 0.1, 0, label[region]))  # faint edges: ignored
-    return np.clip(np.rint(image), 0, 255).astype(np.uint8), label
+        instances[region] = np.where(alpha >= 0.5, number, np.where(alpha > 0.1, 0, instances[region]))
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8), label, instances, classes
 
 
 def _marker_params(marker: Path) -> dict | None:
@@ -86,12 +93,34 @@ def build_demo_segmentation(root: str | os.PathLike, num_train: int = 2000, num_
                          f"{max_garments}")
     params = {"version": _DEMO_VERSION, "num_train": num_train, "num_val": num_val, "image_size": image_size,
               "seed": seed, "garment_scale": list(garment_scale), "max_garments": max_garments, "grey": grey}
+
+    def write(building: Path, photos: list[Image.Image]) -> None:
+        for stream, (split, source, count) in enumerate((("training", "train", num_train),
+                                                         ("validation", "test", num_val))):
+            garments = embedded_dataset("fashion_mnist", source)
+            image_dir, label_dir = building / "images" / split, building / "annotations" / split
+            image_dir.mkdir(parents=True)
+            label_dir.mkdir(parents=True)
+            for index in range(count):
+                rng = np.random.default_rng([seed, stream, index])
+                image, label, _, _ = demo_sample(photos, garments.images, garments.labels, image_size, rng,
+                                                 garment_scale, max_garments, grey)
+                Image.fromarray(image, "RGB").save(image_dir / f"{split}_{index:05d}.jpg", quality=95)
+                Image.fromarray(label, "L").save(label_dir / f"{split}_{index:05d}.png")
+
+    return build_once(root, params, write, "demo segmentation set")
+
+
+def build_once(root: Path, params: dict, write: Callable[[Path, list[Image.Image]], None], what: str) -> Path:
+    """`write(folder, photos)` into a private folder renamed to `root` once complete, unless `root/.complete`
+    already records `params` (then `root` is reused); returns `root`. An interrupted build leaves nothing
+    half-written; a finished set with other parameters is replaced; a foreign non-empty `root` is refused."""
     marker = root / ".complete"
     if _marker_params(marker) == params:
         return root
     if root.exists() and not marker.is_file() and (not root.is_dir() or any(root.iterdir())):
-        raise ConfigError(f"{root} exists and is not a demo segmentation set (no .complete marker); remove it or "
-                         f"choose another root")
+        raise ConfigError(f"{root} exists and is not a {what} (no .complete marker); remove it or choose another "
+                          f"root")
     photo_paths = sorted(PHOTOS_DIR.glob("*.jpg"))
     if not photo_paths:
         raise ConfigError(f"{PHOTOS_DIR}: no background photos; reinstall the package (tools/embed_photos.py)")
@@ -101,18 +130,7 @@ def build_demo_segmentation(root: str | os.PathLike, num_train: int = 2000, num_
     building = scratch / root.name
     building.mkdir()  # the folder that becomes root: the usual permissions (umask)
     try:
-        for stream, (split, source, count) in enumerate((("training", "train", num_train),
-                                                         ("validation", "test", num_val))):
-            garments = embedded_dataset("fashion_mnist", source)
-            image_dir, label_dir = building / "images" / split, building / "annotations" / split
-            image_dir.mkdir(parents=True)
-            label_dir.mkdir(parents=True)
-            for index in range(count):
-                rng = np.random.default_rng([seed, stream, index])
-                image, label = _demo_sample(photos, garments.images, garments.labels, image_size, rng,
-                                            garment_scale, max_garments, grey)
-                Image.fromarray(image, "RGB").save(image_dir / f"{split}_{index:05d}.jpg", quality=95)
-                Image.fromarray(label, "L").save(label_dir / f"{split}_{index:05d}.png")
+        write(building, photos)
         (building / ".complete").write_text(json.dumps(params, sort_keys=True))
         if root.exists() and any(root.iterdir()):  # ours, other parameters: move it aside, then replace it
             os.replace(root, scratch / "stale")

@@ -88,6 +88,15 @@ class SegmentationSamples(_EpochSeededDataset):
         return self.transform(image, label, self.sample_rng(index))
 
 
+class DetectionSamples(_EpochSeededDataset):
+    """Detection samples: `dataset[i]` → (image uint8 [3, S, S], target or meta dict) with a `DetTrainTransform` /
+    `DetEvalTransform`-like `transform(img, target, rng)` (engine/data/coco.py); batch with `collate_detection`."""
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
+        image, target = self.base[index]
+        return self.transform(image, target, self.sample_rng(index))
+
+
 class MIMPretrainDataset(_EpochSeededDataset):
     """Masked-image-modelling samples: `dataset[i]` → (patch_view uint8 [3, H, W], tokenizer_view uint8 [3, h, w],
     jitter params float32 [7], bool_masked_pos bool [num_patches]) with a PretrainTransform-like

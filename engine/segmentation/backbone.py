@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 OFFICIAL_OUT_INDICES = {12: (3, 5, 7, 11), 24: (7, 11, 15, 23)}
 FEATURE_NAMES = ("p2", "p3", "p4", "p5")
 ENCODER_PREFIX = "encoder."
-_WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.")  # DDP / DeepSpeed, a task's loss module, torch.compile
+WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.")  # DDP / DeepSpeed, a task's loss module, torch.compile
 _PRETRAINING_SUFFIX = re.compile(r"_\d+k?_vocab$")  # `*_8k_vocab`, `*_256_vocab`: the MIM twin of a classifier
 
 
@@ -70,7 +70,7 @@ def layer_id_for_segmentation(name: str, num_layers: int) -> int:
     `blocks.b` → b + 1, everything else (shared `rel_pos_bias`, the neck `fpn1..4`, decode and auxiliary heads)
     → num_layers + 1. The LR scale of id i is `layer_decay ** (num_layers + 1 - i)`
     (`engine.param_groups.layer_scales`)."""
-    for prefix in _WRAPPER_PREFIXES:
+    for prefix in WRAPPER_PREFIXES:
         if name.startswith(prefix):  # wrappers in any order and nesting
             return layer_id_for_segmentation(name[len(prefix):], num_layers)
     if name.startswith("backbone."):

@@ -1,5 +1,6 @@
 """Per-step schedules: the official BEiT `cosine_scheduler` (linear warmup from `start_warmup_value`, then cosine),
-and mmseg's `poly` LR policy with linear warm-up (the official BEiT segmentation runs)."""
+mmseg's `poly` LR policy with linear warm-up (the official BEiT segmentation runs) and detectron2's multi-step
+schedule with linear warm-up (ViTDet's Mask R-CNN runs)."""
 
 import math
 from dataclasses import dataclass
@@ -52,6 +53,22 @@ def poly_scheduler(base_value: float, final_value: float, total_steps: int, warm
     return schedule
 
 
+def step_scheduler(base_value: float, total_steps: int, warmup_steps: int, milestones: tuple[float, ...],
+                   factor: float = 0.1, warmup_factor: float = 0.001) -> np.ndarray:
+    """detectron2's `WarmupParamScheduler(MultiStepParamScheduler)`: `base × factor^k` after k of the `milestones`
+    (fractions of `total_steps`), times `warmup_factor (1 - i / warmup) + i / warmup` over the first `warmup_steps`."""
+    if total_steps <= 0:
+        raise ValueError(f"a schedule needs at least one step, got total_steps={total_steps}")
+    steps = np.arange(total_steps, dtype=np.float64)
+    drops = sum((steps >= round(fraction * total_steps)).astype(np.float64) for fraction in milestones)
+    schedule = base_value * factor ** drops
+    if warmup_steps > 0:
+        warm = steps < warmup_steps
+        alpha = steps[warm] / warmup_steps
+        schedule[warm] *= warmup_factor * (1 - alpha) + alpha
+    return schedule
+
+
 @dataclass
 class Schedules:
     lr: np.ndarray  # [total_steps]
@@ -64,6 +81,8 @@ def build_schedules(optim: OptimSettings, base_lr: float, total_steps: int, step
     warmup = optim.warmup_steps if optim.warmup_steps >= 0 else int(round(optim.warmup_epochs * steps_per_epoch))
     if optim.lr_schedule == "poly":
         lr = poly_scheduler(base_lr, optim.min_lr, total_steps, warmup, optim.poly_power)
+    elif optim.lr_schedule == "step":
+        lr = step_scheduler(base_lr, total_steps, warmup, optim.lr_steps)
     else:
         lr = cosine_scheduler(base_lr, optim.min_lr, 1, total_steps, warmup_steps=warmup)
     return Schedules(lr=lr, wd=cosine_scheduler(optim.weight_decay, wd_end, 1, total_steps))

@@ -57,8 +57,10 @@ class OptimSettings:
     weight_decay_end: float | None = None  # None: constant weight decay; else cosine from weight_decay to this
     clip_grad: float = 3.0  # global gradient-norm clip; 0 disables clipping
     layer_decay: float | None = None  # fine-tuning only: LR × layer_decay^(depth - layer) per block
-    lr_schedule: Literal["cosine", "poly"] = "cosine"  # after the warm-up: cosine to min_lr, or mmseg's poly
+    # after the warm-up: cosine to min_lr, mmseg's poly, or steps (×0.1 at each of lr_steps, detectron2's)
+    lr_schedule: Literal["cosine", "poly", "step"] = "cosine"
     poly_power: float = 1.0  # exponent of the poly schedule
+    lr_steps: tuple[float, ...] = (0.889, 0.963)  # step schedule: fractions of the schedule where the LR drops ×0.1
     skip_rel_pos_tables_wd: bool = False  # also exempt relative position bias tables from weight decay
 
 
@@ -220,6 +222,45 @@ class SegmentationConfig:
     def validate(self) -> None:
         validation.check_model(self.model)
         validation.check_segmentation(self)
+        validation.check_optim(self.optim)
+        validation.check_run(self.run)
+        validation.check_attention(self.model, self.run)
+
+
+@dataclass
+class DetectionData:
+    data_path: str = ""  # a COCO-format folder: train2017/, val2017/, annotations/instances_{train,val}2017.json
+    finetune: str = ""  # pretrained encoder weights for engine.checkpoint.load_checkpoint ("" trains from scratch)
+    scale_range: tuple[float, float] = (0.1, 2.0)  # large-scale jitter: the image fits input_size × U(low, high)
+    max_eval_images: int = 0  # > 0: evaluate on the first this many validation images only (quick runs)
+    # normalise with ImageNet mean/std (true) or 0.5/0.5 (false); None: as the --finetune checkpoint records it,
+    # else 0.5/0.5
+    imagenet_mean_std: bool | None = None
+
+
+@dataclass
+class DetectionHead:
+    fpn_channels: int = 256  # width of the feature pyramid and of torchvision's box and mask heads
+    proposals_per_image: int = 2000  # RPN proposals kept per image in training (half at evaluation)
+    rois_per_image: int = 512  # proposals sampled per image for the box head's loss
+    eval_every: int = 20000  # optimizer steps between COCO evaluations (and best-checkpoint updates); also at the end
+    eval_batch_size: int = 4  # images per evaluation batch (per rank)
+
+
+@dataclass
+class DetectionConfig:
+    model: ModelSettings = field(default_factory=lambda: ModelSettings(
+        model="beit_base_patch16_224", input_size=1024, layer_scale_init_value=0.1))
+    data: DetectionData = field(default_factory=DetectionData)
+    head: DetectionHead = field(default_factory=DetectionHead)
+    optim: OptimSettings = field(default_factory=lambda: OptimSettings(
+        lr=1e-4, min_lr=0.0, warmup_steps=250, weight_decay=0.1, layer_decay=0.7, lr_schedule="step",
+        clip_grad=0.0))
+    run: RunSettings = field(default_factory=lambda: RunSettings(steps=184375, batch_size=2, save_every=5000))
+
+    def validate(self) -> None:
+        validation.check_model(self.model)
+        validation.check_detection(self)
         validation.check_optim(self.optim)
         validation.check_run(self.run)
         validation.check_attention(self.model, self.run)

@@ -130,6 +130,8 @@ def check_optim(optim) -> None:
     at_least("clip_grad", optim.clip_grad, 0)
     in_unit_interval("layer_decay", optim.layer_decay, closed_low=False, closed_high=True, optional=True)
     require(optim.poly_power > 0, "poly_power", optim.poly_power, "must be > 0")
+    require(all(0 < f < 1 for f in optim.lr_steps) and list(optim.lr_steps) == sorted(optim.lr_steps), "lr_steps",
+            optim.lr_steps, "increasing fractions of the schedule in (0, 1)")
 
 
 def check_run(run) -> None:
@@ -249,3 +251,22 @@ def check_segmentation(cfg) -> None:
     at_least("aux_channels", head.aux_channels, 1)
     at_least("aux_weight", head.aux_weight, 0)
     at_least("eval_every", head.eval_every, 1)
+
+
+def check_detection(cfg) -> None:
+    data, head = cfg.data, cfg.head
+    require(bool(data.data_path) and Path(data.data_path).expanduser().is_dir(), "data_path", data.data_path,
+            "a COCO-format folder (train2017/, val2017/, annotations/instances_{train,val}2017.json) is required")
+    existing_path("finetune", data.finetune, MISSING_CHECKPOINT)
+    require(cfg.model.input_size % 32 == 0, "input_size", cfg.model.input_size,
+            "must be a multiple of 32 (the stride of the pyramid's p5 level)")
+    require(cfg.run.zero_stage <= 2, "zero_stage", cfg.run.zero_stage,
+            "detection supports ZeRO 0-2 (its pyramid and heads compute in fp32 from views of their parameters taken "
+            "before ZeRO-3 would gather them; and ranks evaluate different numbers of batches)")
+    require(0 < data.scale_range[0] <= data.scale_range[1], "scale_range", data.scale_range, "0 < low <= high")
+    at_least("max_eval_images", data.max_eval_images, 0)
+    at_least("fpn_channels", head.fpn_channels, 1)
+    at_least("proposals_per_image", head.proposals_per_image, 2)
+    at_least("rois_per_image", head.rois_per_image, 1)
+    at_least("eval_every", head.eval_every, 1)
+    at_least("eval_batch_size", head.eval_batch_size, 1)
