@@ -34,7 +34,7 @@ def _annotations(instances: np.ndarray, classes: list[int], image_id: int, first
     return annotations
 
 
-def build_demo_detection(root: str | os.PathLike, num_train: int = 1000, num_val: int = 100, image_size: int = 64,
+def build_demo_detection(root: str | os.PathLike, num_train: int = 2000, num_val: int = 200, image_size: int = 32,
                          seed: int = 0, garment_scale: tuple[float, float] = (0.3, 0.6), max_garments: int = 3,
                          grey: bool = True) -> Path:
     """Writes (once) a COCO-format set under `root` (`train2017/`, `val2017/`, `annotations/`) and returns `root`.
