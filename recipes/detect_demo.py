@@ -12,11 +12,12 @@ training split, the validation images' from its test split.
 
 Model: beit_mini_patch4_28 (the pretraining demo's encoder: 6 blocks of width 128, patch 4; 8 × 8 tokens at 32 px,
 near its pretraining grid of 7 × 7), blocks 1/2/4/5 through BEiT's neck (strides 1/2/4/8 at patch 4), torchvision's
-FPN and heads 64 channels wide (narrow: a CPU), anchors 4-64 px, 200 proposals and 64 sampled RoIs per image (a few garments per image,
-and RoIAlign is most of a CPU step). Recipe: the ViTDet one scaled down (AdamW wd 0.1, layer decay 0.8, large-scale
-jitter 0.5-1.5, flips, 50 warm-up steps then ×0.1 at 89% and 96%), 600 steps of 8 images per arm, fp32; COCO
-evaluation of the 200 validation images at the end. A first version at 64 px (16 × 16 tokens: the pretrained
-relative position tables stretched 2.3×) for 300 steps gave pretrained 7.50 / scratch 11.42 box AP.
+FPN and heads 64 channels wide (narrow: a CPU), anchors 4-64 px, 200 proposals and 64 sampled RoIs per image (a
+few garments per image, and RoIAlign is most of a CPU step). Recipe: the ViTDet one scaled down (AdamW wd 0.1,
+layer decay 0.8, large-scale jitter 0.5-1.5, flips, 50 warm-up steps then ×0.1 at 89% and 96%), 600 steps of 8
+images per arm, fp32; COCO evaluation of the 200 validation images at the end. A first version at 64 px (16 × 16
+tokens: the pretrained relative position tables stretched 2.3×) for 300 steps gave pretrained 7.50 / scratch 11.42
+box AP.
 """
 
 import json
