@@ -21,15 +21,14 @@ box AP.
 """
 
 import json
-import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from engine.train import validation  # noqa: E402
+from engine.train.demos import GeneratedSet, prepare_generated_set  # noqa: E402
 from engine.train.detect import run_detection  # noqa: E402
 from engine.train.recipe import run_arms, run_recipe  # noqa: E402
 from engine.train.settings import (  # noqa: E402
@@ -48,37 +47,15 @@ DEMO_DATA = "runs/detect_demo/data"  # where the generated set is built (another
 
 
 @dataclass
-class DemoSet:
-    num_train: int = 2000  # training images of the generated set
-    num_val: int = 200  # validation images of the generated set
-    garment_scale: tuple[float, float] = (0.3, 0.6)  # garment width as a fraction of the image (uniform in range)
-    max_garments: int = 3  # garments per image: 1..max_garments
-    grey: bool = True  # grey, darkened photos and white garments; false: tinted garments on colour photos
-
-
-@dataclass
 class DetectDemoConfig(DetectionConfig):
-    demo_set: DemoSet = field(default_factory=DemoSet)
+    demo_set: GeneratedSet = field(default_factory=lambda: GeneratedSet(garment_scale=(0.3, 0.6), max_garments=3))
 
     def validate(self) -> None:
-        """The generated set's values, then the set itself (built once, a few seconds) so that the checks of the
-        detection config see its folder."""
+        """The generated set's values, then the set itself (built once) so that the checks of the config see it."""
         from engine.data.demo_detection import build_demo_detection
 
-        demo = self.demo_set
-        validation.at_least("num_train", demo.num_train, 1)
-        validation.at_least("num_val", demo.num_val, 1)
-        validation.at_least("max_garments", demo.max_garments, 1)
-        validation.require(0 < demo.garment_scale[0] <= demo.garment_scale[1] <= 1, "garment_scale",
-                           demo.garment_scale, "0 < low <= high <= 1")
-        validation.require(self.model.input_size >= 32, "input_size", self.model.input_size,
-                           "the demo set needs images of >= 32 px")
-        if self.data.data_path == DEMO_DATA:
-            if int(os.environ.get("RANK", "0")) == 0:
-                print("building the demo detection set (once; a few seconds) ...", flush=True)
-                build_demo_detection(DEMO_DATA, image_size=self.model.input_size, **asdict(demo))
-            while not Path(DEMO_DATA, ".complete").is_file():  # other ranks: rank 0 is building it
-                time.sleep(1)
+        prepare_generated_set(self.demo_set, self.data.data_path, DEMO_DATA, self.model.input_size, 32,
+                              build_demo_detection, "demo detection set")
         super().validate()
 
 

@@ -22,15 +22,14 @@ steps and at the end.
 """
 
 import json
-import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from engine.train import validation  # noqa: E402
+from engine.train.demos import GeneratedSet, prepare_generated_set  # noqa: E402
 from engine.train.recipe import ARMS, run_arms, run_recipe  # noqa: E402
 from engine.train.segment import run_segmentation  # noqa: E402
 from engine.train.settings import (  # noqa: E402
@@ -50,37 +49,15 @@ DEMO_DATA = "runs/segment_demo/data"  # where the generated set is built (anothe
 
 
 @dataclass
-class DemoSet:
-    num_train: int = 2000  # training images of the generated set
-    num_val: int = 200  # validation images of the generated set
-    garment_scale: tuple[float, float] = (0.75, 1.0)  # garment width as a fraction of the image (uniform in range)
-    max_garments: int = 1  # garments per image: 1..max_garments
-    grey: bool = True  # grey, darkened photos and white garments (Fashion-MNIST-like); false: tinted on colour
-
-
-@dataclass
 class SegmentDemoConfig(SegmentationConfig):
-    demo_set: DemoSet = field(default_factory=DemoSet)
+    demo_set: GeneratedSet = field(default_factory=GeneratedSet)  # one grey garment of 0.75-1.0 per image
 
     def validate(self) -> None:
-        """The generated set's values, then the set itself (built once, a few seconds) so that the checks of the
-        segmentation config see its folder."""
+        """The generated set's values, then the set itself (built once) so that the checks of the config see it."""
         from engine.data.demo_segmentation import build_demo_segmentation
 
-        demo = self.demo_set
-        validation.at_least("num_train", demo.num_train, 1)
-        validation.at_least("num_val", demo.num_val, 1)
-        validation.at_least("max_garments", demo.max_garments, 1)
-        validation.require(0 < demo.garment_scale[0] <= demo.garment_scale[1] <= 1, "garment_scale",
-                           demo.garment_scale, "0 < low <= high <= 1")
-        validation.require(self.model.input_size >= 16, "input_size", self.model.input_size,
-                           "the demo set needs images of >= 16 px")
-        if self.data.data_path == DEMO_DATA:
-            if int(os.environ.get("RANK", "0")) == 0:
-                print("building the demo segmentation set (once; a few seconds) ...", flush=True)
-                build_demo_segmentation(DEMO_DATA, image_size=self.model.input_size, **asdict(demo))
-            while not Path(DEMO_DATA, ".complete").is_file():  # other ranks: rank 0 is building it
-                time.sleep(1)
+        prepare_generated_set(self.demo_set, self.data.data_path, DEMO_DATA, self.model.input_size, 16,
+                              build_demo_segmentation, "demo segmentation set")
         super().validate()
 
 

@@ -10,7 +10,9 @@ same encoder with light augmentation for 28 px grey images (horizontal flip only
 """
 
 import os
-from dataclasses import dataclass
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from engine.tokenizer.train import TokenizerTrainConfig
 from engine.train import validation
@@ -108,3 +110,35 @@ def finetune_config() -> FinetuneConfig:
                         num_workers=1, save_every=0, log_every=10),
         extras=FinetuneExtras(eval_every=1),
     )
+
+
+@dataclass
+class GeneratedSet:
+    """The dense demos' generated data (engine/data/demo_segmentation.py, demo_detection.py): photographs with
+    Fashion-MNIST garments pasted on them. Each demo sets its own defaults."""
+
+    num_train: int = 2000  # training images of the generated set
+    num_val: int = 200  # validation images of the generated set
+    garment_scale: tuple[float, float] = (0.75, 1.0)  # garment width as a fraction of the image (uniform in range)
+    max_garments: int = 1  # garments per image: 1..max_garments
+    grey: bool = True  # grey, darkened photos and white garments (Fashion-MNIST-like); false: tinted on colour
+
+
+def prepare_generated_set(demo: GeneratedSet, data_path: str, demo_path: str, input_size: int, min_size: int,
+                          build, what: str) -> None:
+    """Checks the generated set's values, then, when the run reads it (`data_path == demo_path`), builds it once:
+    rank 0 calls `build(demo_path, image_size=input_size, **fields)` (a few seconds), other ranks wait for it."""
+    validation.at_least("num_train", demo.num_train, 1)
+    validation.at_least("num_val", demo.num_val, 1)
+    validation.at_least("max_garments", demo.max_garments, 1)
+    validation.require(0 < demo.garment_scale[0] <= demo.garment_scale[1] <= 1, "garment_scale",
+                       demo.garment_scale, "0 < low <= high <= 1")
+    validation.require(input_size >= min_size, "input_size", input_size,
+                       f"the demo set needs images of >= {min_size} px")
+    if data_path != demo_path:
+        return
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"building the {what} (once; a few seconds) ...", flush=True)
+        build(demo_path, image_size=input_size, **asdict(demo))
+    while not Path(demo_path, ".complete").is_file():  # other ranks: rank 0 is building it
+        time.sleep(1)
