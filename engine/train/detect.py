@@ -110,7 +110,8 @@ class Detection(EvaluatedTask):
                 images = images.to(self.dist_info.device).to(self.dtype) / 255
                 results += coco_results(self.model(list(images)), metas, self.category_ids)
         self.model.train(was_training)
-        return coco_metrics(self.eval_set.coco, gather_results(results), self.eval_image_ids)
+        everyone = gather_results(results)
+        return {**coco_metrics(self.eval_set.coco, everyone, self.eval_image_ids), "detections": len(everyone)}
 
     def evaluation_due(self, step: int, plan) -> bool:
         return step % self.cfg.head.eval_every == 0 or step == plan.last_step
