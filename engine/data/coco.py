@@ -116,9 +116,6 @@ class CocoDetection:
     def __len__(self) -> int:
         return len(self.image_ids)
 
-    def image_info(self, index: int) -> dict:
-        return self.coco.imgs[self.image_ids[index]]
-
     def __getitem__(self, index: int) -> tuple[Image.Image, dict]:
         image_id = self.image_ids[index]
         info = self.coco.imgs[image_id]
@@ -204,7 +201,8 @@ class DetTrainTransform:
 
 class DetEvalTransform:
     """`transform(image, target)` → (uint8 [3, S, S]: long side resized to S, padded; meta dict with `image_id`,
-    `scale` (resized / original) and `size` (original (h, w))). Ground truth stays in the COCO file."""
+    `scale` (resized / original), `size` (original (h, w)) and `resized` ((h, w) inside the padding)). Ground truth
+    stays in the COCO file."""
 
     def __init__(self, input_size: int):
         self.input_size = input_size

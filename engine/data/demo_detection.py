@@ -41,9 +41,9 @@ def build_demo_detection(root: str | os.PathLike, num_train: int = 2000, num_val
 
     The images are `engine.data.demo_segmentation.demo_sample`s (a photo crop with 1..max_garments garments, white
     on a darkened grey photo with `grey`, else tinted on colour; training garments from the embedded train split,
-    validation from the test split); every garment with at least
-    MIN_INSTANCE_PIXELS visible pixels is an instance of its Fashion-MNIST class (category ids 1..10). Sample i of
-    a split depends only on (seed, split, i). Built in a private folder and renamed into place (`build_once`).
+    validation from the test split); every garment with at least MIN_INSTANCE_PIXELS visible pixels is an instance
+    of its Fashion-MNIST class (category ids 1..10). Sample i of a split depends only on (seed, split, i). Built in
+    a private folder and renamed into place (`build_once`).
     """
     for name, value, lowest in (("num_train", num_train, 1), ("num_val", num_val, 1), ("image_size", image_size, 16),
                                 ("seed", seed, 0), ("max_garments", max_garments, 1)):
